@@ -1,0 +1,259 @@
+"""Block-wise calibration: each decoder layer learns its transforms on its own full-precision inputs.
+
+Usage:
+    report = quantize_model(model, samples, get_method("flatquant"), QuantConfig(), CalibConfig(),
+                            ckpt_dir="artifacts/calib/<key>", on_layer=print)
+
+For layer i: the full-precision layer maps its inputs X_i to targets Y_i (and activation statistics for
+the diagonal-scale start are taken on the way); a QuantDecoderLayer is built around the same weights,
+its transform and clip parameters are trained to minimise MSE(Y_i, layer_q(X_i)) (paper §3.3: AdamW,
+cosine decay, clip factors at 10× the learning rate), then merged and swapped into the model, and
+X_{i+1} = Y_i. Each finished layer's parameters are saved at once (safetensors + manifest), so a killed
+run resumes at the next layer; a NaN loss retries the layer at a tenth of the learning rate, then falls
+back to the untrained start, and the report records which layers did so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from flatquant.adapters import adapter_for
+from flatquant.layer import QuantDecoderLayer
+from flatquant.spec import QuantConfig
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    epochs: int = 15
+    batch_size: int = 4
+    lr: float = 5e-3
+    clip_lr_mult: float = 10.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"calibration needs epochs >= 0, batch_size >= 1, lr > 0; got {self}")
+
+
+@dataclass
+class LayerReport:
+    index: int
+    init_loss: float = float("nan")
+    final_loss: float = float("nan")
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    fallback: str = ""
+    resumed: bool = False
+
+
+def _layer_io(layer, inps, pe, batch_size, stat_names: dict[str, torch.nn.Module]):
+    """Full-precision outputs of one layer and per-channel max |input| of the named linears."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_, args):
+            a = args[0].detach().abs().flatten(0, -2).amax(0).float()
+            stats[name] = a if name not in stats else torch.maximum(stats[name], a)
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in stat_names.items()]
+    try:
+        with torch.no_grad():
+            outs = torch.cat([layer(inps[i : i + batch_size], position_embeddings=pe) for i in range(0, len(inps), batch_size)])
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, stats
+
+
+def _param_groups(qlayer: QuantDecoderLayer, ccfg: CalibConfig):
+    clips = [p for n, p in qlayer.named_parameters() if n.endswith("clip_logit") and p.requires_grad]
+    rest = [p for n, p in qlayer.named_parameters() if not n.endswith("clip_logit") and p.requires_grad]
+    return [{"params": rest, "lr": ccfg.lr}, {"params": clips, "lr": ccfg.lr * ccfg.clip_lr_mult}]
+
+
+def layer_mse(qlayer, inps, targets, pe, batch_size) -> float:
+    with torch.no_grad():
+        total = sum(
+            torch.nn.functional.mse_loss(qlayer(inps[i : i + batch_size], position_embeddings=pe), targets[i : i + batch_size], reduction="sum").item()
+            for i in range(0, len(inps), batch_size)
+        )
+    return total / targets.numel()
+
+
+def train_layer(qlayer, inps, targets, pe, ccfg: CalibConfig, lr: float, progress=None) -> list[float]:
+    """AdamW + cosine decay over epochs × steps; returns the mean loss of each epoch (NaN stops early)."""
+    groups = _param_groups(qlayer, ccfg)
+    for g in groups:
+        g["lr"] *= lr / ccfg.lr
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    steps = math.ceil(len(inps) / ccfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ccfg.epochs * steps), eta_min=lr * 1e-3)
+    gen = torch.Generator().manual_seed(ccfg.seed)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=ccfg.amp and inps.is_cuda)
+    losses = []
+    for _ in range(ccfg.epochs):
+        perm, total = torch.randperm(len(inps), generator=gen), 0.0
+        for s in range(steps):
+            idx = perm[s * ccfg.batch_size : (s + 1) * ccfg.batch_size].to(inps.device)
+            with autocast:
+                out = qlayer(inps[idx], position_embeddings=pe)
+            loss = torch.nn.functional.mse_loss(out.float(), targets[idx])
+            if not torch.isfinite(loss):
+                return losses + [float("nan")]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        losses.append(total / steps)
+        if progress is not None:
+            progress.set_postfix(loss=f"{losses[-1]:.3g}")
+    return losses
+
+
+def trainable_state(qlayer: QuantDecoderLayer) -> dict[str, torch.Tensor]:
+    """What calibration learned (transforms, their fixed starts, clip logits): enough to rebuild the layer."""
+    return {k: v.detach().cpu().contiguous() for k, v in qlayer.state_dict().items() if k.startswith(("transforms.", "wq.", "aq."))}
+
+
+def config_key(*parts) -> str:
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class LayerStore:
+    """One safetensors file per finished layer plus manifest.json (config key, checksums, reports)."""
+
+    def __init__(self, root: str | Path | None, key: str):
+        self.root, self.key = (Path(root) if root else None), key
+        self.manifest = {"key": key, "layers": {}}
+        if self.root and (self.root / "manifest.json").exists():
+            found = json.loads((self.root / "manifest.json").read_text())
+            if found.get("key") != key:
+                raise ValueError(f"{self.root} holds layers of another configuration (key {found.get('key')} != {key})")
+            self.manifest = found
+
+    def load(self, i: int) -> tuple[dict, dict] | None:
+        entry = self.manifest["layers"].get(str(i))
+        if not self.root or entry is None:
+            return None
+        from safetensors.torch import load_file
+
+        path = self.root / entry["file"]
+        if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            raise ValueError(f"{path} does not match its checksum in the manifest: corrupt or tampered")
+        return load_file(path), entry["report"]
+
+    def save(self, i: int, state: dict, report: LayerReport) -> None:
+        if not self.root:
+            return
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"layer_{i:03d}.safetensors"
+        save_file(state, self.root / (name + ".tmp"))
+        (self.root / (name + ".tmp")).replace(self.root / name)
+        digest = hashlib.sha256((self.root / name).read_bytes()).hexdigest()
+        self.manifest["layers"][str(i)] = {"file": name, "sha256": digest, "report": asdict(report)}
+        tmp = self.root / "manifest.json.tmp"
+        tmp.write_text(json.dumps(self.manifest, indent=1))
+        tmp.replace(self.root / "manifest.json")
+
+
+def layer_inputs(model, samples: torch.Tensor, device) -> tuple[torch.Tensor, tuple]:
+    """Embeddings of the samples (layer-0 inputs) and the rotary (cos, sin) for their positions."""
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        inps = adapter.embed(model)(samples.to(device)).float()
+        pos = torch.arange(samples.shape[1], device=device).unsqueeze(0)
+        pe = adapter.rotary(model)(inps[:1], pos)
+    return inps, tuple(t.float() for t in pe)
+
+
+def quantize_model(
+    model,
+    samples: torch.Tensor,
+    method,
+    qcfg: QuantConfig,
+    ccfg: CalibConfig,
+    ckpt_dir: str | Path | None = None,
+    on_layer: Callable[[LayerReport, dict], None] | None = None,
+) -> list[LayerReport]:
+    """Replace every decoder layer of `model` (in place) by its calibrated, merged QuantDecoderLayer."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    store = LayerStore(ckpt_dir, config_key(method, qcfg, ccfg, samples.shape, int(samples.sum())))
+    device = torch.device(ccfg.device)
+    inps, pe = layer_inputs(model, samples, device) if method.trainable else (None, None)
+    reports = []
+    bar = tqdm(range(len(layers)), desc=f"calibrate {method.name}", unit="layer")
+    for i in bar:
+        report, state = _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, store, bar)
+        if method.trainable:
+            inps = state.pop("_targets")
+        reports.append(report)
+        if on_layer is not None:
+            on_layer(report, state)
+    return reports
+
+
+def _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, store, bar):
+    t0 = time.time()
+    device = torch.device(ccfg.device)
+    layer = layers[i].to(device)
+    parts = adapter.parts(layer, model.config)
+    stats, targets = {}, None
+    if method.trainable:
+        names = {"qkv": parts.linears["q"], "upgate": parts.linears["up"], "down": parts.linears["down"]}
+        targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, names)
+    gen = torch.Generator().manual_seed(ccfg.seed * 100003 + i)
+    qcfg_layer = qcfg if getattr(method, "learnable_clip", False) else _no_clip(qcfg)
+    qlayer = QuantDecoderLayer(parts, qcfg_layer, method.transforms(parts, stats, gen)).to(device)
+    report = LayerReport(i)
+    saved = store.load(i)
+    if saved is not None:
+        qlayer.load_state_dict(saved[0], strict=False)
+        report = LayerReport(**{**saved[1], "resumed": True})
+    elif method.trainable and ccfg.epochs > 0:
+        _train_with_fallback(qlayer, inps, targets, pe, ccfg, report, bar)
+    report.seconds = report.seconds or time.time() - t0
+    state = trainable_state(qlayer)
+    if saved is None:
+        store.save(i, state, report)
+    qlayer.merge()
+    layers[i] = qlayer
+    if targets is not None:
+        state["_targets"] = targets
+    return report, state
+
+
+def _no_clip(qcfg: QuantConfig) -> QuantConfig:
+    return QuantConfig(**{**asdict(qcfg), "lwc": False, "lac": False})
+
+
+def _train_with_fallback(qlayer, inps, targets, pe, ccfg, report: LayerReport, bar) -> None:
+    start = {k: v.clone() for k, v in qlayer.state_dict().items()}
+    report.init_loss = layer_mse(qlayer, inps, targets, pe, ccfg.batch_size)
+    for attempt, lr in enumerate((ccfg.lr, ccfg.lr / 10)):
+        losses = train_layer(qlayer, inps, targets, pe, ccfg, lr, bar)
+        final = layer_mse(qlayer, inps, targets, pe, ccfg.batch_size) if losses and math.isfinite(losses[-1]) else float("nan")
+        if math.isfinite(final):
+            report.epoch_losses, report.final_loss = losses, final
+            if attempt:
+                report.fallback = "lr/10"
+            return
+        qlayer.load_state_dict(start)
+    report.fallback, report.final_loss = "initial", report.init_loss

@@ -1,0 +1,206 @@
+"""A LLaMA-style decoder layer with affine transforms and fake quantizers at every linear.
+
+Usage:
+    layer = QuantDecoderLayer(parts, qcfg, transforms)   # parts from an adapter, transforms from a method
+    y = layer(x, position_embeddings=(cos, sin))          # x: (batch, seq, hidden) → same shape
+    layer.merge()                                         # fold transforms into weights (float64), freeze
+
+One forward serves calibration and evaluation. Before merge() each effective weight is computed from
+the live parameters (W·diag(d)·P⁻ᵀ, then LWC quantization), and the per-channel scales d divide the
+activations; after merge() the scales live in the norms / up_proj and the quantized weights are stored,
+so the only online work left is what FlatQuant keeps online: x·P before each quantizer, the head
+transform before o_proj and the K transform after RoPE (paper §3.2, Fig. 3).
+
+Transform slots (any may be None = identity):
+    qkv    (hidden)         after input_layernorm, shared by q/k/v          diag folded into the norm
+    upgate (hidden)         after post_attention_layernorm, shared by up/gate  diag folded into the norm
+    down   (intermediate)   before down_proj                                diag folded into up_proj rows
+    heads  (num_heads)      over the head axis before o_proj (online)
+    v      (head_dim)       V-cache transform, merged into v_proj rows and o_proj columns
+    k      (head_dim)       K-cache transform after RoPE: K·Tk, Q·Tk⁻ᵀ (online)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatquant.adapters import LayerParts
+from flatquant.quantizers import Quantizer
+from flatquant.spec import QuantConfig
+from flatquant.transforms import KronTransform, cached_matrices, kron_apply
+
+SLOTS = ("qkv", "upgate", "down", "heads", "v", "k")
+LINEAR_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "upgate", "up": "upgate", "down": "down"}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as transformers' LlamaRMSNorm computes it (float32 statistics)."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
+class QuantDecoderLayer(nn.Module):
+    """Drop-in replacement for a transformers decoder layer (forward returns the hidden states)."""
+
+    def __init__(self, parts: LayerParts, qcfg: QuantConfig, transforms: dict[str, KronTransform | None]):
+        super().__init__()
+        unknown = set(transforms) - set(SLOTS)
+        if unknown:
+            raise ValueError(f"unknown transform slots {sorted(unknown)}; known: {SLOTS}")
+        self.num_heads, self.num_kv_heads, self.head_dim = parts.num_heads, parts.num_kv_heads, parts.head_dim
+        self.eps1, self.eps2 = _norm_eps(parts.input_norm), _norm_eps(parts.post_norm)
+        self.qcfg = qcfg
+        self.merged = False
+        self.norm1 = nn.Parameter(parts.input_norm.weight.detach().float().clone(), requires_grad=False)
+        self.norm2 = nn.Parameter(parts.post_norm.weight.detach().float().clone(), requires_grad=False)
+        self.q_norm, self.k_norm = parts.q_norm, parts.k_norm
+        for name, lin in parts.linears.items():
+            self.register_buffer(f"w_{name}", lin.weight.detach().float().clone())
+            bias = None if lin.bias is None else lin.bias.detach().float().clone()
+            self.register_buffer(f"b_{name}", bias)
+        self.transforms = nn.ModuleDict({k: v for k, v in transforms.items() if v is not None})
+        wspec, aspec = qcfg.weight_spec(), qcfg.act_spec()
+        self.wq = nn.ModuleDict(
+            {n: Quantizer(wspec, qcfg.lwc, rows=lin.weight.shape[0]) for n, lin in parts.linears.items()}
+        )
+        self.aq = nn.ModuleDict({n: Quantizer(aspec, qcfg.lac) for n in ("qkv", "upgate", "down", "o")})
+        self.kq = Quantizer(qcfg.kv_spec("k", self.head_dim))
+        self.vq = Quantizer(qcfg.kv_spec("v", self.head_dim))
+
+    def t(self, slot: str) -> KronTransform | None:
+        return self.transforms[slot] if slot in self.transforms else None
+
+    # ---- effective weights -------------------------------------------------------------------------
+    def transformed_weight(self, name: str, dtype=torch.float32) -> torch.Tensor:
+        """W̃ for one linear before weight quantization: inputs and outputs carried into the transformed bases."""
+        w = getattr(self, f"w_{name}").to(dtype)
+        slot = LINEAR_INPUT.get(name)
+        if slot and self.t(slot) is not None:
+            w = self.t(slot).weight(w)
+        if name == "v" and self.t("v") is not None:
+            w = self._out_transform(w, self.t("v"))
+        if name == "o":
+            w = self._o_weight(w)
+        if name == "up" and self.t("down") is not None and self.t("down").diag is not None:
+            w = w / self.t("down").diag.to(dtype).unsqueeze(1)
+        return w
+
+    def _out_transform(self, w: torch.Tensor, tv: KronTransform) -> torch.Tensor:
+        """Rows of v_proj per KV head: W_h ↦ Tvᵀ·W_h, so v_proj emits V·Tv."""
+        wt = w.t().reshape(w.shape[1], self.num_kv_heads, self.head_dim)
+        return tv.apply(wt).reshape(w.shape[1], -1).t()
+
+    def _o_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """o_proj columns: W_o·(H ⊗ Tv)⁻ᵀ, matching the head transform and the merged V transform."""
+        th, tv = self.t("heads"), self.t("v")
+        if th is None and tv is None:
+            return w
+        dtype = torch.float64 if w.dtype == torch.float64 else None
+        left = th.matrices(True, dtype)[1] if th is not None else None
+        right = tv.matrices(True, dtype)[1] if tv is not None else None
+        return kron_apply(w, left, right)
+
+    def bias(self, name: str, dtype=torch.float32) -> torch.Tensor | None:
+        b = getattr(self, f"b_{name}")
+        if b is None or self.merged:
+            return b
+        if name == "v" and self.t("v") is not None:
+            return self._out_transform(b.to(dtype).unsqueeze(1), self.t("v")).squeeze(1)
+        return b.to(dtype)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        if self.merged:
+            return {n: getattr(self, f"w_{n}") for n in self.wq}
+        return {n: self.wq[n](self.transformed_weight(n)) for n in self.wq}
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def norm_weight(self, slot: str, dtype=torch.float32) -> torch.Tensor:
+        """γ/d: the slot's diagonal scale divides the activation through the norm's weight."""
+        norm = self.norm1 if slot == "qkv" else self.norm2
+        t = self.t(slot)
+        if self.merged or t is None or t.diag is None:
+            return norm.to(dtype)
+        return norm.to(dtype) / t.diag.to(dtype)
+
+    def _online(self, slot: str, x: torch.Tensor) -> torch.Tensor:
+        """x·P for the slot's transform (the diagonal scale is already in the norm or up_proj)."""
+        t = self.t(slot)
+        return x if t is None else t.apply(x)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        with cached_matrices(self.transforms.values(), enabled=not self.merged):
+            w = self.weights()
+            bias = {n: self.bias(n) for n in self.wq}
+            dtype = hidden_states.dtype
+
+            def lin(x, n):
+                return F.linear(x, w[n].to(dtype), None if bias[n] is None else bias[n].to(dtype))
+
+            h = rms_norm(hidden_states, self.norm_weight("qkv", dtype), self.eps1)
+            x = self.aq["qkv"](self._online("qkv", h))
+            attn = self._attention(lin(x, "q"), lin(x, "k"), lin(x, "v"), position_embeddings, attention_mask)
+            hidden_states = hidden_states + lin(attn, "o")
+            h = rms_norm(hidden_states, self.norm_weight("upgate", dtype), self.eps2)
+            x = self.aq["upgate"](self._online("upgate", h))
+            m = F.silu(lin(x, "gate")) * lin(x, "up")
+            return hidden_states + lin(self.aq["down"](self._online("down", m)), "down")
+
+    def _attention(self, q, k, v, position_embeddings, attention_mask):
+        """q: (b, s, heads·hd), k/v: (b, s, kv_heads·hd) → quantized o_proj input (b, s, heads·hd)."""
+        b, s, _ = q.shape
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = (t.unsqueeze(2).to(q.dtype) for t in position_embeddings)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if self.t("k") is not None:
+            q, k = self.t("k").apply(q, inv_t=True), self.t("k").apply(k)
+        k = self.kq(k.reshape(b, s, -1)).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.vq(v).view(b, s, self.num_kv_heads, self.head_dim)
+        rep = self.num_heads // self.num_kv_heads
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        th = self.t("heads")
+        if th is not None:
+            out = kron_apply(out, th.matrices(False)[1], None).to(out.dtype)
+        return self.aq["o"](out)
+
+    # ---- merge -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the diagonal scales and the weight-side transforms into stored, quantized weights.
+
+        The transform algebra runs in float64 (as the reference does) so merging adds no error of its
+        own; weights are then fake-quantized once with their learned LWC clip and stored in float32.
+        """
+        if self.merged:
+            return
+        new = {n: self.wq[n](self.transformed_weight(n, torch.float64).float()) for n in self.wq}
+        new_bias = {n: self.bias(n, torch.float64) for n in self.wq}
+        self.norm1.data = self.norm_weight("qkv", torch.float64).float()
+        self.norm2.data = self.norm_weight("upgate", torch.float64).float()
+        for n in self.wq:
+            setattr(self, f"w_{n}", new[n])
+            if new_bias[n] is not None:
+                setattr(self, f"b_{n}", new_bias[n].float())
+        for t in self.transforms.values():
+            t.freeze()
+        self.merged = True
+        self.requires_grad_(False)

@@ -1,0 +1,38 @@
+"""Stage calibrate: block-wise calibration of every decoder layer, resumable per layer.
+
+Each finished layer is saved under artifacts/calib/<model>_<method>_<bits>_<config hash>/, so running the
+same configuration again (after a crash, or from the eval stage) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flatquant.calibrate import quantize_model
+
+
+def run(cfg: dict, ctx) -> dict[str, float]:
+    if not ctx.method.quantizes:
+        return {}
+    samples = ctx.calib_samples() if ctx.method.trainable else torch.zeros(0, 0, dtype=torch.long)
+
+    def on_layer(report, state):
+        if ctx.tracker is None:
+            return
+        for epoch, loss in enumerate(report.epoch_losses):
+            ctx.tracker.metrics({f"calibrate/layer_{report.index:03d}/loss": loss}, step=epoch)
+        finite = {k: v for k, v in {"calibrate/init_mse": report.init_loss, "calibrate/final_mse": report.final_loss,
+                                     "calibrate/layer_seconds": report.seconds}.items() if math.isfinite(v)}
+        ctx.tracker.metrics(finite, step=report.index)
+
+    reports = quantize_model(ctx.model, samples, ctx.method, ctx.qcfg, ctx.ccfg, ctx.calib_dir, on_layer)
+    if ctx.tracker is not None:
+        ctx.tracker.artifact(ctx.calib_dir, "calibration")
+    out = {"calibrate/seconds": sum(r.seconds for r in reports), "calibrate/resumed_layers": sum(r.resumed for r in reports),
+           "calibrate/fallback_layers": sum(bool(r.fallback) for r in reports)}
+    finals = [r.final_loss for r in reports if math.isfinite(r.final_loss)]
+    if finals:
+        out["calibrate/mean_final_mse"] = sum(finals) / len(finals)
+    return out

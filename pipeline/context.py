@@ -1,0 +1,84 @@
+"""What the stages of one run share: the validated config pieces, the model, the token caches.
+
+Built once per run from the composed Hydra config (a plain dict here, so nothing below needs Hydra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from flatquant import data
+from flatquant.calibrate import CalibConfig
+from flatquant.methods import get_method
+from flatquant.model import load_model
+from flatquant.spec import QuantConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return name
+
+
+class Context:
+    """Lazily loads what a stage asks for; validates every config group on construction."""
+
+    def __init__(self, cfg: dict, tracker=None):
+        self.cfg, self.tracker = cfg, tracker
+        self.device = pick_device(str(cfg["device"]))
+        self.qcfg = QuantConfig.from_dict(dict(cfg["quant"]))
+        options = {k: v for k, v in cfg["method"].items() if k != "name"}
+        self.method = get_method(cfg["method"]["name"], **options)
+        calib = cfg["calib"]
+        self.ccfg = CalibConfig(epochs=calib["epochs"], batch_size=calib["batch_size"], lr=calib["lr"],
+                                clip_lr_mult=calib["clip_lr_mult"], seed=cfg["seed"], device=self.device,
+                                amp=calib["amp"])
+        dtype = cfg["model"]["dtype"]
+        if dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = DTYPES[dtype] if self.device != "cpu" else torch.float32
+
+    @cached_property
+    def loaded(self):
+        m = self.cfg["model"]
+        return load_model(m["path"], m.get("gguf_file"), self.dtype, self.device)
+
+    @property
+    def model(self):
+        return self.loaded[0]
+
+    @property
+    def tokenizer(self):
+        return self.loaded[1]
+
+    def tokens(self, name: str, split: str) -> torch.Tensor:
+        d = self.cfg["data"]
+        return data.load_tokens(self.tokenizer, name, split, d.get("root"), d.get("cache_dir"))
+
+    def calib_samples(self) -> torch.Tensor:
+        d, c = self.cfg["data"], self.cfg["calib"]
+        ids = self.tokens(d["calib_dataset"], d["calib_split"])
+        return data.calib_samples(ids, c["nsamples"], c["seqlen"], self.cfg["seed"])
+
+    def key(self, *groups: str) -> str:
+        """Hash of the config groups that decide an artifact (so a changed config never reuses it)."""
+        blob = json.dumps({g: self.cfg[g] for g in groups} | {"seed": self.cfg["seed"]}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def calib_dir(self) -> Path:
+        name = f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{self.key('model', 'method', 'quant', 'data', 'calib')}"
+        return Path(self.cfg["artifacts_dir"]) / "calib" / name
+
+    def describe(self) -> dict:
+        return {"quant": asdict(self.qcfg), "calib": asdict(self.ccfg)}

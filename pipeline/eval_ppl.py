@@ -1,0 +1,35 @@
+"""Stage eval_ppl: perplexity of the (quantized) model on each evaluation set; `baseline` does the FP model.
+
+The full-precision numbers are cached under .cache/baseline by (model, data, eval settings), so a sweep
+over methods evaluates the FP model once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flatquant.data import eval_windows
+from flatquant.evaluate import perplexity
+
+
+def _ppl(cfg: dict, ctx, name: str, desc: str) -> float:
+    e = cfg["eval"]
+    windows = eval_windows(ctx.tokens(name, "test"), e["seqlen"], e["max_windows"])
+    return perplexity(ctx.model, windows, ctx.device, e["batch_size"], desc=f"{desc} {name}")
+
+
+def run(cfg: dict, ctx) -> dict[str, float]:
+    return {f"eval_ppl/{n}/ppl": _ppl(cfg, ctx, n, "ppl") for n in cfg["data"]["eval_datasets"]}
+
+
+def baseline(cfg: dict, ctx) -> dict[str, float]:
+    if not cfg["eval"]["baseline"]:
+        return {}
+    cache = Path(".cache/baseline") / f"{cfg['model']['name']}_{ctx.key('model', 'data', 'eval')}_{ctx.device}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    out = {f"eval_ppl/{n}/ppl_fp": _ppl(cfg, ctx, n, "ppl fp") for n in cfg["data"]["eval_datasets"]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out

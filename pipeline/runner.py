@@ -1,0 +1,83 @@
+"""One tracked run: validate the config, seed, open the MLflow run, run the stages, print the summary.
+
+Usage (what run.py does with the composed Hydra config):
+    metrics = execute(OmegaConf.to_container(cfg, resolve=True))
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import calibrate, eval_ppl, prepare_data
+from pipeline.context import Context
+from pipeline.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STAGES = {
+    "prepare_data": [prepare_data.run],
+    "calibrate": [prepare_data.run, calibrate.run],
+    "eval": [prepare_data.run, eval_ppl.baseline, calibrate.run, eval_ppl.run],
+    "all": [prepare_data.run, eval_ppl.baseline, calibrate.run, eval_ppl.run],
+}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def run_name(cfg: dict) -> str:
+    q = cfg["quant"]
+    bits = f"w{q['w_bits']}a{q['a_bits']}kv{max(q['k_bits'], q['v_bits'])}"
+    return f"{cfg['model']['name']}/{cfg['method']['name']}/{bits}/{cfg['wquant']}"
+
+
+def summary_table(cfg: dict, metrics: dict) -> str:
+    rows = ["| model | method | bits | weights | dataset | FP ppl | quantized ppl | wall time (s) |",
+            "|---|---|---|---|---|---|---|---|"]
+    name = run_name(cfg).split("/")
+    for ds in cfg["data"]["eval_datasets"]:
+        fp, q = metrics.get(f"eval_ppl/{ds}/ppl_fp"), metrics.get(f"eval_ppl/{ds}/ppl")
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"
+        rows.append(f"| {name[0]} | {name[1]} | {name[2]} | {name[3]} | {ds} | {fmt(fp)} | {fmt(q)} | {metrics['run/wall_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def execute(cfg: dict) -> dict[str, float]:
+    if cfg["stage"] not in STAGES:
+        raise ValueError(f"stage={cfg['stage']!r} is not one of {sorted(STAGES)}")
+    t0 = time.time()
+    seed_everything(cfg["seed"])
+    ctx = Context(cfg)  # validates every group before anything is opened or loaded
+    t = cfg["tracking"]
+    local = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    with Tracker(t["uri"], t["experiment"], run_name(cfg), flatten(cfg), t["enabled"], fallback_uri=local) as tracker:
+        ctx.tracker = tracker
+        metrics: dict[str, float] = {}
+        for stage in STAGES[cfg["stage"]]:
+            out = stage(cfg, ctx)
+            tracker.metrics(out)
+            metrics.update(out)
+        metrics["run/wall_seconds"] = time.time() - t0
+        tracker.metrics({"run/wall_seconds": metrics["run/wall_seconds"]})
+        if cfg["stage"] in ("eval", "all"):
+            table = summary_table(cfg, metrics)
+            print(table)
+            tracker.text(table, "summary.md")
+    return metrics

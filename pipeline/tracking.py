@@ -1,0 +1,95 @@
+"""MLflow tracking: the only module of the project that imports mlflow.
+
+Usage:
+    with Tracker(uri, "flatquant", run_name="smollm2/flatquant/w4a4kv4", config=flat_cfg) as tr:
+        tr.metrics({"eval_ppl/wikitext2/ppl": 12.3})
+        tr.artifact("artifacts/calib/abc/layer_000.safetensors", "calibration")
+The run ends FINISHED, or FAILED when the body raises; the exception still propagates.
+An unreachable remote server falls back to the local SQLite store, with a warning that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _reachable(uri: str) -> bool:
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3)
+        return True
+    except Exception:
+        return False
+
+
+class Tracker:
+    def __init__(self, uri: str | None, experiment: str, run_name: str, config: dict, enabled: bool = True,
+                 fallback_uri: str | None = None, tags: dict | None = None):
+        self.enabled, self.uri, self.experiment = enabled, uri, experiment
+        self.run_name, self.config, self.tags = run_name, config, tags or {}
+        self.fallback_uri = fallback_uri
+        self.run_id: str | None = None
+
+    def __enter__(self) -> "Tracker":
+        if not self.enabled:
+            return self
+        import mlflow
+
+        uri = self.uri
+        if not _reachable(uri):
+            log.warning("MLflow server %s cannot be reached: logging to the local store %s instead", uri, self.fallback_uri)
+            uri = self.fallback_uri
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(self.experiment) is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            mlflow.create_experiment(self.experiment, artifact_location=location)
+        mlflow.set_experiment(self.experiment)
+        nested = mlflow.active_run() is not None
+        parent = os.environ.get("FLATQUANT_PARENT_RUN_ID")
+        tags = dict(self.tags)
+        if parent and not nested:
+            tags["mlflow.parentRunId"] = parent
+        run = mlflow.start_run(run_name=self.run_name, nested=nested, tags=tags)
+        self.run_id = run.info.run_id
+        mlflow.log_params({k: str(v)[:500] for k, v in self.config.items()})
+        mlflow.log_dict(self.config, "config.json")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.enabled and self.run_id:
+            import mlflow
+
+            mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        return False
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        if self.enabled and values:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), folder)
+        elif path.exists():
+            mlflow.log_artifact(str(path), folder)
+
+    def text(self, text: str, name: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_text(text, name)
