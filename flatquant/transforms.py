@@ -79,13 +79,13 @@ class SVDFactor(nn.Module):
     def __init__(self, n: int, generator: torch.Generator | None = None):
         super().__init__()
         self.n = n
-        self.register_buffer("u0", random_orthogonal(n, generator).float())
+        self.register_buffer("u0", random_orthogonal(n, generator))  # float64: exactly orthogonal, so P⁻ᵀ is exact
         self.skew_u = nn.Parameter(torch.zeros(n, n))
         self.skew_v = nn.Parameter(torch.zeros(n, n))
         self.log_s = nn.Parameter(torch.zeros(n))
 
     def matrix(self, inv_t: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.u0.dtype
+        dtype = dtype or torch.float32
         u = cayley(self.skew_u.to(dtype)) @ self.u0.to(dtype)
         v = cayley(self.skew_v.to(dtype))
         s = torch.exp(-self.log_s if inv_t else self.log_s).to(dtype)

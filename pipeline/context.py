@@ -16,7 +16,7 @@ import torch
 from flatquant import data
 from flatquant.calibrate import CalibConfig
 from flatquant.methods import get_method
-from flatquant.model import load_model
+from flatquant.model import load_model, resolve_path
 from flatquant.spec import QuantConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,6 +43,7 @@ class Context:
         self.ccfg = CalibConfig(epochs=calib["epochs"], batch_size=calib["batch_size"], lr=calib["lr"],
                                 clip_lr_mult=calib["clip_lr_mult"], seed=cfg["seed"], device=self.device,
                                 amp=calib["amp"])
+        resolve_path(cfg["model"]["path"], cfg["model"].get("gguf_file"))  # a bad path fails before any run opens
         dtype = cfg["model"]["dtype"]
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

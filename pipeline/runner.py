@@ -67,7 +67,7 @@ def execute(cfg: dict) -> dict[str, float]:
     ctx = Context(cfg)  # validates every group before anything is opened or loaded
     t = cfg["tracking"]
     local = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    with Tracker(t["uri"], t["experiment"], run_name(cfg), flatten(cfg), t["enabled"], fallback_uri=local) as tracker:
+    with Tracker(t["uri"] or local, t["experiment"], run_name(cfg), flatten(cfg), t["enabled"], fallback_uri=local) as tracker:
         ctx.tracker = tracker
         metrics: dict[str, float] = {}
         for stage in STAGES[cfg["stage"]]:

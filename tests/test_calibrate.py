@@ -1,0 +1,69 @@
+"""Block-wise calibration on the real default model, and per-layer resume."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import random_llama
+from flatquant.adapters import adapter_for
+from flatquant.calibrate import CalibConfig, _layer_io, layer_inputs, layer_mse, quantize_model, train_layer
+from flatquant.data import calib_samples, load_tokens
+from flatquant.layer import QuantDecoderLayer
+from flatquant.methods import get_method
+from flatquant.spec import QuantConfig
+
+
+def test_calibration_lowers_first_layer_mse(smollm2):
+    """FlatQuant training beats its own random-orthogonal start on layer 0 of SmolLM2 (W4A4KV4)."""
+    model, tok = smollm2
+    samples = calib_samples(load_tokens(tok, "wikitext2", "valid", cache_dir=None), 4, 128, seed=0)
+    adapter = adapter_for(model)
+    inps, pe = layer_inputs(model, samples, "cpu")
+    layer = adapter.layers(model)[0]
+    parts = adapter.parts(layer, model.config)
+    names = {"qkv": parts.linears["q"], "upgate": parts.linears["up"], "down": parts.linears["down"]}
+    targets, stats = _layer_io(layer, inps, pe, 4, names)
+    q = QuantDecoderLayer(parts, QuantConfig(), get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0)))
+    start = layer_mse(q, inps, targets, pe, 4)
+    losses = train_layer(q, inps, targets, pe, CalibConfig(epochs=6, batch_size=2), 5e-3)
+    end = layer_mse(q, inps, targets, pe, 4)
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert end < 0.9 * start, (start, end)
+
+
+def _run(model, ckpt, epochs=2):
+    samples = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    return quantize_model(model, samples, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=epochs, batch_size=2), ckpt)
+
+
+def test_resume_reuses_saved_layers_and_gives_the_same_model(tmp_path):
+    base = random_llama(layers=3)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    first = copy.deepcopy(base)
+    reports = _run(first, tmp_path)
+    assert not any(r.resumed for r in reports)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(manifest["layers"]) == ["0", "1", "2"]
+    second = copy.deepcopy(base)
+    again = _run(second, tmp_path)
+    assert all(r.resumed for r in again)
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+
+
+def test_changed_config_is_not_silently_reused(tmp_path):
+    _run(random_llama(layers=1), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        _run(random_llama(layers=1), tmp_path, epochs=3)
+
+
+def test_tampered_layer_file_is_detected(tmp_path):
+    _run(random_llama(layers=1), tmp_path)
+    f = tmp_path / "layer_000.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        _run(random_llama(layers=1), tmp_path)

@@ -1,0 +1,104 @@
+"""The Hydra + MLflow pipeline end to end on a tiny checkpoint, every config group, and bad input."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.runner import execute
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+FAST = ["calib.nsamples=2", "calib.seqlen=32", "calib.epochs=1", "calib.batch_size=2", "eval.seqlen=64", "eval.max_windows=2"]
+
+
+def make_cfg(overrides, tmp_path):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    cfg.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.artifacts_dir = str(tmp_path / "artifacts")
+    cfg.data.cache_dir = str(tmp_path / "tokens")
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_full_run_tracks_everything(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST], tmp_path)
+    metrics = execute(cfg)
+    assert metrics["eval_ppl/wikitext2/ppl"] > 1 and metrics["eval_ppl/wikitext2/ppl_fp"] > 1
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("flatquant")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "flatquant" and run.data.params["quant.a_bits"] == "4"
+    assert run.data.metrics["eval_ppl/wikitext2/ppl"] == pytest.approx(metrics["eval_ppl/wikitext2/ppl"])
+    curve = client.get_metric_history(run.info.run_id, "calibrate/layer_000/loss")
+    assert len(curve) == 1 and curve[0].value > 0
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "summary.md", "calibration"} <= names
+    learned = {a.path for a in client.list_artifacts(run.info.run_id, "calibration")}
+    assert "calibration/layer_000.safetensors" in learned
+
+
+def test_failed_run_is_marked_failed(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", "method=rtn", *FAST, "eval.seqlen=10000000"], tmp_path)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        execute(cfg)
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("flatquant").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_sixteen_bit_rtn_changes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", "method=rtn", "quant=fp16", *FAST], tmp_path)
+    metrics = execute(cfg)
+    assert metrics["eval_ppl/wikitext2/ppl"] == pytest.approx(metrics["eval_ppl/wikitext2/ppl_fp"], rel=1e-5)
+
+
+GROUPS = {g: sorted(p.stem for p in (Path(CONF) / g).glob("*.yaml")) for g in ("model", "quant", "method", "data", "calib", "eval", "tracking", "bench")}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_config_option_composes_and_validates(group, option, tmp_path):
+    from pipeline.context import Context
+
+    cfg = make_cfg([f"{group}={option}"], tmp_path)
+    if group == "model" and option != "smollm2":
+        assert cfg["model"]["path"] == "???"  # needs the user's local checkpoint
+        return
+    Context(cfg)  # validates quant, method, calib, model dtype
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("quant.w_bits=1", "quant.w_bits must be an integer in 2..16, got 1"),
+        ("quant.a_bits=32", "quant.a_bits must be an integer in 2..16, got 32"),
+        ("model=llama3_8b", "model.path is not set"),
+        ("model.path=/no/such/model", "model.path='/no/such/model' does not exist"),
+        ("model.dtype=int8", "model.dtype must be one of"),
+        ("stage=train", "stage='train' is not one of"),
+        ("method.alpha=-1", None),
+    ],
+)
+def test_bad_config_fails_at_once_naming_key_and_value(override, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg([override], tmp_path)
+    if message is None:
+        return
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        execute(cfg)
+    assert not (tmp_path / "artifacts").exists()  # nothing was written before the check
+
+
+def test_unknown_method_is_rejected_by_hydra(tmp_path):
+    with pytest.raises(Exception, match="method/nosuch"):
+        make_cfg(["method=nosuch"], tmp_path)
