@@ -119,6 +119,8 @@ class QuantDecoderLayer(nn.Module):
             return b
         if name == "v" and self.t("v") is not None:
             return self._out_transform(b.to(dtype).unsqueeze(1), self.t("v")).squeeze(1)
+        if name == "up" and self.t("down") is not None and self.t("down").diag is not None:
+            return b.to(dtype) / self.t("down").diag.to(dtype)  # (x·Wᵀ + b)/d: the down scale divides the bias too
         return b.to(dtype)
 
     def weights(self) -> dict[str, torch.Tensor]:
