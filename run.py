@@ -3,16 +3,23 @@
     python run.py                                   # the whole job on the embedded default, on the CPU
     python run.py model=llama3_8b quant=w4a4kv4     # a real model (set model.path or its env variable)
     python run.py -m method=rtn,flatquant           # one MLflow run per combination
+    python run.py -m hydra/launcher=joblib method=rtn,quarot,flatquant   # one worker per GPU
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.gpu import claim_gpu
 from pipeline.runner import execute
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and hc.launcher._target_.endswith("JoblibLauncher"):
+        claim_gpu()  # joblib workers are long-lived processes: each keeps one GPU (pipeline/gpu.py says why)
     metrics = execute(OmegaConf.to_container(cfg, resolve=True))
     return metrics.get("eval_ppl/wikitext2/ppl")
 

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,10 +40,20 @@ class CalibConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = False
+    wquant: str = "rtn"
+    gptq_blocksize: int = 128
+    gptq_percdamp: float = 0.01
+    gptq_act_order: bool = False
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"calibration needs epochs >= 0, batch_size >= 1, lr > 0; got {self}")
+        if self.wquant not in ("rtn", "gptq"):
+            raise ValueError(f"wquant must be rtn or gptq, got {self.wquant!r}")
+
+    def needs_data(self, method) -> bool:
+        """Whether layer inputs must be propagated: training, activation statistics or GPTQ Hessians."""
+        return method.trainable or method.needs_stats or self.wquant == "gptq"
 
 
 @dataclass
@@ -195,14 +205,16 @@ def quantize_model(
     """Replace every decoder layer of `model` (in place) by its calibrated, merged QuantDecoderLayer."""
     adapter = adapter_for(model)
     layers = adapter.layers(model)
-    store = LayerStore(ckpt_dir, config_key(method, qcfg, ccfg, samples.shape, int(samples.sum())))
+    store = LayerStore(ckpt_dir, config_key(method, qcfg, replace(ccfg, device=""), samples.shape, int(samples.sum())))
     device = torch.device(ccfg.device)
-    inps, pe = layer_inputs(model, samples, device) if method.trainable else (None, None)
+    if ccfg.needs_data(method) and samples.numel() == 0:
+        raise ValueError(f"method {method.name} with wquant={ccfg.wquant} needs calibration samples")
+    inps, pe = layer_inputs(model, samples, device) if ccfg.needs_data(method) else (None, None)
     reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method.name}", unit="layer")
     for i in bar:
         report, state = _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, store, bar)
-        if method.trainable:
+        if ccfg.needs_data(method):
             inps = state.pop("_targets")
         reports.append(report)
         if on_layer is not None:
@@ -216,7 +228,7 @@ def _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, sto
     layer = layers[i].to(device)
     parts = adapter.parts(layer, model.config)
     stats, targets = {}, None
-    if method.trainable:
+    if ccfg.needs_data(method):
         names = {"qkv": parts.linears["q"], "upgate": parts.linears["up"], "down": parts.linears["down"]}
         targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, names)
     gen = torch.Generator().manual_seed(ccfg.seed * 100003 + i)
@@ -233,11 +245,25 @@ def _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, sto
     state = trainable_state(qlayer)
     if saved is None:
         store.save(i, state, report)
-    qlayer.merge()
+    _merge(qlayer, inps, pe, ccfg)
     layers[i] = qlayer
     if targets is not None:
         state["_targets"] = targets
     return report, state
+
+
+def _merge(qlayer: QuantDecoderLayer, inps, pe, ccfg: CalibConfig) -> None:
+    """Merge, quantizing the weights by RTN, or by GPTQ on Hessians of the merged layer's linear inputs."""
+    if ccfg.wquant == "rtn":
+        qlayer.merge()
+        return
+    qlayer.merge(quantize_weights=False)
+    qlayer.observers = {}
+    with torch.no_grad():
+        for i in range(0, len(inps), ccfg.batch_size):
+            qlayer(inps[i : i + ccfg.batch_size], position_embeddings=pe)
+    hessians, qlayer.observers = qlayer.observers, None
+    qlayer.gptq_weights(hessians, ccfg.gptq_blocksize, ccfg.gptq_percdamp, ccfg.gptq_act_order)
 
 
 def _no_clip(qcfg: QuantConfig) -> QuantConfig:

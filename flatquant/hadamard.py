@@ -27,6 +27,8 @@ from functools import lru_cache
 
 import torch
 
+from flatquant import transforms
+
 Block = tuple[str, int]  # (kind, order), kind in {"sylvester", "paley1", "paley2"}
 
 
@@ -182,14 +184,8 @@ def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64, devic
 
 
 def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """Seeded Haar-random orthogonal matrix: (n, n) `dtype`, QR of a float64 Gaussian on the CPU.
-
-    Multiplying Q's columns by sign(diag R) makes the factorisation unique, hence the
-    distribution Haar (Mezzadri 2007) and the result reproducible across LAPACK builds.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    """Seeded Haar-random orthogonal matrix: (n, n) `dtype` (see transforms.random_orthogonal)."""
+    q = transforms.random_orthogonal(n, torch.Generator().manual_seed(seed))
     return q.to(device=device, dtype=dtype)
 
 

@@ -27,12 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatquant.adapters import LayerParts
+from flatquant.gptq import HessianAccumulator, gptq_quantize, rtn_fit_qdq
 from flatquant.quantizers import Quantizer
 from flatquant.spec import QuantConfig
 from flatquant.transforms import KronTransform, cached_matrices, kron_apply
 
 SLOTS = ("qkv", "upgate", "down", "heads", "v", "k")
 LINEAR_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "upgate", "up": "upgate", "down": "down"}
+INPUT_GROUP = {**LINEAR_INPUT, "o": "o"}  # linears that read the same quantized activation
+GROUP_LEADER = {"q", "o", "gate", "down"}  # the first linear of each input group observes its input
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,6 +67,7 @@ class QuantDecoderLayer(nn.Module):
         self.eps1, self.eps2 = _norm_eps(parts.input_norm), _norm_eps(parts.post_norm)
         self.qcfg = qcfg
         self.merged = False
+        self.observers: dict[str, object] | None = None  # input group → HessianAccumulator, for GPTQ
         self.norm1 = nn.Parameter(parts.input_norm.weight.detach().float().clone(), requires_grad=False)
         self.norm2 = nn.Parameter(parts.post_norm.weight.detach().float().clone(), requires_grad=False)
         self.q_norm, self.k_norm = parts.q_norm, parts.k_norm
@@ -109,8 +113,8 @@ class QuantDecoderLayer(nn.Module):
         if th is None and tv is None:
             return w
         dtype = torch.float64 if w.dtype == torch.float64 else None
-        left = th.matrices(True, dtype)[1] if th is not None else None
-        right = tv.matrices(True, dtype)[1] if tv is not None else None
+        left = th.dense(True, dtype) if th is not None else None
+        right = tv.dense(True, dtype) if tv is not None else None
         return kron_apply(w, left, right)
 
     def bias(self, name: str, dtype=torch.float32) -> torch.Tensor | None:
@@ -149,6 +153,8 @@ class QuantDecoderLayer(nn.Module):
             dtype = hidden_states.dtype
 
             def lin(x, n):
+                if self.observers is not None and n in GROUP_LEADER:
+                    self.observers.setdefault(INPUT_GROUP[n], HessianAccumulator(x.shape[-1], x.device)).add_batch(x)
                 return F.linear(x, w[n].to(dtype), None if bias[n] is None else bias[n].to(dtype))
 
             h = rms_norm(hidden_states, self.norm_weight("qkv", dtype), self.eps1)
@@ -181,20 +187,23 @@ class QuantDecoderLayer(nn.Module):
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         th = self.t("heads")
         if th is not None:
-            out = kron_apply(out, th.matrices(False)[1], None).to(out.dtype)
+            out = kron_apply(out, th.dense(False), None).to(out.dtype)
         return self.aq["o"](out)
 
     # ---- merge -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, quantize_weights: bool = True) -> None:
         """Fold the diagonal scales and the weight-side transforms into stored, quantized weights.
 
         The transform algebra runs in float64 (as the reference does) so merging adds no error of its
-        own; weights are then fake-quantized once with their learned LWC clip and stored in float32.
+        own; weights are then fake-quantized once with their learned LWC clip (RTN) and stored in
+        float32. quantize_weights=False keeps them in floating point for `gptq_weights`.
         """
         if self.merged:
             return
-        new = {n: self.wq[n](self.transformed_weight(n, torch.float64).float()) for n in self.wq}
+        new = {n: self.transformed_weight(n, torch.float64).float() for n in self.wq}
+        if quantize_weights:
+            new = {n: self.wq[n](w) for n, w in new.items()}
         new_bias = {n: self.bias(n, torch.float64) for n in self.wq}
         self.norm1.data = self.norm_weight("qkv", torch.float64).float()
         self.norm2.data = self.norm_weight("upgate", torch.float64).float()
@@ -206,3 +215,17 @@ class QuantDecoderLayer(nn.Module):
             t.freeze()
         self.merged = True
         self.requires_grad_(False)
+
+    @torch.no_grad()
+    def gptq_weights(self, hessians: dict, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False) -> None:
+        """Quantize the merged floating-point weights with GPTQ, on the Hessians of the layer's real
+        (transformed, quantized) linear inputs, keeping each row's learned LWC clip."""
+        spec = self.qcfg.weight_spec()
+        if not self.merged or not spec.enabled:
+            return
+        for n, quantizer in self.wq.items():
+            clip = quantizer.clip()
+            fit, qdq = rtn_fit_qdq(spec.bits, spec.sym, None if clip is None else clip.squeeze(1))
+            w = gptq_quantize(getattr(self, f"w_{n}"), hessians[INPUT_GROUP[n]].hessian, fit, qdq, blocksize=blocksize,
+                              percdamp=percdamp, act_order=act_order, group_size=spec.group_size or None)
+            setattr(self, f"w_{n}", w)

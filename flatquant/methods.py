@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from flatquant.adapters import LayerParts
+from flatquant.hadamard import has_hadamard, orthogonal_or_hadamard, random_hadamard
 from flatquant.transforms import KronTransform
 
 METHODS: dict[str, type] = {}
@@ -56,6 +57,7 @@ class FP16:
 
     trainable = False
     quantizes = False
+    needs_stats = False
 
     def transforms(self, parts, stats, generator):
         return {}
@@ -68,6 +70,7 @@ class RTN:
 
     trainable = False
     quantizes = True
+    needs_stats = False
     learnable_clip = False
 
     def transforms(self, parts, stats, generator):
@@ -89,6 +92,7 @@ class FlatQuant:
     kv_transform: bool = True
     trainable = True
     quantizes = True
+    needs_stats = True
     learnable_clip = True
 
     def transforms(self, parts: LayerParts, stats: dict[str, torch.Tensor], generator) -> dict:
@@ -109,4 +113,73 @@ class FlatQuant:
                 if slot in stats:
                     d = smooth_scale(stats[slot], input_absmax(parts, names), self.alpha)
                     t[slot].diag.data.copy_(d)
+        return t
+
+
+@register("smoothquant")
+@dataclass
+class SmoothQuant:
+    """Per-channel scales d = max|x|^α / max|w|^(1-α) folded into the norms (Xiao et al. 2023).
+
+    As in the SmoothQuant LLaMA recipe, the q/k/v and up/gate inputs are smoothed; `down: true` also
+    smooths down_proj's input through up_proj's rows.
+    """
+
+    alpha: float = 0.5
+    down: bool = False
+    trainable = False
+    quantizes = True
+    needs_stats = True
+    learnable_clip = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"method.alpha must be in [0, 1], got {self.alpha}")
+
+    def transforms(self, parts: LayerParts, stats: dict[str, torch.Tensor], generator) -> dict:
+        slots = ("qkv", "upgate", "down") if self.down else ("qkv", "upgate")
+        return {s: KronTransform.diagonal(smooth_scale(stats[s], input_absmax(parts, SLOT_LINEARS[s]), self.alpha)) for s in slots}
+
+
+def hadamard_factors(n: int) -> tuple[int, int]:
+    """n = n1·n2 with a Hadamard matrix of both orders, n1 ≤ n2 as close to √n as possible."""
+    pairs = [(a, n // a) for a in range(1, int(n**0.5) + 1) if n % a == 0 and has_hadamard(a) and has_hadamard(n // a)]
+    if not pairs:
+        raise ValueError(f"size {n} has no factorisation into two Hadamard orders: QuaRot cannot rotate it")
+    return pairs[-1]
+
+
+def rotation(n: int, seed: int, scale: torch.Tensor | None = None) -> KronTransform:
+    """A randomised Hadamard rotation of size n as a Kronecker product of two random Hadamard factors."""
+    n1, n2 = hadamard_factors(n)
+    left = random_hadamard(n1, seed) if n1 > 1 else None
+    return KronTransform.fixed(left, random_hadamard(n2, seed + 1), n, scale)
+
+
+@register("quarot")
+@dataclass
+class QuaRot:
+    """Fixed randomised Hadamard rotations (Ashkboos et al. 2024), no training.
+
+    RMSNorm's γ is fused into the following linears (the `scale` of the qkv and up/gate slots), so the
+    quantized activations are rmsnorm(x)·H as in QuaRot's rotated residual stream; online Hadamards
+    before down_proj and over the heads before o_proj; V rotated inside v_proj; Q and K rotated after
+    RoPE for the K cache. A head count with no Hadamard matrix (9) gets a seeded random orthogonal one.
+    """
+
+    seed: int = 0
+    trainable = False
+    quantizes = True
+    needs_stats = False
+    learnable_clip = False
+
+    def transforms(self, parts: LayerParts, stats, generator) -> dict:
+        hidden = parts.linears["q"].weight.shape[1]
+        inter = parts.linears["down"].weight.shape[1]
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) + self.seed
+        t = {"down": rotation(inter, seed + 2), "v": rotation(parts.head_dim, seed + 4), "k": rotation(parts.head_dim, seed + 6)}
+        for slot, norm, s in (("qkv", parts.input_norm, seed), ("upgate", parts.post_norm, seed + 8)):
+            t[slot] = rotation(hidden, s, norm.weight.detach().float())
+        heads, _ = orthogonal_or_hadamard(parts.num_heads, seed + 10)
+        t["heads"] = KronTransform.fixed(None, heads, parts.num_heads)
         return t

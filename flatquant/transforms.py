@@ -45,6 +45,8 @@ def kron_apply(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor |
     x: (..., n1·n2); left: (n1, n1) or None (identity); right: (n2, n2) or None.
     Returns the same shape; computed in the matrices' dtype.
     """
+    if left is None and right is None:
+        return x
     n1 = left.shape[0] if left is not None else x.shape[-1] // right.shape[0]
     n2 = right.shape[0] if right is not None else x.shape[-1] // n1
     y = x.reshape(*x.shape[:-1], n1, n2)
@@ -56,10 +58,11 @@ def kron_apply(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor |
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A Haar-random (n, n) orthogonal float64 matrix (QR of a Gaussian, signs fixed)."""
+    """A Haar-random (n, n) orthogonal float64 matrix: QR of a Gaussian with Q's columns multiplied by
+    sign(diag R), which makes the factorisation unique and the distribution Haar (Mezzadri 2007)."""
     a = torch.randn(n, n, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).unsqueeze(0)
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -120,6 +123,21 @@ class KronTransform(nn.Module):
         self._frozen: dict[bool, tuple] | None = None
 
     @classmethod
+    def diagonal(cls, scale: torch.Tensor) -> "KronTransform":
+        """Only the per-channel scale (SmoothQuant): P = I."""
+        t = cls(None, None, scale.numel(), add_diag=True)
+        t.diag.data.copy_(scale)
+        return t
+
+    @classmethod
+    def fixed(cls, left: torch.Tensor | None, right: torch.Tensor | None, n: int, scale: torch.Tensor | None = None):
+        """Fixed orthogonal factors (e.g. Hadamard, QuaRot), with an optional fixed per-channel scale."""
+        t = cls(None if left is None else FixedFactor(left), None if right is None else FixedFactor(right), n, scale is not None)
+        if scale is not None:
+            t.diag.data.copy_(scale)
+        return t
+
+    @classmethod
     def learnable(cls, n: int, factors: tuple[int, int] | None = None, add_diag: bool = False, generator=None):
         n1, n2 = factors or kron_dims(n)
         if n1 * n2 != n:
@@ -132,6 +150,16 @@ class KronTransform(nn.Module):
         if self._frozen is not None and dtype in (None, torch.float32):
             return self._frozen[inv_t]
         return tuple(None if f is None else f.matrix(inv_t, dtype) for f in (self.left, self.right))
+
+    def dense(self, inv_t: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole (n, n) matrix P (or P⁻ᵀ), for small transforms used as one factor of a bigger one.
+
+        A factor left out (None) has size 1 by construction, so the present factors multiply to n.
+        """
+        mats = [m for m in self.matrices(inv_t, dtype) if m is not None]
+        if not mats:
+            return torch.eye(self.n, dtype=dtype or torch.float32)
+        return mats[0] if len(mats) == 1 else torch.kron(mats[0], mats[1])
 
     def apply(self, x: torch.Tensor, inv_t: bool = False) -> torch.Tensor:
         """x · P (or x · P⁻ᵀ) over the last axis, without the diagonal scale."""

@@ -6,6 +6,7 @@ Usage (what run.py does with the composed Hydra config):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -59,6 +60,22 @@ def summary_table(cfg: dict, metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def write_metrics_json(path: str | Path, cfg: dict, metrics: dict[str, float], run_id: str | None,
+                       start_time_ms: int) -> Path:
+    """The run as {"config", "metrics", "run_id", "start_time"} JSON (what `dvc repro` and analysis.tables read).
+
+    Written to a temporary name first and renamed, so a crash never leaves a half-written metrics file that DVC
+    would record as the stage's output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"config": {k: v for k, v in cfg.items() if k != "metrics_out"}, "metrics": metrics,
+            "run_id": run_id, "start_time": start_time_ms}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(blob, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def execute(cfg: dict) -> dict[str, float]:
     if cfg["stage"] not in STAGES:
         raise ValueError(f"stage={cfg['stage']!r} is not one of {sorted(STAGES)}")
@@ -80,4 +97,6 @@ def execute(cfg: dict) -> dict[str, float]:
             table = summary_table(cfg, metrics)
             print(table)
             tracker.text(table, "summary.md")
+        if cfg.get("metrics_out"):
+            write_metrics_json(cfg["metrics_out"], cfg, metrics, tracker.run_id, int(t0 * 1000))
     return metrics

@@ -1,0 +1,223 @@
+"""Result tables laid out like FlatQuant's Table 1 (perplexity) and Table 2 (zero-shot QA), from tracked runs.
+
+    python -m analysis.tables --uri sqlite:///$PWD/mlflow.db --experiment flatquant --out results/tables
+    python -m analysis.tables --from-json results/runs --out results/tables
+
+Two sources give the same frame (one row per run): the MLflow store (`runs_frame`, FINISHED runs only) and the
+per-run JSON files that `dvc repro` writes (`json_frame`, each {"config": {...}, "metrics": {...}}), so the DVC
+`tables` stage needs no MLflow store. Rows are keyed by (model, method, bits, wquant); when a combination was run
+more than once the latest run wins. Missing values print as "—".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+KEYS = ["model", "method", "bits", "wquant"]
+MISSING = "—"
+PPL_DATASETS = {"wikitext2": "WikiText-2", "c4": "C4"}
+QA_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag_llamacpp", "lambada_openai", "winogrande"]
+PRETTY = {"fp16": "FP16", "rtn": "RTN", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "omniquant": "OmniQuant",
+          "affinequant": "AffineQuant", "quarot": "QuaRot", "spinquant": "SpinQuant", "flatquant": "FlatQuant"}
+METHOD_ORDER = ["rtn", "smoothquant", "omniquant", "affinequant", "quarot", "spinquant", "flatquant"]
+WQUANT_ORDER = ["rtn", "gptq"]
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"quant": {"w_bits": 4}} → {"quant.w_bits": 4}, the form the pipeline logs as MLflow params."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def bits_tag(params: dict) -> str:
+    """`w4a4kv4` from flattened params (what pipeline.runner.run_name prints); v_bits defaults to k_bits."""
+    def num(key, default=None):
+        v = params.get(key, default)
+        return None if v in (None, "None") else int(float(v))
+
+    w, a, k = num("quant.w_bits"), num("quant.a_bits"), num("quant.k_bits")
+    v = num("quant.v_bits", params.get("quant.k_bits"))
+    return f"w{w}a{a}kv{max(k or 0, v or 0)}"
+
+
+def _record(params: dict, metrics: dict, **meta) -> dict:
+    row = {"model": str(params.get("model.name")), "method": str(params.get("method.name")),
+           "bits": bits_tag(params), "wquant": str(params.get("wquant", "rtn")), **meta}
+    row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    return row
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    meta = ["run_id", "run_name", "start_time", *KEYS]
+    df = pd.DataFrame(rows, columns=None if rows else meta)
+    return df[meta + sorted(c for c in df.columns if c not in meta)]
+
+
+def runs_frame(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """One row per FINISHED run of `experiment`: run_id, run_name, start_time (ms), model, method, bits, wquant,
+    then one column per metric key (its latest value), e.g. "eval_ppl/wikitext2/ppl"."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return _frame([])
+    rows, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+                                  page_token=token)
+        for r in page:
+            rows.append(_record(r.data.params, r.data.metrics, run_id=r.info.run_id, run_name=r.info.run_name,
+                                start_time=r.info.start_time))
+        token = page.token
+        if not token:
+            return _frame(rows)
+
+
+def json_frame(paths: str | Path | list) -> pd.DataFrame:
+    """The same frame from per-run JSON files (a folder of *.json, or a list of files). Each file holds
+    {"config": nested or flattened run config, "metrics": {key: value}}; an optional "run_id" and "start_time"
+    (ms) are used when present, else the file name and its modification time."""
+    if isinstance(paths, (str, Path)) and Path(paths).is_dir():
+        paths = sorted(Path(paths).glob("*.json"))
+    rows = []
+    for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        blob = json.loads(p.read_text())
+        params = flatten(blob.get("config", {}))
+        rows.append(_record(params, blob.get("metrics", {}), run_id=blob.get("run_id", p.stem),
+                            run_name=blob.get("run_name", p.stem),
+                            start_time=blob.get("start_time", int(p.stat().st_mtime * 1000))))
+    return _frame(rows)
+
+
+def latest(df: pd.DataFrame) -> pd.DataFrame:
+    """One run per (model, method, bits, wquant): the one that started last."""
+    return df.sort_values("start_time", kind="stable").drop_duplicates(KEYS, keep="last")
+
+
+def _label(method: str, wquant: str) -> str:
+    name = PRETTY.get(method, method)
+    return name if method == wquant else f"{name}-{PRETTY.get(wquant, wquant)}"
+
+
+def _row_order(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(bits, method, wquant) of the quantized rows, in the paper's order: RTN-weight rows, then GPTQ ones."""
+    rank = lambda order, x: (order.index(x) if x in order else len(order), x)
+    combos = {(b, m, w) for b, m, w in df[["bits", "method", "wquant"]].itertuples(index=False) if m != "fp16"}
+    return sorted(combos, key=lambda c: (c[0], rank(WQUANT_ORDER, c[2]), rank(METHOD_ORDER, c[1])))
+
+
+def _value(df: pd.DataFrame, key: str) -> float:
+    return float(df[key].dropna().iloc[-1]) if key in df and df[key].notna().any() else math.nan
+
+
+def _fp_value(runs: pd.DataFrame, fp_key: str, key: str) -> float:
+    """Latest full-precision number of one model: the `*_fp` metric of any run, or an fp16 run's own metric."""
+    runs = runs.sort_values("start_time", kind="stable")
+    cands = []
+    if fp_key in runs:
+        cands += [(t, v) for t, v in zip(runs["start_time"], runs[fp_key]) if pd.notna(v)]
+    fp16 = runs[runs["method"] == "fp16"]
+    if key in fp16:
+        cands += [(t, v) for t, v in zip(fp16["start_time"], fp16[key]) if pd.notna(v)]
+    return float(max(cands, key=lambda c: c[0])[1]) if cands else math.nan
+
+
+def _build(df: pd.DataFrame, columns: list[tuple[str, str]], keys: dict, fp_keys: dict) -> pd.DataFrame:
+    """Rows: FP16 then each quantized (bits, method, wquant); columns: (model, column name) → metric key."""
+    df = latest(df)
+    combos = _row_order(df)
+    many_bits = len({c[0] for c in combos}) > 1
+    rows, labels = [], []
+    if not df.empty:
+        rows.append([_fp_value(df[df["model"] == m], fp_keys[c], keys[c]) for m, c in columns])
+        labels.append("FP16")
+    for bits, method, wq in combos:
+        sel = df[(df["bits"] == bits) & (df["method"] == method) & (df["wquant"] == wq)]
+        rows.append([_value(sel[sel["model"] == m], keys[c]) for m, c in columns])
+        labels.append(_label(method, wq) + (f" ({bits.upper()})" if many_bits else ""))
+    out = pd.DataFrame(rows, index=pd.Index(labels, name="method"),
+                       columns=pd.MultiIndex.from_tuples(columns, names=["model", "metric"]), dtype=float)
+    return out
+
+
+def _models(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df.sort_values("start_time", kind="stable")["model"]))
+
+
+def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: rows FP16 and method-weight quantizer (e.g. "FlatQuant-RTN"), columns (model, "WikiText-2" | "C4"
+    | other evaluated sets), values perplexity (NaN where missing). FP16 comes from `eval_ppl/<ds>/ppl_fp`."""
+    found = [c.split("/")[1] for c in df.columns if c.startswith("eval_ppl/") and c.endswith("/ppl")]
+    datasets = list(PPL_DATASETS) + sorted(set(found) - set(PPL_DATASETS))
+    names = {d: PPL_DATASETS.get(d, d) for d in datasets}
+    columns = [(m, names[d]) for m in _models(df) for d in datasets]
+    keys = {names[d]: f"eval_ppl/{d}/ppl" for d in datasets}
+    fp_keys = {names[d]: f"eval_ppl/{d}/ppl_fp" for d in datasets}
+    return _build(df, columns, keys, fp_keys)
+
+
+def qa_table(df: pd.DataFrame, tasks: list[str] = QA_TASKS) -> pd.DataFrame:
+    """Table 2: rows as in `ppl_table`, columns (model, task | "average"), values zero-shot accuracy in percent
+    from `eval_qa/<task>/acc` (FP16 from `eval_qa/<task>/acc_fp`). The average is recomputed over `tasks` and
+    left missing unless every task is there, so it always means the same six-task mean as the paper's."""
+    columns = [(m, t) for m in _models(df) for t in tasks]
+    keys = {t: f"eval_qa/{t}/acc" for t in tasks}
+    fp_keys = {t: f"eval_qa/{t}/acc_fp" for t in tasks}
+    table = _build(df, columns, keys, fp_keys) * 100.0
+    for m in _models(df):
+        table[(m, "average")] = table[m][tasks].mean(axis=1, skipna=False)
+    return table[[(m, c) for m in _models(df) for c in [*tasks, "average"]]] if len(table.columns) else table
+
+
+def to_text(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+    """Formatted copy: fixed decimals, "—" where missing, columns flattened to "model / metric"."""
+    fmt = lambda v: MISSING if pd.isna(v) else f"{v:.{digits}f}"
+    return pd.DataFrame([[fmt(v) for v in row] for row in table.to_numpy()], index=table.index,
+                        columns=[" / ".join(c) if isinstance(c, tuple) else str(c) for c in table.columns])
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
+    text = to_text(table, digits)
+    head = [table.index.name or "", *text.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(text.columns)) + "|"]
+    lines += ["| " + " | ".join([str(i), *row]) + " |" for i, row in zip(text.index, text.itertuples(index=False))]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """ppl.md / ppl.csv / qa.md / qa.csv under `out_dir`; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, table in (("ppl", ppl_table(df)), ("qa", qa_table(df))):
+        (out_dir / f"{name}.md").write_text(to_markdown(table))
+        to_text(table).to_csv(out_dir / f"{name}.csv")
+        paths += [out_dir / f"{name}.md", out_dir / f"{name}.csv"]
+    return paths
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}", help="MLflow tracking URI")
+    p.add_argument("--experiment", default="flatquant")
+    p.add_argument("--from-json", metavar="DIR", help="read results/runs/*.json instead of the MLflow store")
+    p.add_argument("--out", default="results/tables")
+    args = p.parse_args(argv)
+    df = json_frame(args.from_json) if args.from_json else runs_frame(args.uri, args.experiment)
+    paths = write_tables(df, args.out)
+    for path in paths:
+        if path.suffix == ".md":
+            print(f"{path}:\n{path.read_text()}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""analysis.tables and analysis.plots against a real (temporary) MLflow store and per-run JSON files.
+
+The store is written with MLflow's own client the way pipeline.tracking does it (flattened config as params,
+`<stage>/<dataset>/<metric>` keys, per-layer loss histories with step = epoch), so no model is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib")
+mlflow = pytest.importorskip("mlflow")
+
+from analysis import plots, tables  # noqa: E402
+
+QA = {"piqa": 0.70, "arc_easy": 0.60, "arc_challenge": 0.40, "hellaswag_llamacpp": 0.50, "lambada_openai": 0.45,
+      "winogrande": 0.55}
+# (model, method, wquant, start_time ms, status, metrics)
+RUNS = [
+    ("smollm2_135m", "rtn", "rtn", 1000, "FINISHED",
+     {"eval_ppl/wikitext2/ppl": 900.0, "eval_ppl/wikitext2/ppl_fp": 20.0, "eval_qa/piqa/acc": 0.5}),
+    ("smollm2_135m", "flatquant", "rtn", 2000, "FINISHED",
+     {"eval_ppl/wikitext2/ppl": 40.0, "eval_ppl/wikitext2/ppl_fp": 20.0}),
+    ("smollm2_135m", "flatquant", "rtn", 3000, "FINISHED",   # a re-run: the latest one wins
+     {"eval_ppl/wikitext2/ppl": 30.0, "eval_ppl/wikitext2/ppl_fp": 21.0,
+      **{f"eval_qa/{t}/acc": v for t, v in QA.items()}}),
+    ("smollm2_135m", "flatquant", "rtn", 4000, "FAILED", {"eval_ppl/wikitext2/ppl": 1.0}),   # never counted
+    ("smollm2_135m", "flatquant", "gptq", 3500, "FINISHED", {"eval_ppl/wikitext2/ppl": 28.0}),
+    ("llama3_8b", "flatquant", "rtn", 5000, "FINISHED",
+     {"eval_ppl/wikitext2/ppl": 6.98, "eval_ppl/c4/ppl": 11.13, "eval_ppl/wikitext2/ppl_fp": 6.14,
+      "eval_ppl/c4/ppl_fp": 9.45}),
+]
+LAYERS, EPOCHS = 3, 4
+
+
+def params(model: str, method: str, wquant: str) -> dict:
+    return {"model.name": model, "method.name": method, "wquant": wquant, "quant.w_bits": "4", "quant.a_bits": "4",
+            "quant.k_bits": "4", "quant.v_bits": "4", "seed": "0"}
+
+
+def write_store(root) -> tuple[str, list[str]]:
+    """A SQLite store with RUNS in experiment "flatquant"; returns (uri, run ids). The second run also carries
+    calibration histories: calibrate/layer_XXX/loss (step = epoch), init_mse / final_mse (step = layer)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("flatquant", artifact_location=(root / "mlartifacts").as_uri())
+    ids = []
+    for i, (model, method, wq, t0, status, metrics) in enumerate(RUNS):
+        run = client.create_run(exp, start_time=t0, run_name=f"{model}/{method}/w4a4kv4/{wq}")
+        ms = [Metric(k, v, t0 + 1, 0) for k, v in metrics.items()]
+        if i == 1:
+            ms += [Metric(f"calibrate/layer_{l:03d}/loss", 1e-2 / (l + 1) / (e + 1), t0 + e, e)
+                   for l in range(LAYERS) for e in range(EPOCHS)]
+            ms += [Metric(f"calibrate/{k}", v * (l + 1), t0 + l, l)
+                   for l in range(LAYERS) for k, v in (("init_mse", 0.1), ("final_mse", 0.01))]
+        client.log_batch(run.info.run_id, metrics=ms, params=[Param(k, v) for k, v in params(model, method, wq).items()])
+        client.set_terminated(run.info.run_id, status, end_time=t0 + 10)
+        ids.append(run.info.run_id)
+    return uri, ids
+
+
+def write_json(root) -> list:
+    """The same finished runs as the per-run JSON files `python run.py +metrics_out=...` writes."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (model, method, wq, t0, status, metrics) in enumerate(RUNS):
+        if status != "FINISHED":
+            continue
+        config = {"model": {"name": model}, "method": {"name": method}, "wquant": wq,
+                  "quant": {"w_bits": 4, "a_bits": 4, "k_bits": 4, "v_bits": 4}}
+        path = root / f"run{i}.json"
+        path.write_text(json.dumps({"config": config, "metrics": metrics, "start_time": t0}))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("store"))
+
+
+def test_runs_frame_has_one_row_per_finished_run(store):
+    df = tables.runs_frame(store[0], "flatquant")
+    assert len(df) == 5 and list(df.columns[:7]) == ["run_id", "run_name", "start_time", *tables.KEYS]
+    assert set(df["bits"]) == {"w4a4kv4"} and 1.0 not in set(df["eval_ppl/wikitext2/ppl"])
+    assert tables.runs_frame(store[0], "no-such-experiment").empty
+
+
+def test_ppl_table_layout_and_latest_run_wins(store):
+    t = tables.ppl_table(tables.runs_frame(store[0], "flatquant"))
+    assert list(t.index) == ["FP16", "RTN", "FlatQuant-RTN", "FlatQuant-GPTQ"]
+    assert list(t.columns) == [("smollm2_135m", "WikiText-2"), ("smollm2_135m", "C4"),
+                               ("llama3_8b", "WikiText-2"), ("llama3_8b", "C4")]
+    assert t.loc["FlatQuant-RTN", ("smollm2_135m", "WikiText-2")] == 30.0
+    assert t.loc["FP16", ("smollm2_135m", "WikiText-2")] == 21.0       # from the latest ppl_fp
+    assert t.loc["FP16", ("llama3_8b", "C4")] == 9.45
+    assert t.loc["FlatQuant-GPTQ", ("smollm2_135m", "WikiText-2")] == 28.0
+    assert math.isnan(t.loc["RTN", ("llama3_8b", "WikiText-2")])
+    md = tables.to_markdown(t)
+    assert md.splitlines()[0] == ("| method | smollm2_135m / WikiText-2 | smollm2_135m / C4 | llama3_8b / WikiText-2 "
+                                  "| llama3_8b / C4 |")
+    assert "| FlatQuant-RTN | 30.00 | — | 6.98 | 11.13 |" in md
+
+
+def test_qa_table_average_needs_every_task(store):
+    t = tables.qa_table(tables.runs_frame(store[0], "flatquant"))
+    assert [c for m, c in t.columns if m == "smollm2_135m"] == [*tables.QA_TASKS, "average"]
+    assert t.loc["FlatQuant-RTN", ("smollm2_135m", "piqa")] == pytest.approx(70.0)
+    assert t.loc["FlatQuant-RTN", ("smollm2_135m", "average")] == pytest.approx(100 * sum(QA.values()) / 6)
+    assert t.loc["RTN", ("smollm2_135m", "piqa")] == pytest.approx(50.0)
+    assert math.isnan(t.loc["RTN", ("smollm2_135m", "average")])
+    assert "—" in tables.to_markdown(t)
+
+
+def test_json_files_give_the_same_tables(store, tmp_path):
+    write_json(tmp_path / "runs")
+    from_store, from_json = tables.runs_frame(store[0], "flatquant"), tables.json_frame(tmp_path / "runs")
+    for build in (tables.ppl_table, tables.qa_table):
+        assert tables.to_markdown(build(from_json)) == tables.to_markdown(build(from_store))
+
+
+def test_cli_writes_markdown_and_csv(tmp_path):
+    write_json(tmp_path / "runs")
+    paths = tables.main(["--from-json", str(tmp_path / "runs"), "--out", str(tmp_path / "tables")])
+    assert sorted(p.name for p in paths) == ["ppl.csv", "ppl.md", "qa.csv", "qa.md"]
+    csv = (tmp_path / "tables" / "ppl.csv").read_text().splitlines()
+    assert csv[0] == "method,smollm2_135m / WikiText-2,smollm2_135m / C4,llama3_8b / WikiText-2,llama3_8b / C4"
+    assert csv[1] == "FP16,21.00,—,6.14,9.45"
+
+
+def test_empty_store_gives_empty_tables(tmp_path):
+    df = tables.json_frame(tmp_path)
+    assert tables.ppl_table(df).empty and tables.qa_table(df).empty
+
+
+def is_png(path) -> bool:
+    return path is not None and path.stat().st_size > 2000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_plots_from_the_store(store, tmp_path):
+    uri, ids = store
+    assert plots.latest_run_id(uri, "flatquant") == ids[1]
+    assert is_png(plots.loss_curves(uri, ids[1], tmp_path)) and is_png(plots.layer_mse(uri, ids[1], tmp_path))
+    assert plots.loss_curves(uri, ids[0], tmp_path) is None        # a run without calibration histories
+
+
+def test_speedup_chart_is_tolerant_of_the_format(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    assert plots.speedup_chart(bench, tmp_path) is None
+    (bench / "a.json").write_text(json.dumps([{"shape": [4096, 4096], "tokens": 16, "ours_ms": 0.5, "torch_ms": 1.0},
+                                              {"shape": "14336x4096", "ratio": 1.4}, {"shape": "no timing"}]))
+    (bench / "b.json").write_text(json.dumps({"results": [{"name": "quantize", "speedup": 0.8}]}))
+    (bench / "broken.json").write_text("{not json")
+    recs = plots.speed_records(bench)
+    assert [(r["label"], round(r["ratio"], 3)) for r in recs] == [("4096×4096 16 tok", 2.0), ("14336x4096", 1.4),
+                                                                   ("quantize", 0.8)]
+    assert is_png(plots.speedup_chart(bench, tmp_path))
+
+
+def test_flatness_curves(tmp_path):
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[:, :2] *= 50
+    w = torch.randn(96, 32, generator=g)
+    h = torch.linalg.qr(torch.randn(32, 32, generator=g))[0]
+    s = x.abs().amax(0).sqrt()
+    fig = plots.flatness_curves({"original": x, "smoothquant": x / s, "hadamard": x @ h},
+                                {"original": w, "smoothquant": w * s, "hadamard": w @ h})
+    assert [len(ax.lines) for ax in fig.axes] == [3, 3]
+    assert len(fig.axes[1].lines[0].get_xdata()) == 32                # one point per input channel
+    assert list(plots.channel_max(x)[:2]) == sorted(plots.channel_max(x), reverse=True)[:2]
+    assert is_png(plots.save(fig, tmp_path / "flatness.png"))
