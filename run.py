@@ -6,6 +6,8 @@
     python run.py -m hydra/launcher=joblib method=rtn,quarot,flatquant   # one worker per GPU
 """
 
+import logging
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -14,13 +16,21 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.gpu import claim_gpu
 from pipeline.runner import execute
 
+log = logging.getLogger(__name__)
+
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and hc.launcher._target_.endswith("JoblibLauncher"):
         claim_gpu()  # joblib workers are long-lived processes: each keeps one GPU (pipeline/gpu.py says why)
-    metrics = execute(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        metrics = execute(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        log.exception("job %s failed (its MLflow run is marked FAILED); the sweep goes on", hc.job.override_dirname)
+        return None
     return metrics.get("eval_ppl/wikitext2/ppl")
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.flat import flatten
+
 KEYS = ["model", "method", "bits", "wquant"]
 MISSING = "—"
 PPL_DATASETS = {"wikitext2": "WikiText-2", "c4": "C4"}
@@ -26,14 +28,6 @@ PRETTY = {"fp16": "FP16", "rtn": "RTN", "gptq": "GPTQ", "smoothquant": "SmoothQu
           "affinequant": "AffineQuant", "quarot": "QuaRot", "spinquant": "SpinQuant", "flatquant": "FlatQuant"}
 METHOD_ORDER = ["rtn", "smoothquant", "omniquant", "affinequant", "quarot", "spinquant", "flatquant"]
 WQUANT_ORDER = ["rtn", "gptq"]
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"quant": {"w_bits": 4}} → {"quant.w_bits": 4}, the form the pipeline logs as MLflow params."""
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def bits_tag(params: dict) -> str:
@@ -60,9 +54,10 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return df[meta + sorted(c for c in df.columns if c not in meta)]
 
 
-def runs_frame(tracking_uri: str, experiment: str) -> pd.DataFrame:
+def runs_frame(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
     """One row per FINISHED run of `experiment`: run_id, run_name, start_time (ms), model, method, bits, wquant,
-    then one column per metric key (its latest value), e.g. "eval_ppl/wikitext2/ppl"."""
+    then one column per metric key (its latest value), e.g. "eval_ppl/wikitext2/ppl". parent_run_id keeps only
+    the runs of one sweep."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -71,7 +66,10 @@ def runs_frame(tracking_uri: str, experiment: str) -> pd.DataFrame:
         return _frame([])
     rows, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+        query = "attributes.status = 'FINISHED'"
+        if parent_run_id:
+            query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+        page = client.search_runs([exp.experiment_id], query, max_results=1000,
                                   page_token=token)
         for r in page:
             rows.append(_record(r.data.params, r.data.metrics, run_id=r.info.run_id, run_name=r.info.run_name,

@@ -37,10 +37,11 @@ DATASETS: dict[str, dict[str, TextSource]] = {
         "valid": TextSource("wikitext-2-raw-v1/wiki.valid.raw", ("wikitext", "wikitext-2-raw-v1", "validation", "text")),
         "test": TextSource("wikitext-2-raw-v1/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test", "text")),
     },
-    "c4": {
-        "valid": TextSource("c4/c4-validation.00000-of-00008.json.gz", None),
+    "c4": {  # C4's evaluation text is the first validation shard (en), as in GPTQ / QuaRot / FlatQuant
+        "test": TextSource("c4/c4-validation.00000-of-00008.json.gz", None),
     },
 }
+EVAL_WINDOW_CAP = {"c4": 256}  # the papers evaluate C4 on its first 256 × 2048 tokens
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

@@ -16,7 +16,7 @@ from flatquant.calibrate import quantize_model
 def run(cfg: dict, ctx) -> dict[str, float]:
     if not ctx.method.quantizes:
         return {}
-    samples = ctx.calib_samples() if ctx.method.trainable else torch.zeros(0, 0, dtype=torch.long)
+    samples = ctx.calib_samples() if ctx.ccfg.needs_data(ctx.method) else torch.zeros(0, 0, dtype=torch.long)
 
     def on_layer(report, state):
         if ctx.tracker is None:

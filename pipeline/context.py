@@ -42,7 +42,8 @@ class Context:
         calib = cfg["calib"]
         self.ccfg = CalibConfig(epochs=calib["epochs"], batch_size=calib["batch_size"], lr=calib["lr"],
                                 clip_lr_mult=calib["clip_lr_mult"], seed=cfg["seed"], device=self.device,
-                                amp=calib["amp"])
+                                amp=calib["amp"], wquant=cfg["wquant"], gptq_blocksize=cfg["gptq"]["blocksize"],
+                                gptq_percdamp=cfg["gptq"]["percdamp"], gptq_act_order=cfg["gptq"]["act_order"])
         resolve_path(cfg["model"]["path"], cfg["model"].get("gguf_file"))  # a bad path fails before any run opens
         dtype = cfg["model"]["dtype"]
         if dtype not in DTYPES:
@@ -78,7 +79,7 @@ class Context:
 
     @property
     def calib_dir(self) -> Path:
-        name = f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{self.key('model', 'method', 'quant', 'data', 'calib')}"
+        name = f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{self.cfg['wquant']}_{self.key('model', 'method', 'quant', 'data', 'calib', 'wquant', 'gptq')}"
         return Path(self.cfg["artifacts_dir"]) / "calib" / name
 
     def describe(self) -> dict:

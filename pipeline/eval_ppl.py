@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flatquant.data import eval_windows
+from flatquant.data import EVAL_WINDOW_CAP, eval_windows
 from flatquant.evaluate import perplexity
 
 
 def _ppl(cfg: dict, ctx, name: str, desc: str) -> float:
     e = cfg["eval"]
-    windows = eval_windows(ctx.tokens(name, "test"), e["seqlen"], e["max_windows"])
+    cap = min(filter(None, (e["max_windows"], EVAL_WINDOW_CAP.get(name))), default=None)
+    windows = eval_windows(ctx.tokens(name, "test"), e["seqlen"], cap)
     return perplexity(ctx.model, windows, ctx.device, e["batch_size"], desc=f"{desc} {name}")
 
 

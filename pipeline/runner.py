@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import calibrate, eval_ppl, prepare_data
+from pipeline import calibrate, eval_ppl, eval_qa, prepare_data
 from pipeline.context import Context
+from pipeline.flat import flatten
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 STAGES = {
     "prepare_data": [prepare_data.run],
     "calibrate": [prepare_data.run, calibrate.run],
-    "eval": [prepare_data.run, eval_ppl.baseline, calibrate.run, eval_ppl.run],
-    "all": [prepare_data.run, eval_ppl.baseline, calibrate.run, eval_ppl.run],
+    "eval": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, eval_ppl.run, eval_qa.run],
+    "all": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, eval_ppl.run, eval_qa.run],
 }
 
 
@@ -33,14 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
 
 
 def run_name(cfg: dict) -> str:

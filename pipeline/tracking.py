@@ -48,10 +48,7 @@ class Tracker:
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         if mlflow.get_experiment_by_name(self.experiment) is None:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-            mlflow.create_experiment(self.experiment, artifact_location=location)
+            mlflow.create_experiment(self.experiment, artifact_location=_artifact_location(uri))
         mlflow.set_experiment(self.experiment)
         nested = mlflow.active_run() is not None
         parent = os.environ.get("FLATQUANT_PARENT_RUN_ID")
@@ -93,3 +90,32 @@ class Tracker:
             import mlflow
 
             mlflow.log_text(text, name)
+
+
+def start_parent(uri: str, experiment: str, name: str) -> str:
+    """Open the parent run of a sweep (left RUNNING while the children log) and return its id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    return client.create_run(exp_id, run_name=name, tags={"flatquant.sweep": "true"}).info.run_id
+
+
+def end_parent(uri: str, experiment: str, run_id: str, table: str) -> None:
+    """Close a sweep's parent run with its summary table; FAILED if any child failed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    failed = len(client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'FAILED'"))
+    client.log_text(run_id, table, "sweep_summary.md")
+    client.log_metric(run_id, "sweep/failed_jobs", failed)
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to mlartifacts/ beside the database file."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
