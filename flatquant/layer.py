@@ -28,7 +28,7 @@ from torch import nn
 
 from flatquant.adapters import LayerParts
 from flatquant.gptq import HessianAccumulator, gptq_quantize, rtn_fit_qdq
-from flatquant.quantizers import Quantizer
+from flatquant.quantizers import Quantizer, quantize
 from flatquant.spec import QuantConfig
 from flatquant.transforms import KronTransform, cached_matrices, kron_apply
 
@@ -68,6 +68,7 @@ class QuantDecoderLayer(nn.Module):
         self.qcfg = qcfg
         self.merged = False
         self.observers: dict[str, object] | None = None  # input group → HessianAccumulator, for GPTQ
+        self.weight_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name → (scale, zero) after merge
         self.norm1 = nn.Parameter(parts.input_norm.weight.detach().float().clone(), requires_grad=False)
         self.norm2 = nn.Parameter(parts.post_norm.weight.detach().float().clone(), requires_grad=False)
         self.q_norm, self.k_norm = parts.q_norm, parts.k_norm
@@ -203,7 +204,7 @@ class QuantDecoderLayer(nn.Module):
             return
         new = {n: self.transformed_weight(n, torch.float64).float() for n in self.wq}
         if quantize_weights:
-            new = {n: self.wq[n](w) for n, w in new.items()}
+            new = {n: self._rtn(n, w) for n, w in new.items()}
         new_bias = {n: self.bias(n, torch.float64) for n in self.wq}
         self.norm1.data = self.norm_weight("qkv", torch.float64).float()
         self.norm2.data = self.norm_weight("upgate", torch.float64).float()
@@ -217,6 +218,40 @@ class QuantDecoderLayer(nn.Module):
         self.requires_grad_(False)
 
     @torch.no_grad()
+    def load_merged(self, state: dict[str, torch.Tensor]) -> None:
+        """Become the merged layer whose state_dict was `state` (what export wrote, weights dequantized)."""
+        for key, value in state.items():
+            if key.startswith(("w_", "b_")):
+                setattr(self, key, value.float())
+        self.load_state_dict(state, strict=True)
+        for t in self.transforms.values():
+            t.freeze()
+        self.merged = True
+        self.requires_grad_(False)
+
+    def _rtn(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """RTN with the learned LWC clip; records (scale, zero) so that export can write the integer codes."""
+        spec = self.qcfg.weight_spec()
+        if not spec.enabled:
+            return w
+        clip = self.wq[name].clip()
+        if clip is not None and spec.granularity == "group":
+            clip = clip.unsqueeze(-1)
+        q, scale, zero = quantize(w, spec, clip)
+        self.weight_qparams[name] = (scale.squeeze(-1), zero.squeeze(-1))
+        return ((q - zero) * scale).reshape(w.shape)
+
+    def weight_codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes (out, in) int8 of a merged quantized weight, with scale and zero (out,) or (out, groups)."""
+        if name not in self.weight_qparams:
+            raise ValueError(f"weight {name!r} has no recorded quantization parameters (not quantized, or GPTQ act-order with groups)")
+        scale, zero = self.weight_qparams[name]
+        w = getattr(self, f"w_{name}")
+        g = w.view(w.shape[0], scale.shape[1] if scale.dim() == 2 else 1, -1)
+        s, z = scale.view(w.shape[0], -1, 1), zero.view(w.shape[0], -1, 1)
+        return (torch.round(g / s) + z).reshape(w.shape).to(torch.int8), scale, zero
+
+    @torch.no_grad()
     def gptq_weights(self, hessians: dict, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False) -> None:
         """Quantize the merged floating-point weights with GPTQ, on the Hessians of the layer's real
         (transformed, quantized) linear inputs, keeping each row's learned LWC clip."""
@@ -226,6 +261,15 @@ class QuantDecoderLayer(nn.Module):
         for n, quantizer in self.wq.items():
             clip = quantizer.clip()
             fit, qdq = rtn_fit_qdq(spec.bits, spec.sym, None if clip is None else clip.squeeze(1))
-            w = gptq_quantize(getattr(self, f"w_{n}"), hessians[INPUT_GROUP[n]].hessian, fit, qdq, blocksize=blocksize,
+            fitted = []
+
+            def record(w, fit=fit, fitted=fitted):  # keep each fit's (scale, zero) for export
+                fitted.append(fit(w))
+                return fitted[-1]
+
+            w = gptq_quantize(getattr(self, f"w_{n}"), hessians[INPUT_GROUP[n]].hessian, record, qdq, blocksize=blocksize,
                               percdamp=percdamp, act_order=act_order, group_size=spec.group_size or None)
             setattr(self, f"w_{n}", w)
+            if not (act_order and spec.group_size):  # permuted groups have no (out, groups) layout
+                scale, zero = (torch.stack(v, dim=1) for v in zip(*fitted))
+                self.weight_qparams[n] = (scale.squeeze(1), zero.squeeze(1)) if len(fitted) == 1 else (scale, zero)

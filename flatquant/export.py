@@ -1,0 +1,175 @@
+"""Quantized checkpoints: packed 4-bit weights, scales, zero points, transforms and a JSON quantization config.
+
+Usage:
+    export(model, tokenizer, "out/llama3-8b-w4a4kv4", method={"name": "flatquant", ...})
+    model, tokenizer = load_quantized("out/llama3-8b-w4a4kv4")       # same perplexity, no custom pickles
+
+Layout of the folder: config.json and the tokenizer (as transformers writes them), quant_config.json (format,
+method, bits, per-shard sha256), and model-0000k.safetensors shards. Each merged decoder layer is stored as its
+state (norms with the scales folded in, transform parameters, LAC clips) with every quantized weight replaced by
+`<name>.codes` (two 4-bit codes per uint8, low nibble first, stored as code − qmin), `<name>.scale` and
+`<name>.zero`; everything outside the layers (embeddings, final norm, head) is stored as is. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from flatquant.adapters import adapter_for
+from flatquant.layer import QuantDecoderLayer
+from flatquant.methods import get_method
+from flatquant.spec import QuantConfig
+
+FORMAT = "flatquant-checkpoint-v1"
+SHARD_BYTES = 2 * 1024**3
+
+
+def pack_int4(codes: torch.Tensor, qmin: int) -> torch.Tensor:
+    """(rows, cols) integer codes in [qmin, qmin + 15], cols even → (rows, cols // 2) uint8."""
+    u = (codes.to(torch.int16) - qmin).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, qmin: int) -> torch.Tensor:
+    """Inverse of pack_int4: (rows, cols // 2) uint8 → (rows, cols) int16 codes."""
+    lo, hi = (packed & 0xF).to(torch.int16), (packed >> 4).to(torch.int16)
+    return torch.stack((lo, hi), dim=-1).flatten(-2) + qmin
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _layer_tensors(i: int, layer: QuantDecoderLayer) -> dict[str, torch.Tensor]:
+    spec = layer.qcfg.weight_spec()
+    out = {}
+    for key, value in layer.state_dict().items():
+        name = key[2:] if key.startswith("w_") else None
+        if name is not None and spec.enabled:
+            codes, scale, zero = layer.weight_codes(name)
+            packed = spec.bits == 4 and codes.shape[1] % 2 == 0
+            out[f"layers.{i}.{key}.codes"] = pack_int4(codes, spec.qmin) if packed else codes
+            out[f"layers.{i}.{key}.scale"], out[f"layers.{i}.{key}.zero"] = scale.float(), zero.float()
+        elif value is not None:
+            out[f"layers.{i}.{key}"] = value
+    return out
+
+
+def export(model, tokenizer, path: str | Path, method: dict) -> Path:
+    """Write the quantized `model` (every decoder layer a merged QuantDecoderLayer) to the folder `path`."""
+    from safetensors.torch import save_file
+
+    adapter, path = adapter_for(model), Path(path)
+    layers = adapter.layers(model)
+    if not all(isinstance(layer, QuantDecoderLayer) and layer.merged for layer in layers):
+        raise ValueError("export needs a quantized model: every decoder layer a merged QuantDecoderLayer")
+    path.mkdir(parents=True, exist_ok=True)
+    prefix = adapter.layers_path + "."
+    tensors = {f"base.{k}": v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    for i, layer in enumerate(layers):
+        tensors.update(_layer_tensors(i, layer))
+    shards, current, size = [], {}, 0
+    for key, value in tensors.items():
+        value = value.detach().cpu().clone().contiguous()  # a copy: tied weights must not share storage
+        if size and size + value.nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = value, size + value.nbytes
+    shards.append(current)
+    digests = {}
+    for k, shard in enumerate(shards):
+        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": FORMAT})
+        digests[name] = _sha256(path / name)
+    model.config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    meta = {"format": FORMAT, "method": method, "quant": asdict(layers[0].qcfg), "num_layers": len(layers),
+            "shards": digests}
+    (path / "quant_config.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def _read_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """quant_config.json and all tensors, after checking the format and each shard's checksum."""
+    from safetensors.torch import load_file
+
+    meta_file = path / "quant_config.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a quantized checkpoint: quant_config.json is missing")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    tensors = {}
+    for name, digest in meta["shards"].items():
+        shard = path / name
+        if not shard.exists():
+            raise FileNotFoundError(f"{path}: shard {name} is missing")
+        if _sha256(shard) != digest:
+            raise ValueError(f"{path}: shard {name} does not match its sha256 in quant_config.json (truncated or tampered)")
+        tensors.update(load_file(shard))
+    return meta, tensors
+
+
+def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+    spec, prefix, state = qcfg.weight_spec(), f"layers.{i}.", {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        key = key[len(prefix):]
+        if key.endswith(".codes"):
+            base = key[: -len(".codes")]
+            scale, zero = tensors[prefix + base + ".scale"], tensors[prefix + base + ".zero"]
+            codes = unpack_int4(value, spec.qmin) if value.dtype == torch.uint8 else value.to(torch.int16)
+            g = codes.view(codes.shape[0], scale.shape[1] if scale.dim() == 2 else 1, -1).float()
+            w = (g - zero.view(codes.shape[0], -1, 1)) * scale.view(codes.shape[0], -1, 1)
+            state[base] = w.reshape(codes.shape)
+        elif not key.endswith((".scale", ".zero")):
+            state[key] = value
+    return state
+
+
+def load_quantized(path: str | Path, device="cpu", expect_method: str | None = None, expect_quant: dict | None = None):
+    """Rebuild (model, tokenizer) from an exported folder: fake-quant layers with the exact stored weights.
+
+    expect_method / expect_quant: refuse a checkpoint of another method or bit width (ValueError naming both).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    meta, tensors = _read_checked(path)
+    if expect_method and meta["method"]["name"] != expect_method:
+        raise ValueError(f"{path} holds a {meta['method']['name']} checkpoint, not {expect_method}")
+    for key, value in (expect_quant or {}).items():
+        if meta["quant"].get(key) != value:
+            raise ValueError(f"{path} has quant.{key}={meta['quant'].get(key)!r}, expected {value!r}")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
+    missing = [k for k in model.state_dict() if k not in base and not k.startswith(adapter_for(model).layers_path + ".")]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:3]}… (truncated export?)")
+    model.load_state_dict(base, strict=False)
+    qcfg = QuantConfig(**meta["quant"])
+    options = {k: v for k, v in meta["method"].items() if k != "name"}
+    method, adapter = get_method(meta["method"]["name"], **options), adapter_for(model)
+    layers = adapter.layers(model)
+    for i in range(meta["num_layers"]):
+        parts = adapter.parts(layers[i], model.config)
+        dims = {"qkv": parts.linears["q"].weight.shape[1], "upgate": parts.linears["up"].weight.shape[1],
+                "down": parts.linears["down"].weight.shape[1]}
+        transforms = method.transforms(parts, {k: torch.ones(d) for k, d in dims.items()}, torch.Generator().manual_seed(0))
+        layer = QuantDecoderLayer(parts, qcfg, transforms)
+        layer.load_merged(_layer_state(i, tensors, qcfg))
+        layers[i] = layer
+    model.config.use_cache = False
+    model.to(device).eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)
