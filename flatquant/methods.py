@@ -17,7 +17,7 @@ import torch
 
 from flatquant.adapters import LayerParts
 from flatquant.hadamard import has_hadamard, orthogonal_or_hadamard, random_hadamard
-from flatquant.transforms import KronTransform
+from flatquant.transforms import KronTransform, kron_dims
 
 METHODS: dict[str, type] = {}
 
@@ -29,6 +29,14 @@ def register(name: str):
         return cls
 
     return wrap
+
+
+def check_model(method, config) -> None:
+    """Fail before any work when the method cannot handle this architecture's sizes."""
+    check = getattr(method, "check_sizes", None)
+    if check is not None:
+        heads = config.num_attention_heads
+        check(config.hidden_size, config.intermediate_size, getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def get_method(name: str, **options):
@@ -94,6 +102,10 @@ class FlatQuant:
     quantizes = True
     needs_stats = True
     learnable_clip = True
+
+    def check_sizes(self, hidden: int, inter: int, head_dim: int) -> None:
+        for n in (hidden, inter):
+            kron_dims(n)
 
     def transforms(self, parts: LayerParts, stats: dict[str, torch.Tensor], generator) -> dict:
         hidden = parts.linears["q"].weight.shape[1]
@@ -172,6 +184,10 @@ class QuaRot:
     quantizes = True
     needs_stats = False
     learnable_clip = False
+
+    def check_sizes(self, hidden: int, inter: int, head_dim: int) -> None:
+        for n in (hidden, inter, head_dim):
+            hadamard_factors(n)
 
     def transforms(self, parts: LayerParts, stats, generator) -> dict:
         hidden = parts.linears["q"].weight.shape[1]

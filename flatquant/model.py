@@ -58,10 +58,23 @@ def load_model(path: str, gguf_file: str | None = None, dtype: torch.dtype = tor
 
     folder, gguf = resolve_path(path, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise RuntimeError(f"model.path={path!r}: could not load a causal LM and its tokenizer: {e}") from e
+    check_tokenizer(tokenizer, model.config, path)
     model.config.quantization_config = None
     model.config.use_cache = False
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer, config, path: str = "") -> None:
+    """A tokenizer whose ids run past the model's vocabulary belongs to another model."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"model.path={path!r}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{config.vocab_size}: the tokenizer does not match the model"
+        )

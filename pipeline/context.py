@@ -15,7 +15,8 @@ import torch
 
 from flatquant import data
 from flatquant.calibrate import CalibConfig
-from flatquant.methods import get_method
+from flatquant.adapters import adapter_for
+from flatquant.methods import check_model, get_method
 from flatquant.model import load_model, resolve_path
 from flatquant.spec import QuantConfig
 
@@ -53,7 +54,10 @@ class Context:
     @cached_property
     def loaded(self):
         m = self.cfg["model"]
-        return load_model(m["path"], m.get("gguf_file"), self.dtype, self.device)
+        model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, self.device)
+        adapter_for(model)  # an unsupported architecture fails here, before any evaluation
+        check_model(self.method, model.config)  # so does a size the method's transforms cannot factor
+        return model, tokenizer
 
     @property
     def model(self):

@@ -1,0 +1,139 @@
+"""Nothing lost and nothing silent: a killed run resumes, NaN layers fall back, bad input fails clearly."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_llama
+from flatquant.calibrate import CalibConfig, quantize_model
+from flatquant.methods import check_model, get_method
+from flatquant.model import check_tokenizer, load_model
+from flatquant.spec import QuantConfig
+from pipeline.tracking import Tracker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def six_layer_dir(tmp_path_factory, smollm2):
+    model = random_llama(layers=6, hidden=128, inter=256, vocab=len(smollm2[1]))
+    path = tmp_path_factory.mktemp("six_layers")
+    model.save_pretrained(path)
+    smollm2[1].save_pretrained(path)
+    return path
+
+
+def _cmd(model_dir, out: Path, metrics: str):
+    return [sys.executable, str(ROOT / "run.py"), f"model.path={model_dir}", "model.name=six", "calib.nsamples=8",
+            "calib.seqlen=32", "calib.epochs=8", "calib.batch_size=4", "eval.seqlen=128", "eval.max_windows=2",
+            f"artifacts_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"+metrics_out={out}/{metrics}"]
+
+
+def test_killed_run_resumes_at_next_layer_with_the_same_result(six_layer_dir, tmp_path):
+    """SIGKILL after layer 2 is saved, start again: layers 0–2 are reused and the perplexity equals a clean run's."""
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cmd(six_layer_dir, killed, "m.json"), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        manifests = list(killed.glob("calib/*/manifest.json"))
+        if manifests and len(json.loads(manifests[0].read_text())["layers"]) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = len(json.loads(manifests[0].read_text())["layers"])
+    assert 3 <= done < 6
+    subprocess.run(_cmd(six_layer_dir, killed, "m.json"), cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run(_cmd(six_layer_dir, clean, "m.json"), cwd=tmp_path, env=env, check=True, capture_output=True)
+    resumed = json.loads((killed / "m.json").read_text())["metrics"]
+    fresh = json.loads((clean / "m.json").read_text())["metrics"]
+    assert resumed["calibrate/resumed_layers"] == done and fresh["calibrate/resumed_layers"] == 0
+    assert resumed["eval_ppl/wikitext2/ppl"] == fresh["eval_ppl/wikitext2/ppl"]
+
+
+def test_nan_loss_retries_at_lower_lr_then_falls_back(monkeypatch):
+    """A layer whose loss goes NaN is retried at lr/10; if that fails too it keeps its initial transform."""
+    import flatquant.calibrate as cal
+
+    calls = {"n": 0}
+    real = cal.train_layer
+
+    def flaky(qlayer, inps, targets, pe, ccfg, lr, progress=None):
+        calls["n"] += 1
+        if lr == ccfg.lr or fail_always:
+            with torch.no_grad():
+                next(qlayer.transforms.parameters()).fill_(float("nan"))  # what a diverged step leaves
+            return [float("nan")]
+        return real(qlayer, inps, targets, pe, ccfg, lr, progress)
+
+    monkeypatch.setattr(cal, "train_layer", flaky)
+    samples = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for fail_always, expected in ((False, "lr/10"), (True, "initial")):
+        model = random_llama(layers=1)
+        (report,) = quantize_model(model, samples, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2))
+        assert report.fallback == expected
+        assert math.isfinite(report.final_loss)
+        with torch.no_grad():
+            assert torch.isfinite(model(samples).logits).all()
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from flatquant.adapters import adapter_for
+
+    with pytest.raises(ValueError, match="unsupported architecture model_type='gpt2'"):
+        adapter_for(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+
+
+def test_unfactorable_sizes_are_refused_before_work():
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match="size 4099 is prime"):
+        check_model(get_method("flatquant"), LlamaConfig(hidden_size=4096, intermediate_size=4099, num_attention_heads=32))
+    with pytest.raises(ValueError, match="size 4104 has no factorisation into two Hadamard orders"):
+        check_model(get_method("quarot"), LlamaConfig(hidden_size=4104, intermediate_size=4096, num_attention_heads=12))
+
+
+def test_mismatched_tokenizer_is_refused(smollm2):
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match="tokenizer does not match the model"):
+        check_tokenizer(smollm2[1], LlamaConfig(vocab_size=1000), "/models/x")
+
+
+def test_unreadable_model_folder_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="could not load a causal LM"):
+        load_model(str(tmp_path))
+
+
+def test_short_calibration_text_is_refused():
+    from flatquant.data import calib_samples
+
+    with pytest.raises(ValueError, match="fewer than one window of seqlen=2048"):
+        calib_samples(torch.arange(1000), 4, 2048)
+
+
+def test_unreachable_mlflow_server_falls_back_to_local_store(tmp_path, caplog):
+    local = f"sqlite:///{tmp_path}/mlflow.db"
+    with Tracker("http://127.0.0.1:9", "fallback", "r", {"a": 1}, fallback_uri=local) as tracker:
+        tracker.metrics({"x/y/z": 1.0})
+    assert tracker.uri == local
+    assert "cannot be reached" in caplog.text
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(local)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallback").experiment_id])
+    assert run.data.metrics["x/y/z"] == 1.0
