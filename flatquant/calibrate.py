@@ -225,7 +225,7 @@ def quantize_model(
 def _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, store, bar):
     t0 = time.time()
     device = torch.device(ccfg.device)
-    layer = layers[i].to(device)
+    layer = layers[i].to(device=device, dtype=torch.float32)  # targets and training in fp32 whatever the model dtype
     parts = adapter.parts(layer, model.config)
     stats, targets = {}, None
     if ccfg.needs_data(method):

@@ -1,0 +1,380 @@
+"""Check and time the W4A4 kernels at a LLaMA layer's linear shapes, against fp16 in the same run.
+
+Usage::
+
+    python -m kernels.bench --check --out results/bench          # check every kernel, then time
+    python -m kernels.bench --sweep --out $OUT                   # also time tile configs of each kernel
+
+    from kernels.bench import bench_shapes
+    res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
+
+Timing: ``triton.testing.do_bench`` medians for prefill; for decode (≤ 16 tokens), where the host's launch
+time would exceed the GPU time, the same calls replayed from a CUDA graph (``do_bench_cudagraph``),
+for fp16 and ours alike. Inputs and weights rotate over enough buffer sets to exceed 3× the L2 cache.
+Writes <out>/<gpu-name>.json and <gpu-name>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .kron_quant import HAS_TRITON, kron_factors, kron_quant, kron_quant_ref, pack_int4, unpack_int4
+from .qlinear import QuantLinear
+from .w4a4_gemm import w4a4_gemm, w4a4_gemm_ref, weight_sums
+
+if HAS_TRITON:
+    import triton
+    import triton.testing
+
+DECODE = (1, 4, 16)
+PREFILL = (2048, 4096, 8192, 16384)
+CHECK_FACTORS = ((64, 64), (64, 80), (64, 128), (86, 128), (108, 128), (112, 128), (128, 224), (24, 24), (32, 48),
+                 (32, 128))
+
+
+def _log(*a):
+    print(*a, flush=True)
+
+
+def layer_linears(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
+    """name → (in, out, (n1, n2)) for the four W4A4 linears of a LLaMA decoder layer. The o_proj
+    transform acts on (heads, head_dim), as FlatQuant's heads×heads transform does."""
+    return {
+        "qkv": (hidden, (num_heads + 2 * num_kv_heads) * head_dim, kron_factors(hidden)),
+        "o": (num_heads * head_dim, hidden, (num_heads, head_dim)),
+        "up_gate": (hidden, 2 * intermediate, kron_factors(hidden)),
+        "down": (intermediate, hidden, kron_factors(intermediate)),
+    }
+
+
+def _time(fn, sets: list, graph: bool) -> float:
+    """Median ms of one ``fn(*s)``, rotating over ``sets`` (a CUDA graph replays all sets in turn)."""
+    for s in sets:
+        fn(*s)
+    torch.cuda.synchronize()
+    if graph:
+        return triton.testing.do_bench_cudagraph(lambda: [fn(*s) for s in sets], rep=100,
+                                                 return_mode="median") / len(sets)
+    it = itertools.cycle(sets)
+    return triton.testing.do_bench(lambda: fn(*next(it)), warmup=25, rep=200, return_mode="median")
+
+
+def _n_sets(bytes_per_set: int, l2: int) -> int:
+    return int(min(32, max(1, math.ceil(3 * l2 / bytes_per_set))))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, GB/s counting bytes read plus bytes written."""
+    a = torch.randn(2**28, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    return 2 * a.numel() * 4 / ms / 1e6
+
+
+def _rand_factor(n: int, device) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    return (q * (1 + 0.1 * torch.rand(n, dtype=torch.float64))).to(device=device, dtype=torch.float16)
+
+
+def _linear_sets(M: int, K: int, N: int, n1: int, n2: int, l2: int) -> tuple[list, list]:
+    """Rotating input/weight sets for our linear (x, L, R, qw, sw) and for fp16 (x, W)."""
+    ours_bytes = M * K * 2 + N * K // 2 + M * N * 2
+    fp16_bytes = M * K * 2 + N * K * 2 + M * N * 2
+    ours, ref = [], []
+    for _ in range(_n_sets(ours_bytes, l2)):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        qw = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8)
+        ours.append((x, _rand_factor(n1, "cuda"), _rand_factor(n2, "cuda"), qw,
+                     torch.rand(N, device="cuda") * 1e-2 + 1e-3))
+    for _ in range(_n_sets(fp16_bytes, l2)):
+        ref.append((torch.randn(M, K, device="cuda", dtype=torch.float16),
+                    torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02))
+    return ours, ref
+
+
+def _ours(x, L, R, qw, sw, clip=0.9, kcfg=None, gcfg=None):
+    q, s, _ = kron_quant(x, L, R, clip, True, config=kcfg)
+    return w4a4_gemm(q, s, qw, sw, config=gcfg)
+
+
+def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy_gbs: float) -> dict:
+    """Times for one linear shape and token count; ms, GB/s and the fp16/ours ratio."""
+    graph = M <= 16
+    ours, ref = _linear_sets(M, K, N, n1, n2, l2)
+    r = {"linear": name, "tokens": M, "in": K, "out": N, "kron": [n1, n2], "timer": "cudagraph" if graph else "do_bench"}
+    r["fp16_ms"] = _time(lambda x, w: F.linear(x, w), ref, graph)
+    r["w4a4_ms"] = _time(_ours, ours, graph)
+    r["speedup"] = r["fp16_ms"] / r["w4a4_ms"]
+    r["kron_quant_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True), ours, graph)
+    kbytes = M * K * 2 + M * K // 2 + M * 4
+    r["kron_quant_GBs"] = kbytes / r["kron_quant_ms"] / 1e6
+    r["kron_quant_frac_copy"] = r["kron_quant_GBs"] / copy_gbs
+    qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
+    r["gemm_ms"] = _time(lambda q, s, qw, sw: w4a4_gemm(q, s, qw, sw), qsets, graph)
+    r["gemm_TOPs"] = 2 * M * N * K / r["gemm_ms"] / 1e9
+    r["gemm_weight_GBs"] = (N * K // 2) / r["gemm_ms"] / 1e6
+    r["fp16_TFLOPs"] = 2 * M * N * K / r["fp16_ms"] / 1e9
+    if M > 16:
+        a8 = torch.randint(-8, 8, (M, K), device="cuda", dtype=torch.int8)
+        b8 = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
+        r["int8_cublas_ms"] = _time(lambda a, b: torch._int_mm(a, b.t()), [(a8, b8)], False)
+    del ours, ref
+    torch.cuda.empty_cache()
+    return r
+
+
+def bench_shapes(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 token_counts=DECODE + PREFILL, out_dir: str = "results/bench") -> dict:
+    """Time our W4A4 linear (kron_quant + w4a4_gemm) against torch fp16 for each linear of a layer.
+
+    Returns {"device", "copy_GBs", "rows": [...]} and writes <out_dir>/<gpu-name>.json and .md.
+    """
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    copy_gbs = copy_bandwidth()
+    _log(f"device {props.name}; copy {copy_gbs:.0f} GB/s; L2 {l2 / 2**20:.0f} MiB")
+    rows = []
+    for name, (K, N, (n1, n2)) in layer_linears(hidden, intermediate, num_heads, num_kv_heads, head_dim).items():
+        for M in token_counts:
+            try:
+                r = bench_one(name, M, K, N, n1, n2, l2, copy_gbs)
+            except Exception as e:  # one failing shape must not lose the others
+                r = {"linear": name, "tokens": M, "in": K, "out": N, "error": f"{type(e).__name__}: {str(e)[-300:]}"}
+            rows.append(r)
+            _log(_fmt_row(r))
+    res = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+           "copy_GBs": copy_gbs, "shapes": dict(hidden=hidden, intermediate=intermediate, num_heads=num_heads,
+                                                num_kv_heads=num_kv_heads, head_dim=head_dim), "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, props.name.replace(" ", "_"))
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown_table(res))
+    return res
+
+
+_COLS = ("linear", "tokens", "in", "out", "fp16_ms", "w4a4_ms", "speedup", "kron_quant_ms", "kron_quant_GBs",
+         "kron_quant_frac_copy", "gemm_ms", "gemm_TOPs", "gemm_weight_GBs", "int8_cublas_ms")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 10 else f"{v:.0f}"
+    return str(v)
+
+
+def _fmt_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['linear']} | {r['tokens']} | ERROR {r['error']} |"
+    return "| " + " | ".join(_fmt(r.get(c, "")) for c in _COLS) + " |"
+
+
+def markdown_table(res: dict) -> str:
+    head = f"# W4A4 linear vs fp16 on {res['device']} (torch {res['torch']}, triton {res['triton']})\n\n"
+    head += f"Device-to-device copy: {res['copy_GBs']:.0f} GB/s (read + write). Times are medians in ms.\n\n"
+    head += "| " + " | ".join(_COLS) + " |\n|" + "---|" * len(_COLS) + "\n"
+    return head + "\n".join(_fmt_row(r) for r in res["rows"]) + "\n"
+
+
+def _compare_packed(q: torch.Tensor, qr: torch.Tensor, v: torch.Tensor, signed: bool) -> dict:
+    """Mismatches between packed outputs; 'unexplained' ones are not within 1e-3 of a rounding boundary."""
+    a, b = unpack_int4(q.cpu(), signed), unpack_int4(qr.cpu(), signed)
+    mism = a != b
+    near = ((v - v.floor()) - 0.5).abs() < 1e-3
+    return dict(n=a.numel(), mismatch=int(mism.sum()), unexplained=int((mism & ~near).sum()),
+                max_level_diff=int((a - b).abs().max()))
+
+
+def packed_ok(c: dict) -> bool:
+    """Integer outputs agree up to rare 1-level flips, nearly all at rounding boundaries."""
+    return c["max_level_diff"] <= 1 and c["mismatch"] <= 1e-3 * c["n"] and c["unexplained"] <= 1e-5 * c["n"]
+
+
+def check_kron_quant(M: int, n1: int, n2: int, dtype: torch.dtype, sym: bool, device: str = "cuda",
+                     config: dict | None = None) -> dict:
+    """Run kron_quant on fresh random data (outlier channels included) against kron_quant_ref.
+    Outputs are poisoned (q with 0x00, then 0xFF; scales with NaN): equal runs prove every byte was written."""
+    x = torch.randn(M, n1 * n2) * (1 + 20 * (torch.rand(n1 * n2) > 0.99))
+    x = x.to(device=device, dtype=dtype)
+    L = _rand_factor(n1, device).to(dtype)
+    R = _rand_factor(n2, device).to(dtype)
+    outs = []
+    for poison in (0, 255):
+        q = torch.full((M, n1 * n2 // 2), poison, dtype=torch.uint8, device=device)
+        s = torch.full((M,), float("nan"), device=device)
+        z = None if sym else torch.full((M,), float("nan"), device=device)
+        outs.append(kron_quant(x, L, R, 0.9, sym, out=(q, s, z), config=config))
+    (q, s, z), (q2, _, _) = outs
+    qr, sr, zr, v = kron_quant_ref(x.cpu(), L.cpu(), R.cpu(), 0.9, sym, return_float=True)
+    c = _compare_packed(q, qr, v, sym)
+    c["all_written"] = bool(torch.equal(q, q2)) and not bool(s.isnan().any()) and (z is None or not z.isnan().any())
+    c["scale_rel"] = float(((s.cpu() - sr).abs() / sr).max())
+    c["zero_diff"] = 0.0 if sym else float((z.cpu() - zr).abs().max())
+    # On the GPU the fp32 sums of X_t·R run in another order than on the CPU, so ~1 element per token can
+    # round to the neighbouring fp16 value: max|y|, hence the scale, moves by up to ~1e-4 relative.
+    c["ok"] = packed_ok(c) and c["all_written"] and c["scale_rel"] < 1e-3 and c["zero_diff"] <= 1
+    return c
+
+
+def check_gemm(M: int, N: int, K: int, asym: bool, bias: bool, device: str = "cuda",
+               out_dtype=torch.float16, config: dict | None = None) -> dict:
+    """w4a4_gemm on fresh random packed data against the float64 reference; output poisoned with NaN."""
+    lo, hi = (0, 16) if asym else (-8, 8)
+    qa = pack_int4(torch.randint(lo, hi, (M, K))).to(device)
+    qw = pack_int4(torch.randint(-8, 8, (N, K))).to(device)
+    sa = (torch.rand(M) + 0.1).to(device)
+    sw = (torch.rand(N) * 1e-2 + 1e-3).to(device)
+    za = torch.randint(0, 16, (M,)).float().to(device) if asym else None
+    b = torch.randn(N).to(device) if bias else None
+    out = torch.full((M, N), float("nan"), dtype=out_dtype, device=device)
+    y = w4a4_gemm(qa, sa, qw, sw, za, weight_sums(qw) if asym else None, b, out_dtype, out=out, config=config)
+    ref = w4a4_gemm_ref(qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), None if za is None else za.cpu(),
+                        None if b is None else b.cpu(), torch.float64)
+    rel = float((y.cpu().double() - ref).norm() / ref.norm())
+    tol = 1e-3 if out_dtype == torch.float16 else 8e-3  # output rounding: 2^-11 (fp16), 2^-8 (bf16)
+    return dict(rel=rel, all_written=not bool(y.isnan().any()), ok=rel < tol and not bool(y.isnan().any()))
+
+
+def check_qlinear(M: int, K: int, N: int, sym: bool, device: str = "cuda") -> dict:
+    """QuantLinear's kernel path against its own fp32 torch path on the same module."""
+    n1, n2 = kron_factors(K)
+    w = torch.randn(N, K) * 0.02
+    layer = QuantLinear.from_float(w, L=_rand_factor(n1, "cpu").float(), R=_rand_factor(n2, "cpu").float(),
+                                   act_clip=0.95, act_sym=sym, bias=torch.randn(N) * 0.1).to(device)
+    x = torch.randn(M, K, device=device, dtype=torch.float16)
+    y, yt = layer(x).double(), layer.forward_torch(x).double()
+    full = (x.double() @ torch.kron(layer.L, layer.R).double() @ w.to(device).double().T + layer.bias.double())
+    rel = float((y - yt).norm() / yt.norm())
+    # The kernel rounds X_t·R to fp16, which flips ~0.1% of activation levels by one: small next to the
+    # quantization error itself, which is what this ratio compares against.
+    noise = float((y - yt).norm() / (yt - full).norm())
+    return dict(rel=rel, vs_quant_noise=noise, ok=noise < 0.1 and not bool(y.isnan().any()))
+
+
+def run_checks(device: str = "cuda") -> bool:
+    """Every kernel on fresh random data; prints one line per case; True if all pass."""
+    cases = []
+    for (n1, n2) in CHECK_FACTORS:
+        for sym in (True, False):
+            cases.append((f"kron_quant {n1}x{n2} fp16 sym={sym}", check_kron_quant, (1003, n1, n2, torch.float16, sym)))
+    for (n1, n2) in ((64, 64), (112, 128), (24, 24)):
+        cases.append((f"kron_quant {n1}x{n2} bf16 sym=True", check_kron_quant, (517, n1, n2, torch.bfloat16, True)))
+    for cfg in KRON_SWEEP[1:]:
+        cases.append((f"kron_quant 112x128 asym {cfg}", check_kron_quant,
+                      (1001, 112, 128, torch.float16, False, device, cfg)))
+    for M in (1, 7, 16, 300, 2048):
+        for (N, K) in ((4096, 4096), (1000, 1600), (512, 14336)):
+            for asym in (False, True):
+                cases.append((f"w4a4_gemm M={M} N={N} K={K} asym={asym}", check_gemm, (M, N, K, asym, asym)))
+    cases.append(("w4a4_gemm bf16 out M=333 N=640 K=4096", check_gemm, (333, 640, 4096, False, True, device,
+                                                                        torch.bfloat16)))
+    for M, sym in ((5, True), (257, True), (257, False)):
+        cases.append((f"QuantLinear M={M} K=4096 N=1024 sym={sym}", check_qlinear, (M, 4096, 1024, sym)))
+    ok = True
+    for name, fn, args in cases:
+        torch.manual_seed(hash(name) % 2**31)
+        try:
+            r = fn(*args)
+        except Exception as e:
+            r = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-600:]}")
+        ok &= r["ok"]
+        _log(f"{'PASS' if r['ok'] else 'FAIL'} {name} {r}")
+    return ok
+
+
+def _g(bm, bn, bk, w, st, gm=8, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bk, GROUP_M=gm, num_warps=w, num_stages=st, **kw)
+
+
+GEMM_SWEEP = {
+    "prefill": [_g(128, 128, 64, 4, 4), _g(128, 128, 64, 4, 5), _g(128, 128, 64, 4, 3), _g(256, 128, 64, 8, 4),
+                _g(128, 128, 128, 4, 3), _g(128, 128, 64, 4, 4, gm=16), _g(256, 128, 64, 8, 3)],
+    "decode": [_g(16, 64, 128, 4, 4, gm=1), _g(16, 64, 256, 4, 4, gm=1), _g(16, 128, 128, 4, 4, gm=1),
+               _g(16, 64, 128, 4, 6, gm=1), _g(16, 32, 256, 4, 4, gm=1), _g(16, 64, 128, 8, 4, gm=1),
+               _g(16, 32, 128, 4, 6, gm=1)],
+}
+# tokens > 1 only with 4 warps: 32x128 with tokens=2 and 8 warps gave wrong output on the H100 (NOTES.md).
+KRON_SWEEP = [dict(num_warps=w, ctas_per_sm=c, tokens=t, num_stages=s)
+              for (w, c, t, s) in ((8, 2, 1, 3), (8, 2, 1, 1), (8, 4, 1, 1), (4, 2, 1, 1), (4, 4, 1, 1))]
+
+
+def _sweep_one(kind: str, name: str, M: int, cfg: dict, fn, sets, flops_or_bytes: float) -> dict:
+    try:
+        ms = _time(fn, sets, M <= 16)
+    except Exception as e:  # a config that does not fit (shared memory) must not stop the sweep
+        ms = float("nan")
+        _log(f"sweep {kind} {name} M={M} {cfg} failed: {type(e).__name__}: {str(e)[-200:]}")
+    unit = "TOP/s" if kind == "gemm" else "GB/s"
+    scale = 1e9 if kind == "gemm" else 1e6
+    _log(f"sweep {kind} {name} M={M} {cfg} {ms:.4f} ms {flops_or_bytes / ms / scale:.0f} {unit}")
+    return dict(kernel=kind, linear=name, tokens=M, cfg=cfg, ms=ms)
+
+
+def sweep(linears: dict, l2: int, tokens=(1, 8192), budget_s: float = 200.0, kernels=("gemm", "kron")) -> list:
+    """Time each tile config of w4a4_gemm, and launch settings of kron_quant, per shape, until
+    ``budget_s`` has passed. Returns rows."""
+    rows, t0 = [], time.time()
+    for name, (K, N, (n1, n2)) in linears.items():
+        for M in tokens:
+            if time.time() - t0 > budget_s:
+                _log(f"sweep: budget spent, skipping {name} M={M}")
+                continue
+            ours, _ = _linear_sets(M, K, N, n1, n2, l2)
+            if "gemm" in kernels:
+                qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
+                for cfg in GEMM_SWEEP["decode" if M <= 16 else "prefill"]:
+                    fn = lambda q, s, qw, sw, cfg=cfg: w4a4_gemm(q, s, qw, sw, config=cfg)
+                    rows.append(_sweep_one("gemm", name, M, cfg, fn, qsets, 2 * M * N * K))
+                del qsets
+            if "kron" in kernels and M > 16:
+                for cfg in KRON_SWEEP:
+                    fn = lambda x, L, R, *_, cfg=cfg: kron_quant(x, L, R, 0.9, True, config=cfg)
+                    rows.append(_sweep_one("kron", f"{name} {n1}x{n2}", M, cfg, fn, ours, M * K * 2.5))
+            del ours
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="check every kernel against its reference first")
+    p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
+    p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
+    p.add_argument("--sweep-kernels", default="gemm,kron")
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--tokens", default=",".join(map(str, DECODE + PREFILL)))
+    p.add_argument("--shape", default="4096,14336,32,8,128", help="hidden,intermediate,heads,kv_heads,head_dim")
+    a = p.parse_args(argv)
+    if not (HAS_TRITON and torch.cuda.is_available()):
+        _log("needs CUDA and triton")
+        return 2
+    ok = True
+    if a.check:
+        t = time.time()
+        ok = run_checks()
+        _log(f"checks {'PASSED' if ok else 'FAILED'} in {time.time() - t:.0f} s")
+    shape = [int(v) for v in a.shape.split(",")]
+    if a.sweep:
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+        lin = layer_linears(*shape)
+        keep = [n for n in a.sweep_linears.split(",") if n] or list(lin)
+        rows = sweep({n: lin[n] for n in keep}, l2, kernels=tuple(a.sweep_kernels.split(",")))
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "sweep.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    res = bench_shapes(*shape, token_counts=tuple(int(v) for v in a.tokens.split(",")), out_dir=a.out)
+    _log(markdown_table(res))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Fused Kronecker transform + per-token 4-bit activation quantization (FlatQuant, arXiv 2410.09426 §3.1).
+
+Usage::
+
+    from kernels.kron_quant import kron_quant
+    q, scale, zero = kron_quant(x, L, R, clip=0.9, sym=True)    # x: (tokens, n1*n2) fp16
+
+For every token the row x (length n1*n2) is viewed as X_t (n1, n2) row-major and transformed to
+Y = Lᵀ·X_t·R, which equals x·(L⊗R) flattened. Y is quantized per token to 4 bits and packed two values per
+byte (low nibble = even column). One kernel reads x once and writes 4 bits per value, so the transform
+costs two small tensor-core products per token instead of a pass over device memory for each step.
+
+Numerics (the kernel and ``kron_quant_ref`` agree on them): T = X_t·R accumulates in fp32 and is rounded
+to x's dtype (as any tensor-core pipeline of two products does); Y = Lᵀ·T accumulates in fp32; the
+quantizer works in fp32 and rounds half to even (torch.round).
+
+- symmetric:  scale = clip·max|y| / 7,                 q = clamp(round(y/scale), -8, 7)
+- asymmetric: scale = (clip·max y - clip·min y) / 15,  zero = round(-clip·min y / scale),
+              q = clamp(round(y/scale) + zero, 0, 15)
+A token whose scale would be 0 gets scale 1 (all its q are then 0, or zero for asym).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton decides at @triton.jit time whether a kernel is compiled or interpreted, and its own library
+# functions (tl.max, ...) when triton is first imported: interpreted kernels need both.
+JIT_INTERPRETED = HAS_TRITON and interpreting() and type(tl.max).__name__ == "InterpretedFunction"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on tensor ``t``: CUDA tensors with compiled kernels, CPU tensors
+    with kernels defined under TRITON_INTERPRET=1."""
+    if not HAS_TRITON:
+        return False
+    return t.device.type == "cpu" if JIT_INTERPRETED else t.is_cuda
+
+
+def kron_factors(n: int) -> tuple[int, int]:
+    """(n1, n2) with n1·n2 = n, n1 ≤ n2 and n1 the largest divisor ≤ √n (FlatQuant's decomposition):
+    4096 → (64, 64), 5120 → (64, 80), 11008 → (86, 128), 14336 → (112, 128), 28672 → (128, 224)."""
+    n1 = math.isqrt(n)
+    while n % n1:
+        n1 -= 1
+    return n1, n // n1
+
+
+if HAS_TRITON:
+    # 1.5·2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to even
+    # (what torch.round does; the interpreter has no libdevice.rint).
+    _ROUND_MAGIC = tl.constexpr(12582912.0)
+
+    @triton.jit
+    def _kron_tile(x, lt, r, DOT_F32: tl.constexpr):
+        """Lᵀ·(X_t·R) in fp32; X_t·R is rounded to x's dtype in between (fp32 operands in the interpreter)."""
+        t = tl.dot(x.to(r.dtype), r, input_precision="ieee" if DOT_F32 else None)
+        if DOT_F32 and x.dtype == tl.bfloat16:
+            # The interpreter truncates fp32 → bf16; round to nearest even by hand there.
+            bits = t.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            t = bits.to(tl.float32, bitcast=True)
+        t = t.to(x.dtype).to(r.dtype)
+        return tl.dot(lt, t, input_precision="ieee" if DOT_F32 else None)
+
+    @triton.jit
+    def _scale_zero(ymax, ymin, clip, SYM: tl.constexpr):
+        """Per-token scale and zero point from the (unclipped) max and min of y."""
+        if SYM:
+            scale = clip * tl.maximum(ymax, -ymin) / 7.0
+            scale = tl.where(scale > 0.0, scale, 1.0)
+            zero = scale * 0.0
+        else:
+            scale = (clip * ymax - clip * ymin) / 15.0
+            scale = tl.where(scale > 0.0, scale, 1.0)
+            zero = (-clip * ymin / scale + _ROUND_MAGIC) - _ROUND_MAGIC
+        return scale, zero
+
+    @triton.jit
+    def _token_stats(y, valid, TOKENS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """Max and min of y over each token's rows (padding excluded): (TOKENS,) each."""
+        hi = tl.reshape(tl.where(valid, y, -float("inf")), (TOKENS, ROWS * COLS))
+        lo = tl.reshape(tl.where(valid, y, float("inf")), (TOKENS, ROWS * COLS))
+        return tl.max(hi, axis=1), tl.min(lo, axis=1)
+
+    @triton.jit
+    def _per_row(v, TOKENS: tl.constexpr, ROWS: tl.constexpr):
+        """(TOKENS,) → (TOKENS*ROWS,): each token's value repeated over its rows."""
+        return tl.reshape(tl.broadcast_to(v[:, None], (TOKENS, ROWS)), (TOKENS * ROWS,))
+
+    @triton.jit
+    def _quant_store(y, scale, zero, q_ptrs, qmask, ROWS: tl.constexpr, COLS: tl.constexpr, SYM: tl.constexpr):
+        """Round y/scale (+zero) per row, clamp to 4 bits, pack column pairs (low nibble = even column)."""
+        v = y / scale[:, None]
+        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC + zero[:, None]
+        if SYM:
+            v = tl.minimum(tl.maximum(v, -8.0), 7.0)
+        else:
+            v = tl.minimum(tl.maximum(v, 0.0), 15.0)
+        lo, hi = tl.split(tl.reshape(v.to(tl.int32), (ROWS, COLS // 2, 2)))
+        tl.store(q_ptrs, ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8), mask=qmask)
+
+    @triton.jit
+    def _kron_quant_kernel(
+        x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
+        M, N1, N2, clip,
+        stride_xm, stride_qm,
+        BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
+        SYM: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        """Persistent: program p handles token blocks p, p+P, ... of TOKENS tokens each, stacked as
+        (TOKENS·BLOCK_N1, BLOCK_N2) rows, so that X·R is one product and Lᵀ·T one product with a
+        block-diagonal Lᵀ (more rows per tensor-core instruction, more work in flight per token chain).
+        L (and R, when one column chunk covers it) are loaded once per program. With BLOCK_J < BLOCK_N2
+        (large factors, whose R does not fit in shared memory) Y is made in column chunks twice: once for
+        max/min, once to quantize."""
+        NCHUNK: tl.constexpr = BLOCK_N2 // BLOCK_J
+        RB: tl.constexpr = TOKENS * BLOCK_N1
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        rr = tl.arange(0, RB)
+        tok = rr // BLOCK_N1
+        i1 = rr % BLOCK_N1
+        m1 = i1 < N1
+        i2 = tl.arange(0, BLOCK_N2)
+        jj = tl.arange(0, BLOCK_J)
+        jh = tl.arange(0, BLOCK_J // 2)
+        tt = tl.arange(0, TOKENS)
+        half = N2 // 2
+        # ltb[a, b] = L[b, a] within a token's diagonal block; 0 elsewhere and in padding.
+        lmask = m1[:, None] & m1[None, :] & (tok[:, None] == tok[None, :])
+        ltb = tl.load(l_ptr + i1[None, :] * N1 + i1[:, None], mask=lmask, other=0.0)
+        if DOT_F32:
+            ltb = ltb.to(tl.float32)
+        if NCHUNK == 1:
+            r = tl.load(r_ptr + i2[:, None] * N2 + i2[None, :], mask=(i2 < N2)[:, None] & (i2 < N2)[None, :],
+                        other=0.0)
+            if DOT_F32:
+                r = r.to(tl.float32)
+        for base in range(pid * TOKENS, M, nprog * TOKENS):
+            row0 = tl.cast(base, tl.int64)
+            vrow = m1 & (base + tok < M)
+            x_ptrs = x_ptr + (row0 + tok)[:, None] * stride_xm + (i1 * N2)[:, None] + i2[None, :]
+            x = tl.load(x_ptrs, mask=vrow[:, None] & (i2 < N2)[None, :], other=0.0)
+            q_row = q_ptr + (row0 + tok)[:, None] * stride_qm + (i1 * half)[:, None]
+            if NCHUNK == 1:
+                y = _kron_tile(x, ltb, r, DOT_F32)
+                ymax, ymin = _token_stats(y, vrow[:, None] & (i2 < N2)[None, :], TOKENS, BLOCK_N1, BLOCK_N2)
+                scale, zero = _scale_zero(ymax, ymin, clip, SYM)
+                _quant_store(y, _per_row(scale, TOKENS, BLOCK_N1), _per_row(zero, TOKENS, BLOCK_N1),
+                             q_row + jh[None, :], vrow[:, None] & (jh < half)[None, :], RB, BLOCK_J, SYM)
+            else:
+                ymax = tl.full((TOKENS,), -float("inf"), tl.float32)
+                ymin = tl.full((TOKENS,), float("inf"), tl.float32)
+                for c in tl.static_range(NCHUNK):
+                    cols = c * BLOCK_J + jj
+                    rc = tl.load(r_ptr + i2[:, None] * N2 + cols[None, :],
+                                 mask=(i2 < N2)[:, None] & (cols < N2)[None, :], other=0.0)
+                    y = _kron_tile(x, ltb, rc.to(ltb.dtype), DOT_F32)
+                    cmax, cmin = _token_stats(y, vrow[:, None] & (cols < N2)[None, :], TOKENS, BLOCK_N1, BLOCK_J)
+                    ymax = tl.maximum(ymax, cmax)
+                    ymin = tl.minimum(ymin, cmin)
+                scale, zero = _scale_zero(ymax, ymin, clip, SYM)
+                for c in tl.static_range(NCHUNK):
+                    cols = c * BLOCK_J + jj
+                    rc = tl.load(r_ptr + i2[:, None] * N2 + cols[None, :],
+                                 mask=(i2 < N2)[:, None] & (cols < N2)[None, :], other=0.0)
+                    y = _kron_tile(x, ltb, rc.to(ltb.dtype), DOT_F32)
+                    hcols = c * (BLOCK_J // 2) + jh
+                    _quant_store(y, _per_row(scale, TOKENS, BLOCK_N1), _per_row(zero, TOKENS, BLOCK_N1),
+                                 q_row + hcols[None, :], vrow[:, None] & (hcols < half)[None, :], RB, BLOCK_J, SYM)
+            tmask = base + tt < M
+            tl.store(scale_ptr + row0 + tt, scale, mask=tmask)
+            if not SYM:
+                tl.store(zero_ptr + row0 + tt, zero, mask=tmask)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _check_inputs(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> tuple[int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, n1*n2), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
+    n1, n2 = L.shape[0], R.shape[0]
+    if L.shape != (n1, n1) or R.shape != (n2, n2):
+        raise ValueError(f"L, R must be square, got {tuple(L.shape)}, {tuple(R.shape)}")
+    if n1 * n2 != x.shape[1] or n2 % 2:
+        raise ValueError(f"x has {x.shape[1]} columns, need n1*n2 = {n1}*{n2} with n2 even")
+    return n1, n2
+
+
+def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 1.0, sym: bool = True,
+               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+               config: dict | None = None):
+    """Transform and quantize activations in one kernel.
+
+    x: (tokens, n1*n2) fp16/bf16, last dim contiguous; L: (n1, n1); R: (n2, n2) (cast to x's dtype);
+    clip: LAC clip factor in (0, 1]; sym: symmetric (q in [-8, 7]) or asymmetric (q in [0, 15]).
+    out: optional preallocated (q, scale, zero) to write into (the GPU check poisons them first).
+    config: optional launch settings {"num_warps", "num_stages", "ctas_per_sm", "tokens", "block_j"}
+    (defaults by block size). tokens: tokens stacked per step (power of 2); block_j < padded n2 makes Y in
+    column chunks, for factors whose R does not fit in shared memory (then tokens = 1).
+    Returns q: (tokens, n1*n2/2) uint8 packed (low nibble = even column), scale: (tokens,) fp32,
+    zero: (tokens,) fp32 integer-valued for asym, None for sym.
+    Falls back to ``kron_quant_ref`` where Triton cannot run (no CUDA and no interpreter).
+    """
+    n1, n2 = _check_inputs(x, L, R)
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    if not use_triton(x):
+        return kron_quant_ref(x, L, R, clip, sym)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M = x.shape[0]
+    L = L.to(device=x.device, dtype=x.dtype).contiguous()
+    R = R.to(device=x.device, dtype=x.dtype).contiguous()
+    if out is None:
+        q = torch.empty(M, n1 * n2 // 2, dtype=torch.uint8, device=x.device)
+        scale = torch.empty(M, dtype=torch.float32, device=x.device)
+        zero = None if sym else torch.empty(M, dtype=torch.float32, device=x.device)
+    else:
+        q, scale, zero = out
+    if M == 0:
+        return q, scale, zero
+    b1 = max(16, triton.next_power_of_2(n1))
+    b2 = max(32, triton.next_power_of_2(n2))
+    small = b1 * b2 <= 64 * 128
+    # Narrow L (b1 < 64): stack tokens so Lᵀ·T fills a 64-row wgmma (measured 1375 vs 1128 GB/s, 32x128).
+    stack = 64 // b1 if small and b1 < 64 else 1
+    cfg = {"num_warps": 4 if small else 8, "ctas_per_sm": (4 if stack == 1 else 2) if small else 2,
+           "tokens": stack, "num_stages": 3, "block_j": b2 if b1 * b2 <= 128 * 128 else 64, **(config or {})}
+    block_j = min(cfg["block_j"], b2)
+    tokens = cfg["tokens"] if block_j == b2 else 1
+    if tokens > 1 and cfg["num_warps"] != 4:
+        raise ValueError("tokens > 1 is validated with num_warps=4 only (wrong output seen with 8 on H100)")
+    num_stages = cfg["num_stages"] if block_j == b2 else 1  # chunked R: pipelining buffers overflow smem
+    grid_size = min(triton.cdiv(M, tokens), _sm_count(x.device) * cfg["ctas_per_sm"] if x.is_cuda else 4)
+    grid = lambda META: (grid_size,)
+    _kron_quant_kernel[grid](
+        x, L, R, q, scale, scale if zero is None else zero,
+        M, n1, n2, float(clip),
+        x.stride(0), q.stride(0),
+        BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=block_j, TOKENS=tokens, SYM=sym,
+        DOT_F32=not x.is_cuda or x.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=num_stages,
+    )
+    return q, scale, zero
+
+
+def quantize_per_token_ref(y: torch.Tensor, clip: float, sym: bool):
+    """Per-token 4-bit quantizer in fp32. y: (tokens, k) fp32 → (q int32, scale fp32, zero fp32 | None)."""
+    y = y.float()
+    if sym:
+        scale = clip * y.abs().amax(dim=1) / 7.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.clamp(torch.round(y / scale[:, None]), -8, 7)
+        return q.to(torch.int32), scale, None
+    ymax = clip * y.amax(dim=1)
+    ymin = clip * y.amin(dim=1)
+    scale = (ymax - ymin) / 15.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-ymin / scale)
+    q = torch.clamp(torch.round(y / scale[:, None]) + zero[:, None], 0, 15)
+    return q.to(torch.int32), scale, zero
+
+
+def kron_transform_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                       intermediate_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x·(L⊗R) per token in fp32 as Lᵀ·X_t·R. x: (tokens, n1*n2) → (tokens, n1*n2) fp32.
+
+    intermediate_dtype: dtype X_t·R is rounded to before the product with Lᵀ (the kernel rounds to x's
+    dtype, L and R being cast to it first); None keeps fp32 throughout and the factors as given.
+    """
+    n1, n2 = L.shape[0], R.shape[0]
+    if intermediate_dtype is not None:
+        L, R = L.to(x.dtype), R.to(x.dtype)
+    xt = x.float().reshape(-1, n1, n2)
+    t = xt @ R.float()
+    if intermediate_dtype is not None:
+        t = t.to(intermediate_dtype).float()
+    return (L.float().T @ t).reshape(x.shape[0], n1 * n2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(rows, k) integers in [-8, 15] → (rows, k/2) uint8, low nibble = even column."""
+    q = q.to(torch.int32) & 15
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
+    """(rows, k/2) uint8 → (rows, k) int32, sign-extending nibbles when ``signed``."""
+    p = p.to(torch.int32)
+    q = torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+    return torch.where(q > 7, q - 16, q) if signed else q
+
+
+def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 1.0, sym: bool = True,
+                   intermediate_dtype: torch.dtype | None = "input", return_float: bool = False):
+    """Plain-PyTorch reference of ``kron_quant`` (same outputs).
+
+    intermediate_dtype: "input" (default) rounds X_t·R to x's dtype as the kernel does; None keeps fp32.
+    return_float: also return y/scale (+zero), the fp32 value that was rounded, for boundary-aware tests.
+    """
+    _check_inputs(x, L, R)
+    inter = x.dtype if intermediate_dtype == "input" else intermediate_dtype
+    y = kron_transform_ref(x, L, R, inter)
+    q, scale, zero = quantize_per_token_ref(y, clip, sym)
+    out = (pack_int4(q), scale, zero)
+    if return_float:
+        v = y / scale[:, None] + (0.0 if zero is None else zero[:, None])
+        return out + (v,)
+    return out

@@ -1,0 +1,130 @@
+"""QuantLinear: a W4A4 linear layer with FlatQuant's online Kronecker transform.
+
+Usage::
+
+    from kernels.qlinear import QuantLinear
+    layer = QuantLinear.from_float(w_merged, L=L, R=R, act_clip=0.9, act_sym=True, bias=b)
+    y = layer(x)   # x: (..., in) fp16 → (..., out) fp16
+
+``weight`` is the weight the transformed activation meets, i.e. already merged with the inverse
+transform (``merge_kron_into_weight``), so that x·(L⊗R)·Wᵀ equals the full-precision x·W_origᵀ.
+On CUDA (or under TRITON_INTERPRET=1) forward runs two kernels: ``kron_quant`` then ``w4a4_gemm``.
+Elsewhere, or without Triton, it runs the same math in PyTorch (fp32): the fake-quant computation
+quantize-dequantize(x·(L⊗R)) · dequant(W)ᵀ.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kron_quant import (
+    kron_factors,
+    kron_quant,
+    kron_transform_ref,
+    pack_int4,
+    quantize_per_token_ref,
+    unpack_int4,
+    use_triton,
+)
+from .w4a4_gemm import w4a4_gemm
+
+
+def quantize_weight_rtn(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit, per output channel, symmetric.
+
+    weight: (out, in) float → q: (out, in) int32 in [-8, 7], scale: (out,) fp32 = max|w| / 7 (1 for zero rows).
+    """
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 7.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale[:, None]), -8, 7).to(torch.int32)
+    return q, scale
+
+
+def merge_kron_into_weight(weight: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """W' with x·(L⊗R)·W'ᵀ = x·Wᵀ, computed in float64: W'_t = L⁻¹·W_t·R⁻ᵀ per output row.
+
+    weight: (out, n1*n2); L: (n1, n1); R: (n2, n2) → (out, n1*n2) in weight's dtype.
+    """
+    n1, n2 = L.shape[0], R.shape[0]
+    w = weight.double().reshape(-1, n1, n2)
+    merged = torch.linalg.inv(L.double()) @ w @ torch.linalg.inv(R.double()).T
+    return merged.reshape(weight.shape).to(weight.dtype)
+
+
+class QuantLinear(nn.Module):
+    """W4A4 linear. Buffers: qweight (out, in/2) uint8, wscale (out,) fp32, wsum (out,) int32,
+    L (n1, n1) / R (n2, n2) fp32 (identity when the layer has no transform), bias (out,) or None."""
+
+    def __init__(self, in_features: int, out_features: int, act_clip: float = 1.0, act_sym: bool = True,
+                 n1: int | None = None, has_kron: bool = False, has_bias: bool = False):
+        super().__init__()
+        if in_features % 2:
+            raise ValueError("in_features must be even to pack two 4-bit values per byte")
+        self.in_features, self.out_features = in_features, out_features
+        self.act_clip, self.act_sym, self.has_kron = float(act_clip), bool(act_sym), has_kron
+        n1, n2 = (n1, in_features // n1) if n1 else kron_factors(in_features)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("wscale", torch.ones(out_features))
+        self.register_buffer("wsum", torch.zeros(out_features, dtype=torch.int32))
+        self.register_buffer("L", torch.eye(n1))
+        self.register_buffer("R", torch.eye(n2))
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+        self._cast_cache: dict = {}
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, w_bits: int = 4, L: torch.Tensor | None = None,
+                   R: torch.Tensor | None = None, act_clip: float = 1.0, act_sym: bool = True,
+                   bias: torch.Tensor | None = None) -> QuantLinear:
+        """Quantize ``weight`` (out, in) RTN per channel and pack it. L (n1, n1), R (n2, n2) with
+        n1·n2 = in, both or neither; act_clip: LAC factor in (0, 1]; act_sym: symmetric activations."""
+        if w_bits != 4:
+            raise NotImplementedError("only 4-bit weights are packed by these kernels")
+        if (L is None) != (R is None):
+            raise ValueError("give both Kronecker factors or neither")
+        out_features, in_features = weight.shape
+        n1 = L.shape[0] if L is not None else None
+        layer = cls(in_features, out_features, act_clip, act_sym, n1, L is not None, bias is not None)
+        q, scale = quantize_weight_rtn(weight)
+        layer.qweight.copy_(pack_int4(q))
+        layer.wscale.copy_(scale)
+        layer.wsum.copy_(q.sum(dim=1, dtype=torch.int32))
+        if L is not None:
+            layer.L.copy_(L.float())
+            layer.R.copy_(R.float())
+        if bias is not None:
+            layer.bias.copy_(bias.float())
+        return layer.to(weight.device)
+
+    def _factors(self, dtype: torch.dtype, device: torch.device):
+        key = (dtype, device, self.L.data_ptr(), self.R.data_ptr())
+        if key not in self._cast_cache:
+            self._cast_cache = {key: (self.L.to(device, dtype).contiguous(), self.R.to(device, dtype).contiguous())}
+        return self._cast_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) fp16/bf16 → (..., out) same dtype."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if use_triton(x2):
+            L, R = self._factors(x.dtype, x.device)
+            q, s, z = kron_quant(x2, L, R, self.act_clip, self.act_sym)
+            y = w4a4_gemm(q, s, self.qweight, self.wscale, z, self.wsum, self.bias, out_dtype=x.dtype)
+        else:
+            y = self.forward_torch(x2)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quant computation in fp32. x: (tokens, in) → (tokens, out) in x's dtype."""
+        y = kron_transform_ref(x, self.L, self.R) if self.has_kron else x.float()
+        q, s, z = quantize_per_token_ref(y, self.act_clip, self.act_sym)
+        a = (q.float() - (0.0 if z is None else z[:, None])) * s[:, None]
+        w = unpack_int4(self.qweight, signed=True).float() * self.wscale[:, None]
+        out = a @ w.T
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, kron={tuple(self.L.shape)}x{tuple(self.R.shape)}"
+                f" ({'learned' if self.has_kron else 'none'}), act_clip={self.act_clip}, act_sym={self.act_sym}")
