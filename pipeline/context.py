@@ -45,7 +45,8 @@ class Context:
                                 clip_lr_mult=calib["clip_lr_mult"], seed=cfg["seed"], device=self.device,
                                 amp=calib["amp"], wquant=cfg["wquant"], gptq_blocksize=cfg["gptq"]["blocksize"],
                                 gptq_percdamp=cfg["gptq"]["percdamp"], gptq_act_order=cfg["gptq"]["act_order"])
-        resolve_path(cfg["model"]["path"], cfg["model"].get("gguf_file"))  # a bad path fails before any run opens
+        if cfg["stage"] != "bench":  # the benchmark needs only the model's shapes
+            resolve_path(cfg["model"]["path"], cfg["model"].get("gguf_file"))  # a bad path fails before any run opens
         dtype = cfg["model"]["dtype"]
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

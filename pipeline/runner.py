@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import calibrate, eval_ppl, eval_qa, export, prepare_data
+from pipeline import bench, calibrate, eval_ppl, eval_qa, export, prepare_data
 from pipeline.context import Context
 from pipeline.flat import flatten
 from pipeline.tracking import Tracker
@@ -26,6 +26,7 @@ STAGES = {
     "prepare_data": [prepare_data.run],
     "calibrate": [prepare_data.run, calibrate.run, export.run],
     "eval": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, eval_ppl.run, eval_qa.run],
+    "bench": [bench.run],
     "all": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, export.run, eval_ppl.run, eval_qa.run],
 }
 

@@ -102,3 +102,15 @@ def test_bad_config_fails_at_once_naming_key_and_value(override, message, tmp_pa
 def test_unknown_method_is_rejected_by_hydra(tmp_path):
     with pytest.raises(Exception, match="method/nosuch"):
         make_cfg(["method=nosuch"], tmp_path)
+
+
+def test_bench_stage_needs_only_shapes_and_says_when_no_gpu(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(["stage=bench", "model=llama3_8b"], tmp_path)  # no model.path: shapes come from the config
+    assert cfg["model"]["shape"]["intermediate"] == 14336
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the stage would run the benchmark")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        execute(cfg)
