@@ -115,20 +115,20 @@ def train_layer(qlayer, inps, targets, pe, ccfg: CalibConfig, lr: float, progres
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=ccfg.amp and inps.is_cuda)
     losses = []
     for _ in range(ccfg.epochs):
-        perm, total = torch.randperm(len(inps), generator=gen), 0.0
+        perm, total = torch.randperm(len(inps), generator=gen), torch.zeros((), device=inps.device)
         for s in range(steps):
             idx = perm[s * ccfg.batch_size : (s + 1) * ccfg.batch_size].to(inps.device)
             with autocast:
                 out = qlayer(inps[idx], position_embeddings=pe)
             loss = torch.nn.functional.mse_loss(out.float(), targets[idx])
-            if not torch.isfinite(loss):
-                return losses + [float("nan")]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item()
-        losses.append(total / steps)
+            total += loss.detach()  # summed on the device: no host sync per step
+        losses.append(total.item() / steps)
+        if not math.isfinite(losses[-1]):  # checked once per epoch; the caller retries or falls back
+            return losses
         if progress is not None:
             progress.set_postfix(loss=f"{losses[-1]:.3g}")
     return losses

@@ -69,7 +69,7 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
     """Orthogonal matrix (I − S)(I + S)⁻¹ from the skew part S of a; the identity at a = 0."""
     s = a - a.t()
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve(eye + s, eye - s)
+    return torch.linalg.solve_ex(eye + s, eye - s)[0]  # I + S is never singular (S skew): skip solve's host sync
 
 
 class SVDFactor(nn.Module):
@@ -88,11 +88,15 @@ class SVDFactor(nn.Module):
         self.log_s = nn.Parameter(torch.zeros(n))
 
     def matrix(self, inv_t: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.pair(dtype)[int(inv_t)]
+
+    def pair(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, M⁻ᵀ) from one pair of Cayley solves."""
         dtype = dtype or torch.float32
         u = cayley(self.skew_u.to(dtype)) @ self.u0.to(dtype)
-        v = cayley(self.skew_v.to(dtype))
-        s = torch.exp(-self.log_s if inv_t else self.log_s).to(dtype)
-        return (u * s.unsqueeze(0)) @ v.t()
+        vt = cayley(self.skew_v.to(dtype)).t()
+        s = torch.exp(self.log_s).to(dtype).unsqueeze(0)
+        return (u * s) @ vt, (u / s) @ vt
 
 
 class FixedFactor(nn.Module):
@@ -105,6 +109,10 @@ class FixedFactor(nn.Module):
 
     def matrix(self, inv_t: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.q.to(dtype or torch.float32)
+
+    def pair(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.matrix(False, dtype)
+        return q, q
 
 
 class KronTransform(nn.Module):
@@ -197,7 +205,8 @@ def cached_matrices(transforms, enabled: bool = True):
     """
     todo = [t for t in transforms if t._frozen is None] if enabled else []
     for t in todo:
-        t._frozen = {inv: t.matrices(inv) for inv in (False, True)}
+        pairs = [(None, None) if f is None else f.pair() for f in (t.left, t.right)]
+        t._frozen = {inv: tuple(p[int(inv)] for p in pairs) for inv in (False, True)}
     try:
         yield
     finally:

@@ -58,7 +58,7 @@ def llama_shaped(hidden, inter, heads, kv_heads, nsamples, seqlen, device):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--gguf", default=None, help="the default model's GGUF, for the smollm2 case")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--shapes", default="smollm2,llama3_8b")
@@ -66,7 +66,7 @@ def main() -> None:
     device, results = "cuda", {"gpu": torch.cuda.get_device_name()}
     for amp in (False, True):
         ccfg = CalibConfig(device=device, amp=amp)
-        if "smollm2" in args.shapes:
+        if "smollm2" in args.shapes.split(","):
             from flatquant.data import calib_samples, load_tokens
             from flatquant.model import load_model
 
@@ -76,6 +76,10 @@ def main() -> None:
             layer = adapter_for(model).layers(model)[0]
             results[f"smollm2_layer0_amp{int(amp)}"] = _case(layer, adapter_for(model).parts(layer, model.config), inps, pe, ccfg, args.steps)
             del model, inps
+        if "smollm2_shaped" in args.shapes:  # the default model's shapes with random weights: no GGUF needed
+            layer, parts, inps, pe = llama_shaped(576, 1536, 9, 3, 128, 2048, device)
+            results[f"smollm2_shaped_layer_amp{int(amp)}"] = _case(layer, parts, inps, pe, ccfg, args.steps)
+            del layer, inps
         if "llama3_8b" in args.shapes:
             layer, parts, inps, pe = llama_shaped(4096, 14336, 32, 8, 128, 2048, device)
             results[f"llama3_8b_layer_amp{int(amp)}"] = _case(layer, parts, inps, pe, ccfg, args.steps)
