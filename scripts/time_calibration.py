@@ -62,9 +62,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--shapes", default="smollm2,llama3_8b")
+    ap.add_argument("--amp-only", action="store_true")
     args = ap.parse_args()
     device, results = "cuda", {"gpu": torch.cuda.get_device_name()}
-    for amp in (False, True):
+    for amp in ((True,) if args.amp_only else (False, True)):
         ccfg = CalibConfig(device=device, amp=amp)
         if "smollm2" in args.shapes.split(","):
             from flatquant.data import calib_samples, load_tokens
@@ -83,6 +84,10 @@ def main() -> None:
         if "llama3_8b" in args.shapes:
             layer, parts, inps, pe = llama_shaped(4096, 14336, 32, 8, 128, 2048, device)
             results[f"llama3_8b_layer_amp{int(amp)}"] = _case(layer, parts, inps, pe, ccfg, args.steps)
+            del layer, inps
+        if "llama3_70b" in args.shapes:
+            layer, parts, inps, pe = llama_shaped(8192, 28672, 64, 8, 128, 2048, device)
+            results[f"llama3_70b_layer_amp{int(amp)}"] = _case(layer, parts, inps, pe, ccfg, args.steps)
             del layer, inps
         torch.cuda.empty_cache()
         print(json.dumps(results, indent=1), flush=True)
