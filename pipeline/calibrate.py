@@ -6,9 +6,14 @@ same configuration again (after a crash, or from the eval stage) continues where
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import torch
+
+from flatquant.adapters import adapter_for
+from pipeline import figures
 
 from flatquant.calibrate import quantize_model
 
@@ -27,9 +32,19 @@ def run(cfg: dict, ctx) -> dict[str, float]:
                                      "calibrate/layer_seconds": report.seconds}.items() if math.isfinite(v)}
         ctx.tracker.metrics(finite, step=report.index)
 
+    adapter = adapter_for(ctx.model)
+    fp_layer0 = copy.deepcopy(adapter.layers(ctx.model)[0]).float() if samples.numel() else None
     reports = quantize_model(ctx.model, samples, ctx.method, ctx.qcfg, ctx.ccfg, ctx.calib_dir, on_layer)
+    plots = Path(cfg["results_dir"]) / "plots" / ctx.calib_dir.name
+    paths = figures.calibration_figures(reports, plots)
+    if fp_layer0 is not None:
+        with torch.no_grad():
+            x = adapter.embed(ctx.model)(samples[:1].to(ctx.device)).float()[0]
+        paths.append(figures.flatness_figure(fp_layer0.to(ctx.device), adapter.layers(ctx.model)[0], ctx.model.config, x, plots))
     if ctx.tracker is not None:
         ctx.tracker.artifact(ctx.calib_dir, "calibration")
+        for path in paths:
+            ctx.tracker.artifact(path, "plots")
     out = {"calibrate/seconds": sum(r.seconds for r in reports), "calibrate/resumed_layers": sum(r.resumed for r in reports),
            "calibrate/fallback_layers": sum(bool(r.fallback) for r in reports)}
     finals = [r.final_loss for r in reports if math.isfinite(r.final_loss)]

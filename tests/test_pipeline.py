@@ -41,7 +41,9 @@ def test_full_run_tracks_everything(tiny_llama_dir, tmp_path, monkeypatch):
     curve = client.get_metric_history(run.info.run_id, "calibrate/layer_000/loss")
     assert len(curve) == 1 and curve[0].value > 0
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "summary.md", "calibration"} <= names
+    assert {"config.json", "summary.md", "calibration", "plots"} <= names
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/loss_curves.png", "plots/layer_mse.png", "plots/flatness.png"} <= plots
     learned = {a.path for a in client.list_artifacts(run.info.run_id, "calibration")}
     assert "calibration/layer_000.safetensors" in learned
 
