@@ -45,7 +45,7 @@ class SweepCallback(Callback):
         if len(df) and any(c.startswith("eval_qa/") for c in df.columns):
             parts.append(to_markdown(qa_table(latest(df))))
         table = "\n\n".join(parts)
-        out = Path(config.results_dir) / "tables" / f"sweep_{self.parent[:8]}.md"
+        out = Path(config.results_dir) / "sweeps" / f"sweep_{self.parent[:8]}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
         print(f"\nSweep summary ({out}):\n{table}")
