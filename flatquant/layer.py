@@ -6,8 +6,8 @@ Usage:
     layer.merge()                                         # fold transforms into weights (float64), freeze
 
 One forward serves calibration and evaluation. Before merge() each effective weight is computed from
-the live parameters (W·diag(d)·P⁻ᵀ, then LWC quantization), and the per-channel scales d divide the
-activations; after merge() the scales live in the norms / up_proj and the quantized weights are stored,
+the live parameters (W·diag(d)·P⁻ᵀ, then LWC quantization) and the per-channel scales d divide the
+norm weights (γ/d) and up_proj's rows on the fly; after merge() both are stored, as are the quantized weights,
 so the only online work left is what FlatQuant keeps online: x·P before each quantizer, the head
 transform before o_proj and the K transform after RoPE (paper §3.2, Fig. 3).
 
@@ -234,10 +234,7 @@ class QuantDecoderLayer(nn.Module):
         spec = self.qcfg.weight_spec()
         if not spec.enabled:
             return w
-        clip = self.wq[name].clip()
-        if clip is not None and spec.granularity == "group":
-            clip = clip.unsqueeze(-1)
-        q, scale, zero = quantize(w, spec, clip)
+        q, scale, zero = quantize(w, spec, self.wq[name].grouped_clip())
         self.weight_qparams[name] = (scale.squeeze(-1), zero.squeeze(-1))
         return ((q - zero) * scale).reshape(w.shape)
 

@@ -136,11 +136,15 @@ class Quantizer(nn.Module):
     def clip(self) -> torch.Tensor | None:
         return None if self.clip_logit is None else torch.sigmoid(self.clip_logit)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def grouped_clip(self) -> torch.Tensor | None:
+        """The clip shaped for the grouped view that `quantize` takes scales over."""
         clip = self.clip()
         if clip is not None and self.spec.granularity in ("group", "head"):
             clip = clip.unsqueeze(-1)
-        return fake_quant(x, self.spec, clip)
+        return clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self.spec, self.grouped_clip())
 
     def extra_repr(self) -> str:
         return f"{self.spec}, learnable_clip={self.clip_logit is not None}"

@@ -192,9 +192,6 @@ class KronTransform(nn.Module):
             for inv in (False, True)
         }
 
-    def unfreeze(self) -> None:
-        self._frozen = None
-
 
 @contextmanager
 def cached_matrices(transforms, enabled: bool = True):

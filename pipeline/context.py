@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
@@ -86,6 +85,3 @@ class Context:
     def calib_dir(self) -> Path:
         name = f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{self.cfg['wquant']}_{self.key('model', 'method', 'quant', 'data', 'calib', 'wquant', 'gptq')}"
         return Path(self.cfg["artifacts_dir"]) / "calib" / name
-
-    def describe(self) -> dict:
-        return {"quant": asdict(self.qcfg), "calib": asdict(self.ccfg)}
