@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
+from flatquant.placement import STORAGES, choose_storage, empty_buffer, to_device
 from flatquant.spec import QuantConfig
 
 
@@ -40,6 +41,7 @@ class CalibConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = False
+    storage: str = "auto"  # layer inputs/targets: auto | device | cpu | disk (flatquant.placement)
     wquant: str = "rtn"
     gptq_blocksize: int = 128
     gptq_percdamp: float = 0.01
@@ -48,6 +50,8 @@ class CalibConfig:
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"calibration needs epochs >= 0, batch_size >= 1, lr > 0; got {self}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"calib.storage must be one of {STORAGES}, got {self.storage!r}")
         if self.wquant not in ("rtn", "gptq"):
             raise ValueError(f"wquant must be rtn or gptq, got {self.wquant!r}")
 
@@ -67,8 +71,9 @@ class LayerReport:
     resumed: bool = False
 
 
-def _layer_io(layer, inps, pe, batch_size, stat_names: dict[str, torch.nn.Module]):
-    """Full-precision outputs of one layer and per-channel max |input| of the named linears."""
+def _layer_io(layer, inps, pe, batch_size, stat_names: dict[str, torch.nn.Module], out: torch.Tensor | None = None):
+    """Full-precision outputs of one layer (written into `out` when given) and per-channel max |input|
+    of the named linears."""
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -80,8 +85,11 @@ def _layer_io(layer, inps, pe, batch_size, stat_names: dict[str, torch.nn.Module
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in stat_names.items()]
     try:
+        device = pe[0].device
+        outs = torch.empty_like(inps) if out is None else out
         with torch.no_grad():
-            outs = torch.cat([layer(inps[i : i + batch_size], position_embeddings=pe) for i in range(0, len(inps), batch_size)])
+            for i in range(0, len(inps), batch_size):
+                outs[i : i + batch_size] = layer(to_device(inps[i : i + batch_size], device), position_embeddings=pe)
     finally:
         for h in handles:
             h.remove()
@@ -97,7 +105,8 @@ def _param_groups(qlayer: QuantDecoderLayer, ccfg: CalibConfig):
 def layer_mse(qlayer, inps, targets, pe, batch_size) -> float:
     with torch.no_grad():
         total = sum(
-            torch.nn.functional.mse_loss(qlayer(inps[i : i + batch_size], position_embeddings=pe), targets[i : i + batch_size], reduction="sum").item()
+            torch.nn.functional.mse_loss(qlayer(to_device(inps[i : i + batch_size], pe[0].device), position_embeddings=pe),
+                                         to_device(targets[i : i + batch_size], pe[0].device), reduction="sum").item()
             for i in range(0, len(inps), batch_size)
         )
     return total / targets.numel()
@@ -112,15 +121,16 @@ def train_layer(qlayer, inps, targets, pe, ccfg: CalibConfig, lr: float, progres
     steps = math.ceil(len(inps) / ccfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ccfg.epochs * steps), eta_min=lr * 1e-3)
     gen = torch.Generator().manual_seed(ccfg.seed)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=ccfg.amp and inps.is_cuda)
+    device = pe[0].device
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=ccfg.amp and device.type == "cuda")
     losses = []
     for _ in range(ccfg.epochs):
-        perm, total = torch.randperm(len(inps), generator=gen), torch.zeros((), device=inps.device)
+        perm, total = torch.randperm(len(inps), generator=gen), torch.zeros((), device=device)
         for s in range(steps):
             idx = perm[s * ccfg.batch_size : (s + 1) * ccfg.batch_size].to(inps.device)
             with autocast:
-                out = qlayer(inps[idx], position_embeddings=pe)
-            loss = torch.nn.functional.mse_loss(out.float(), targets[idx])
+                out = qlayer(to_device(inps[idx], device), position_embeddings=pe)
+            loss = torch.nn.functional.mse_loss(out.float(), to_device(targets[idx], device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -183,14 +193,28 @@ class LayerStore:
         tmp.replace(self.root / "manifest.json")
 
 
-def layer_inputs(model, samples: torch.Tensor, device) -> tuple[torch.Tensor, tuple]:
-    """Embeddings of the samples (layer-0 inputs) and the rotary (cos, sin) for their positions."""
+def layer_inputs(model, samples: torch.Tensor, device, out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+    """Embeddings of the samples (layer-0 inputs, written into `out` when given) and the rotary (cos, sin)."""
     adapter = adapter_for(model)
+    embed = adapter.embed(model)
     with torch.no_grad():
-        inps = adapter.embed(model)(samples.to(device)).float()
+        if out is None:
+            out = embed(samples.to(device)).float()
+        else:
+            for i in range(len(samples)):
+                out[i] = embed(samples[i : i + 1].to(embed.weight.device)).float()[0]
         pos = torch.arange(samples.shape[1], device=device).unsqueeze(0)
-        pe = adapter.rotary(model)(inps[:1], pos)
-    return inps, tuple(t.float() for t in pe)
+        pe = adapter.rotary(model)(to_device(out[:1], device), pos)
+    return out, tuple(t.float() for t in pe)
+
+
+def activation_buffers(model, samples: torch.Tensor, ccfg: CalibConfig, folder=None):
+    """Layer-0 inputs, a spare buffer for targets (same storage, see flatquant.placement) and the rotary."""
+    device = torch.device(ccfg.device)
+    shape = (*samples.shape, model.config.hidden_size)
+    where = choose_storage(2 * 4 * shape[0] * shape[1] * shape[2], device, ccfg.storage)
+    inps, pe = layer_inputs(model, samples, device, empty_buffer(shape, where, device, folder))
+    return inps, empty_buffer(shape, where, device, folder), pe
 
 
 def quantize_model(
@@ -205,32 +229,33 @@ def quantize_model(
     """Replace every decoder layer of `model` (in place) by its calibrated, merged QuantDecoderLayer."""
     adapter = adapter_for(model)
     layers = adapter.layers(model)
-    store = LayerStore(ckpt_dir, config_key(method, qcfg, replace(ccfg, device=""), samples.shape, int(samples.sum())))
+    store = LayerStore(ckpt_dir, config_key(method, qcfg, replace(ccfg, device="", storage="auto"), samples.shape, int(samples.sum())))
     device = torch.device(ccfg.device)
     if ccfg.needs_data(method) and samples.numel() == 0:
         raise ValueError(f"method {method.name} with wquant={ccfg.wquant} needs calibration samples")
-    inps, pe = layer_inputs(model, samples, device) if ccfg.needs_data(method) else (None, None)
+    inps, spare, pe = activation_buffers(model, samples, ccfg, ckpt_dir) if ccfg.needs_data(method) else (None, None, None)
     reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method.name}", unit="layer")
     for i in bar:
-        report, state = _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, store, bar)
+        report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar)
         if ccfg.needs_data(method):
-            inps = state.pop("_targets")
+            inps, spare = state.pop("_targets"), inps  # this layer's targets are the next one's inputs
         reports.append(report)
         if on_layer is not None:
             on_layer(report, state)
     return reports
 
 
-def _quantize_layer(model, adapter, layers, i, inps, pe, method, qcfg, ccfg, store, bar):
+def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar):
     t0 = time.time()
+    inps, spare = buffers
     device = torch.device(ccfg.device)
     layer = layers[i].to(device=device, dtype=torch.float32)  # targets and training in fp32 whatever the model dtype
     parts = adapter.parts(layer, model.config)
     stats, targets = {}, None
     if ccfg.needs_data(method):
         names = {"qkv": parts.linears["q"], "upgate": parts.linears["up"], "down": parts.linears["down"]}
-        targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, names)
+        targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, names, out=spare)
     gen = torch.Generator().manual_seed(ccfg.seed * 100003 + i)
     qcfg_layer = qcfg if getattr(method, "learnable_clip", False) else _no_clip(qcfg)
     qlayer = QuantDecoderLayer(parts, qcfg_layer, method.transforms(parts, stats, gen)).to(device)
@@ -261,7 +286,7 @@ def _merge(qlayer: QuantDecoderLayer, inps, pe, ccfg: CalibConfig) -> None:
     qlayer.observers = {}
     with torch.no_grad():
         for i in range(0, len(inps), ccfg.batch_size):
-            qlayer(inps[i : i + ccfg.batch_size], position_embeddings=pe)
+            qlayer(to_device(inps[i : i + ccfg.batch_size], pe[0].device), position_embeddings=pe)
     hessians, qlayer.observers = qlayer.observers, None
     qlayer.gptq_weights(hessians, ccfg.gptq_blocksize, ccfg.gptq_percdamp, ccfg.gptq_act_order)
 

@@ -42,7 +42,7 @@ class Context:
         calib = cfg["calib"]
         self.ccfg = CalibConfig(epochs=calib["epochs"], batch_size=calib["batch_size"], lr=calib["lr"],
                                 clip_lr_mult=calib["clip_lr_mult"], seed=cfg["seed"], device=self.device,
-                                amp=calib["amp"], wquant=cfg["wquant"], gptq_blocksize=cfg["gptq"]["blocksize"],
+                                amp=calib["amp"], storage=calib.get("storage", "auto"), wquant=cfg["wquant"], gptq_blocksize=cfg["gptq"]["blocksize"],
                                 gptq_percdamp=cfg["gptq"]["percdamp"], gptq_act_order=cfg["gptq"]["act_order"])
         if cfg["stage"] != "bench":  # the benchmark needs only the model's shapes
             resolve_path(cfg["model"]["path"], cfg["model"].get("gguf_file"))  # a bad path fails before any run opens

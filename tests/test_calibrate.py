@@ -67,3 +67,30 @@ def test_tampered_layer_file_is_detected(tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         _run(random_llama(layers=1), tmp_path)
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_inputs_in_pinned_memory_or_on_disk_give_the_same_model(storage, tmp_path):
+    """Where the layer inputs and targets live (flatquant.placement) changes nothing in the result."""
+    base = random_llama(layers=2)
+    samples = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for where in ("device", storage):
+        model = copy.deepcopy(base)
+        quantize_model(model, samples, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=2, batch_size=2, storage=where),
+                       tmp_path / where)
+        with torch.no_grad():
+            out[where] = model(ids).logits
+    assert torch.equal(out["device"], out[storage])
+    assert not list((tmp_path / storage).glob("activations-*"))  # disk buffers leave no files behind
+
+
+def test_storage_choice_by_size():
+    from flatquant.placement import choose_storage
+
+    cpu = torch.device("cpu")
+    assert choose_storage(10**6, cpu) == "device"
+    assert choose_storage(10**6, cpu, "disk") == "disk"
+    with pytest.raises(ValueError, match="calib.storage"):
+        choose_storage(1, cpu, "tape")
