@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
+from flatquant.methods import slot_inputs
 from flatquant.placement import STORAGES, choose_storage, empty_buffer, to_device
 from flatquant.spec import QuantConfig
 
@@ -254,8 +255,7 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     parts = adapter.parts(layer, model.config)
     stats, targets = {}, None
     if ccfg.needs_data(method):
-        names = {"qkv": parts.linears["q"], "upgate": parts.linears["up"], "down": parts.linears["down"]}
-        targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, names, out=spare)
+        targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, slot_inputs(parts), out=spare)
     gen = torch.Generator().manual_seed(ccfg.seed * 100003 + i)
     qcfg_layer = qcfg if getattr(method, "learnable_clip", False) else _no_clip(qcfg)
     qlayer = QuantDecoderLayer(parts, qcfg_layer, method.transforms(parts, stats, gen)).to(device)

@@ -22,7 +22,7 @@ import torch
 
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
-from flatquant.methods import get_method
+from flatquant.methods import get_method, slot_inputs
 from flatquant.spec import QuantConfig
 
 FORMAT = "flatquant-checkpoint-v1"
@@ -164,9 +164,8 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
     layers = adapter.layers(model)
     for i in range(meta["num_layers"]):
         parts = adapter.parts(layers[i], model.config)
-        dims = {"qkv": parts.linears["q"].weight.shape[1], "upgate": parts.linears["up"].weight.shape[1],
-                "down": parts.linears["down"].weight.shape[1]}
-        transforms = method.transforms(parts, {k: torch.ones(d) for k, d in dims.items()}, torch.Generator().manual_seed(0))
+        stats = {slot: torch.ones(lin.weight.shape[1]) for slot, lin in slot_inputs(parts).items()}  # overwritten on load
+        transforms = method.transforms(parts, stats, torch.Generator().manual_seed(0))
         layer = QuantDecoderLayer(parts, qcfg, transforms)
         layer.load_merged(_layer_state(i, tensors, qcfg))
         layers[i] = layer

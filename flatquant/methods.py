@@ -58,6 +58,11 @@ def input_absmax(parts: LayerParts, names: tuple[str, ...]) -> torch.Tensor:
 SLOT_LINEARS = {"qkv": ("q", "k", "v"), "upgate": ("gate", "up"), "down": ("down",)}
 
 
+def slot_inputs(parts: LayerParts) -> dict[str, torch.nn.Linear]:
+    """One linear per slot whose input is the slot's activation (for statistics and sizes)."""
+    return {slot: parts.linears[names[0]] for slot, names in SLOT_LINEARS.items()}
+
+
 @register("fp16")
 @dataclass
 class FP16:

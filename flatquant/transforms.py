@@ -184,13 +184,16 @@ class KronTransform(nn.Module):
             w = w * self.diag.to(w.dtype)
         return self.apply(w, inv_t=True)
 
+    def both_matrices(self, dtype: torch.dtype | None = None) -> dict[bool, tuple]:
+        """{inv_t: (left, right)} for P and P⁻ᵀ from one pair of Cayley solves per factor."""
+        pairs = [(None, None) if f is None else f.pair(dtype) for f in (self.left, self.right)]
+        return {inv: tuple(p[int(inv)] for p in pairs) for inv in (False, True)}
+
     @torch.no_grad()
     def freeze(self) -> None:
         """Compute both matrix pairs once (in float64, then float32) for evaluation."""
-        self._frozen = {
-            inv: tuple(None if m is None else m.float() for m in self.matrices(inv, torch.float64))
-            for inv in (False, True)
-        }
+        self._frozen = {inv: tuple(None if m is None else m.float() for m in ms)
+                        for inv, ms in self.both_matrices(torch.float64).items()}
 
 
 @contextmanager
@@ -202,8 +205,7 @@ def cached_matrices(transforms, enabled: bool = True):
     """
     todo = [t for t in transforms if t._frozen is None] if enabled else []
     for t in todo:
-        pairs = [(None, None) if f is None else f.pair() for f in (t.left, t.right)]
-        t._frozen = {inv: tuple(p[int(inv)] for p in pairs) for inv in (False, True)}
+        t._frozen = t.both_matrices()
     try:
         yield
     finally:

@@ -18,13 +18,12 @@ import torch
 from flatquant.adapters import adapter_for
 from flatquant.calibrate import CalibConfig, _layer_io, layer_inputs, layer_mse, train_layer
 from flatquant.layer import QuantDecoderLayer
-from flatquant.methods import get_method
+from flatquant.methods import get_method, slot_inputs
 from flatquant.spec import QuantConfig
 
 
 def _case(layer, parts, inps, pe, ccfg: CalibConfig, steps_timed: int) -> dict:
-    names = {"qkv": parts.linears["q"], "upgate": parts.linears["up"], "down": parts.linears["down"]}
-    targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, names)
+    targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, slot_inputs(parts))
     q = QuantDecoderLayer(parts, QuantConfig(), get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0)))
     q = q.to(inps.device)
     init = layer_mse(q, inps, targets, pe, ccfg.batch_size)
