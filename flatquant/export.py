@@ -23,22 +23,11 @@ import torch
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
 from flatquant.methods import get_method, slot_inputs
+from flatquant.quantizers import pack_int4, unpack_int4
 from flatquant.spec import QuantConfig
 
 FORMAT = "flatquant-checkpoint-v1"
 SHARD_BYTES = 2 * 1024**3
-
-
-def pack_int4(codes: torch.Tensor, qmin: int) -> torch.Tensor:
-    """(rows, cols) integer codes in [qmin, qmin + 15], cols even → (rows, cols // 2) uint8."""
-    u = (codes.to(torch.int16) - qmin).to(torch.uint8)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor, qmin: int) -> torch.Tensor:
-    """Inverse of pack_int4: (rows, cols // 2) uint8 → (rows, cols) int16 codes."""
-    lo, hi = (packed & 0xF).to(torch.int16), (packed >> 4).to(torch.int16)
-    return torch.stack((lo, hi), dim=-1).flatten(-2) + qmin
 
 
 def _sha256(path: Path) -> str:
@@ -53,14 +42,19 @@ def _layer_tensors(i: int, layer: QuantDecoderLayer) -> dict[str, torch.Tensor]:
     spec = layer.qcfg.weight_spec()
     out = {}
     for key, value in layer.state_dict().items():
-        name = key[2:] if key.startswith("w_") else None
-        if name is not None and spec.enabled:
+        if key.startswith(("w_", "c_", "s_", "z_")) and key[2:] in layer.wq:
+            continue  # weights are written below, as codes when quantized (stored or packed in the layer)
+        if value is not None:
+            out[f"layers.{i}.{key}"] = value
+    for name in layer.wq:
+        key = f"w_{name}"
+        if spec.enabled:
             codes, scale, zero = layer.weight_codes(name)
             packed = spec.bits == 4 and codes.shape[1] % 2 == 0
             out[f"layers.{i}.{key}.codes"] = pack_int4(codes, spec.qmin) if packed else codes
             out[f"layers.{i}.{key}.scale"], out[f"layers.{i}.{key}.zero"] = scale.float(), zero.float()
-        elif value is not None:
-            out[f"layers.{i}.{key}"] = value
+        else:
+            out[f"layers.{i}.{key}"] = getattr(layer, key)
     return out
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from flatquant.adapters import LayerParts
 from flatquant.gptq import HessianAccumulator, gptq_quantize, rtn_fit_qdq
-from flatquant.quantizers import Quantizer, quantize
+from flatquant.quantizers import Quantizer, pack_int4, quantize, unpack_int4
 from flatquant.spec import QuantConfig
 from flatquant.transforms import KronTransform, cached_matrices, kron_apply
 
@@ -36,6 +36,7 @@ SLOTS = ("qkv", "upgate", "down", "heads", "v", "k")
 LINEAR_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "upgate", "up": "upgate", "down": "down"}
 INPUT_GROUP = {**LINEAR_INPUT, "o": "o"}  # linears that read the same quantized activation
 GROUP_LEADER = {"q", "o", "gate", "down"}  # the first linear of each input group observes its input
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "upgate": ("gate", "up"), "down": ("down",)}  # same quantized input
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,11 +68,14 @@ class QuantDecoderLayer(nn.Module):
         self.eps1, self.eps2 = _norm_eps(parts.input_norm), _norm_eps(parts.post_norm)
         self.qcfg = qcfg
         self.merged = False
+        self.packed = False  # pack(): weights kept as integer codes (4-bit: two per byte) plus scale/zero
+        self.kernels: nn.ModuleDict | None = None  # use_kernels(): one QuantLinear per input group (real W4A4)
         self.observers: dict[str, object] | None = None  # input group → HessianAccumulator, for GPTQ
         self.weight_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name → (scale, zero) after merge
         self.norm1 = nn.Parameter(parts.input_norm.weight.detach().float().clone(), requires_grad=False)
         self.norm2 = nn.Parameter(parts.post_norm.weight.detach().float().clone(), requires_grad=False)
         self.q_norm, self.k_norm = parts.q_norm, parts.k_norm
+        self.out_features = {n: lin.weight.shape[0] for n, lin in parts.linears.items()}
         for name, lin in parts.linears.items():
             self.register_buffer(f"w_{name}", lin.weight.detach().float().clone())
             bias = None if lin.bias is None else lin.bias.detach().float().clone()
@@ -129,6 +133,8 @@ class QuantDecoderLayer(nn.Module):
         return b.to(dtype)
 
     def weights(self) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return {n: self._dequant(n) for n in self.wq}
         if self.merged:
             return {n: getattr(self, f"w_{n}") for n in self.wq}
         return {n: self.wq[n](self.transformed_weight(n)) for n in self.wq}
@@ -143,14 +149,19 @@ class QuantDecoderLayer(nn.Module):
         return norm.to(dtype) / t.diag.to(dtype)
 
     def _online(self, slot: str, x: torch.Tensor) -> torch.Tensor:
-        """x·P for the slot's transform (the diagonal scale is already in the norm or up_proj)."""
+        """x·P for the slot's transform (the diagonal scale is already in the norm or up_proj); for o_proj's
+        input the head transform, x·(H ⊗ I)."""
+        if slot == "o":
+            th = self.t("heads")
+            return x if th is None else kron_apply(x, th.dense(False), None).to(x.dtype)
         t = self.t(slot)
         return x if t is None else t.apply(x)
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         with cached_matrices(self.transforms.values(), enabled=not self.merged):
-            w = self.weights()
-            bias = {n: self.bias(n) for n in self.wq}
+            fake = self.kernels is None
+            w = self.weights() if fake else None
+            bias = {n: self.bias(n) for n in self.wq} if fake else None
             dtype = hidden_states.dtype
 
             def lin(x, n):
@@ -158,17 +169,23 @@ class QuantDecoderLayer(nn.Module):
                     self.observers.setdefault(INPUT_GROUP[n], HessianAccumulator(x.shape[-1], x.device)).add_batch(x)
                 return F.linear(x, w[n].to(dtype), None if bias[n] is None else bias[n].to(dtype))
 
+            def group(slot, x):
+                """Online transform, activation quantizer and the linears that read the result."""
+                if not fake:
+                    return self.kernels[slot](x).split([self.out_features[n] for n in GROUPS[slot]], dim=-1)
+                x = self.aq[slot](self._online(slot, x))
+                return [lin(x, n) for n in GROUPS[slot]]
+
             h = rms_norm(hidden_states, self.norm_weight("qkv", dtype), self.eps1)
-            x = self.aq["qkv"](self._online("qkv", h))
-            attn = self._attention(lin(x, "q"), lin(x, "k"), lin(x, "v"), position_embeddings, attention_mask)
-            hidden_states = hidden_states + lin(attn, "o")
+            attn = self._attention(*group("qkv", h), position_embeddings, attention_mask)
+            hidden_states = hidden_states + group("o", attn)[0]
             h = rms_norm(hidden_states, self.norm_weight("upgate", dtype), self.eps2)
-            x = self.aq["upgate"](self._online("upgate", h))
-            m = F.silu(lin(x, "gate")) * lin(x, "up")
-            return hidden_states + lin(self.aq["down"](self._online("down", m)), "down")
+            gate, up = group("upgate", h)
+            return hidden_states + group("down", F.silu(gate) * up)[0]
 
     def _attention(self, q, k, v, position_embeddings, attention_mask):
-        """q: (b, s, heads·hd), k/v: (b, s, kv_heads·hd) → quantized o_proj input (b, s, heads·hd)."""
+        """q: (b, s, heads·hd), k/v: (b, s, kv_heads·hd) → attention output (b, s, heads·hd), before o_proj's
+        head transform and quantizer."""
         b, s, _ = q.shape
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
@@ -185,11 +202,7 @@ class QuantDecoderLayer(nn.Module):
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1)
-        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-        th = self.t("heads")
-        if th is not None:
-            out = kron_apply(out, th.dense(False), None).to(out.dtype)
-        return self.aq["o"](out)
+        return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
     # ---- merge -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -240,6 +253,12 @@ class QuantDecoderLayer(nn.Module):
 
     def weight_codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer codes (out, in) int8 of a merged quantized weight, with scale and zero (out,) or (out, groups)."""
+        if self.kernels is not None:
+            raise ValueError("the layer runs on the W4A4 kernels (use_kernels); its codes live in self.kernels")
+        if self.packed:
+            c, spec = getattr(self, f"c_{name}"), self.qcfg.weight_spec()
+            codes = unpack_int4(c, spec.qmin) if c.dtype == torch.uint8 else c
+            return codes.to(torch.int8), getattr(self, f"s_{name}"), getattr(self, f"z_{name}")
         if name not in self.weight_qparams:
             raise ValueError(f"weight {name!r} has no recorded quantization parameters (not quantized, or GPTQ act-order with groups)")
         scale, zero = self.weight_qparams[name]
@@ -247,6 +266,96 @@ class QuantDecoderLayer(nn.Module):
         g = w.view(w.shape[0], scale.shape[1] if scale.dim() == 2 else 1, -1)
         s, z = scale.view(w.shape[0], -1, 1), zero.view(w.shape[0], -1, 1)
         return (torch.round(g / s) + z).reshape(w.shape).to(torch.int8), scale, zero
+
+    # ---- compact storage and the real 4-bit path ---------------------------------------------------
+    @torch.no_grad()
+    def pack(self) -> bool:
+        """Keep each quantized weight only as its integer codes (two 4-bit codes per byte) with scale and
+        zero: 1/8 of the float32 storage. forward dequantizes them to exactly the values merge() stored.
+        Returns False (and changes nothing) when the weights are not quantized or have no code layout."""
+        spec = self.qcfg.weight_spec()
+        if self.packed:
+            return True
+        if not self.merged or not spec.enabled or any(n not in self.weight_qparams for n in self.wq):
+            return False
+        for n in self.wq:
+            codes, scale, zero = self.weight_codes(n)
+            packed = spec.bits == 4 and codes.shape[1] % 2 == 0
+            setattr(self, f"w_{n}", None)
+            self.register_buffer(f"c_{n}", pack_int4(codes, spec.qmin) if packed else codes)
+            self.register_buffer(f"s_{n}", scale.float().contiguous())
+            self.register_buffer(f"z_{n}", zero.float().contiguous())
+        self.weight_qparams = {}
+        self.packed = True
+        return True
+
+    def _dequant(self, name: str) -> torch.Tensor:
+        """(q − zero)·scale in float32, the same operations `_rtn` used, so the values are identical."""
+        codes, scale, zero = self.weight_codes(name)
+        rows = codes.shape[0]
+        g = codes.view(rows, scale.shape[1] if scale.dim() == 2 else 1, -1).float()
+        return ((g - zero.view(rows, -1, 1)) * scale.view(rows, -1, 1)).reshape(codes.shape)
+
+    def kernel_support(self) -> str:
+        """Why the W4A4 kernels cannot run this layer ('' when they can)."""
+        w, a = self.qcfg.weight_spec(), self.qcfg.act_spec()
+        if not self.merged:
+            return "the layer is not merged"
+        if (w.bits, w.sym, w.granularity) != (4, True, "channel"):
+            return f"the kernels take 4-bit symmetric per-channel weights, not {w}"
+        if a.bits != 4:
+            return f"the kernels take 4-bit activations, not {a.bits}-bit"
+        if any(n not in self.weight_qparams for n in self.wq) and not self.packed:
+            return "the weights have no integer codes (GPTQ act-order with groups)"
+        for slot, t in self.transforms.items():
+            if slot in ("qkv", "upgate", "down") and (t.left is None) != (t.right is None):
+                return f"transform {slot!r} has one Kronecker factor; the kernel needs both or neither"
+        return ""
+
+    @torch.no_grad()
+    def use_kernels(self) -> None:
+        """Run the four linear groups (qkv, o, up+gate, down) as QuantLinear: one fused kernel for the online
+        transform and per-token 4-bit quantization, one W4A4 GEMM (kernels/). The float and packed weights are
+        dropped (the kernels hold the only copy). Attention and the K/V quantizers stay in PyTorch."""
+        from kernels.kron_quant import kron_factors, pack_int4 as pack_signed
+        from kernels.qlinear import QuantLinear
+
+        why = self.kernel_support()
+        if why:
+            raise ValueError(f"use_kernels: {why}")
+        spec = self.qcfg.act_spec()
+        modules = {}
+        for slot, names in GROUPS.items():
+            codes = torch.cat([self.weight_codes(n)[0] for n in names]).to(torch.int32)
+            scale = torch.cat([self.weight_codes(n)[1] for n in names]).float()
+            biases = [getattr(self, f"b_{n}") for n in names]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [torch.zeros(self.out_features[n], device=codes.device) if b is None else b.float() for n, b in zip(names, biases)])
+            if slot == "o":
+                th = self.t("heads")
+                L = th.dense(False) if th is not None else torch.eye(self.num_heads)
+                R = torch.eye(self.head_dim)
+            elif self.t(slot) is not None and self.t(slot).left is not None:
+                L, R = self.t(slot).matrices(False)
+            else:
+                L, R = (torch.eye(k) for k in kron_factors(codes.shape[1]))
+            clip = self.aq[slot].clip()
+            act_clip = (1.0 if clip is None else float(clip)) * spec.clip_ratio
+            layer = QuantLinear(codes.shape[1], codes.shape[0], act_clip, spec.sym, L.shape[0], True, bias is not None)
+            layer.qweight.copy_(pack_signed(codes))
+            layer.wscale.copy_(scale.view(-1))
+            layer.wsum.copy_(codes.sum(dim=1, dtype=torch.int32))
+            layer.L.copy_(L.float())
+            layer.R.copy_(R.float())
+            if bias is not None:
+                layer.bias.copy_(bias)
+            modules[slot] = layer.to(codes.device)
+        for n in self.wq:
+            for prefix in ("w_", "c_", "s_", "z_"):
+                if hasattr(self, prefix + n):
+                    setattr(self, prefix + n, None)
+        self.weight_qparams = {}
+        self.kernels = nn.ModuleDict(modules)
 
     @torch.no_grad()
     def gptq_weights(self, hessians: dict, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False) -> None:

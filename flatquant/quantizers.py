@@ -148,3 +148,16 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec}, learnable_clip={self.clip_logit is not None}"
+
+
+def pack_int4(codes: torch.Tensor, qmin: int) -> torch.Tensor:
+    """(rows, cols) integer codes in [qmin, qmin + 15], cols even → (rows, cols // 2) uint8 (offset binary,
+    low nibble = even column)."""
+    u = (codes.to(torch.int16) - qmin).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, qmin: int) -> torch.Tensor:
+    """Inverse of pack_int4: (rows, cols // 2) uint8 → (rows, cols) int16 codes."""
+    lo, hi = (packed & 0xF).to(torch.int16), (packed >> 4).to(torch.int16)
+    return torch.stack((lo, hi), dim=-1).flatten(-2) + qmin

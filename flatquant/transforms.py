@@ -128,7 +128,8 @@ class KronTransform(nn.Module):
         self.n = n
         self.left, self.right = left, right
         self.diag = nn.Parameter(torch.ones(n)) if add_diag else None
-        self._frozen: dict[bool, tuple] | None = None
+        self._frozen: dict[bool, tuple] | None = None  # per-forward cache (cached_matrices)
+        self.is_frozen = False  # freeze() stores the matrices as buffers, so .to() moves them with the layer
 
     @classmethod
     def diagonal(cls, scale: torch.Tensor) -> "KronTransform":
@@ -157,6 +158,8 @@ class KronTransform(nn.Module):
     def matrices(self, inv_t: bool = False, dtype: torch.dtype | None = None):
         if self._frozen is not None and dtype in (None, torch.float32):
             return self._frozen[inv_t]
+        if self.is_frozen and dtype in (None, torch.float32):
+            return tuple(getattr(self, f"frozen_{int(inv_t)}_{side}") for side in ("left", "right"))
         return tuple(None if f is None else f.matrix(inv_t, dtype) for f in (self.left, self.right))
 
     def dense(self, inv_t: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -191,9 +194,13 @@ class KronTransform(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Compute both matrix pairs once (in float64, then float32) for evaluation."""
-        self._frozen = {inv: tuple(None if m is None else m.float() for m in ms)
-                        for inv, ms in self.both_matrices(torch.float64).items()}
+        """Compute both matrix pairs once (in float64, then float32) for evaluation.
+
+        They become non-persistent buffers: moved by .to() (layer offloading), absent from state_dict."""
+        for inv, ms in self.both_matrices(torch.float64).items():
+            for side, m in zip(("left", "right"), ms):
+                self.register_buffer(f"frozen_{int(inv)}_{side}", None if m is None else m.float(), persistent=False)
+        self.is_frozen = True
 
 
 @contextmanager
@@ -203,7 +210,7 @@ def cached_matrices(transforms, enabled: bool = True):
     A layer's forward uses the qkv transform's P for the activation and P⁻ᵀ for three weights; caching
     saves the repeated Cayley solves.
     """
-    todo = [t for t in transforms if t._frozen is None] if enabled else []
+    todo = [t for t in transforms if t._frozen is None and not t.is_frozen] if enabled else []
     for t in todo:
         t._frozen = t.both_matrices()
     try:

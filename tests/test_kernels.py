@@ -142,6 +142,44 @@ def test_quant_linear_torch_path_matches_float64_fake_quant(sym, kron):
     assert layer(x).shape == (2, 13, N)
 
 
+def _quantized_tiny_llama(a_sym: bool, method: str = "flatquant"):
+    """A 2-layer random LLaMA, W4A4KV4 with the method's untrained start transforms, merged (float32, CPU)."""
+    from conftest import random_llama
+    from flatquant.calibrate import CalibConfig, quantize_model
+    from flatquant.methods import get_method
+    from flatquant.spec import QuantConfig
+
+    model = random_llama(hidden=128, inter=192, heads=4, kv_heads=2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, ids, get_method(method), QuantConfig(a_sym=a_sym), CalibConfig(epochs=0, batch_size=2))
+    return model
+
+
+@needs_triton
+@pytest.mark.parametrize("a_sym,method", [(True, "flatquant"), (False, "flatquant"), (True, "rtn")])
+def test_decoder_layers_on_kernels_match_fake_quant(a_sym, method):
+    """use_kernels() swaps the four linear groups for QuantLinear: logits equal the fake-quant model's up to
+    the rare activation that rounds the other way (different summation order)."""
+    import copy
+
+    from flatquant.adapters import adapter_for
+
+    model = _quantized_tiny_llama(a_sym, method)
+    real = copy.deepcopy(model)
+    for layer in adapter_for(real).layers(real):
+        layer.use_kernels()
+        assert all(getattr(layer, f"w_{n}") is None for n in layer.wq)  # the kernels hold the only copy
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    model, real = model.to(DEVICE, dtype), real.to(DEVICE, dtype)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        ref, out = model(ids).logits.float(), real(ids).logits.float()
+    assert torch.isfinite(out).all()
+    assert float((out - ref).norm() / ref.norm()) < 2e-2
+    per_token = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert float(per_token.median()) < (1e-2 if dtype == torch.float16 else 1e-4)  # most tokens: no flip at all
+
+
 def test_pack_unpack_roundtrip_and_factors():
     q = torch.randint(-8, 8, (5, 14))
     assert torch.equal(unpack_int4(pack_int4(q), True), q.int())

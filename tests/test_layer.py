@@ -88,3 +88,40 @@ def test_16bit_identity_model_perplexity_equals_fp(smollm2):
     assert isinstance(adapter_for(quant).layers(quant)[0], QuantDecoderLayer)
     assert abs(perplexity(quant, windows) / fp - 1) < 1e-5
     assert 5 < fp < 200
+
+
+def _calibrated_tiny(wquant="rtn", seed=0):
+    """A 2-layer random LLaMA calibrated by FlatQuant (one epoch) at W4A4KV4, merged."""
+    model = random_llama(seed=seed)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(seed))
+    quantize_model(model, ids, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2, wquant=wquant))
+    return model
+
+
+@pytest.mark.parametrize("wquant", ["rtn", "gptq"])
+def test_packed_weights_give_identical_outputs_in_an_eighth_of_the_memory(wquant):
+    model = _calibrated_tiny(wquant)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    layers = adapter_for(model).layers(model)
+    float_weights = {n: getattr(layers[0], f"w_{n}").clone() for n in layers[0].wq}
+    codes_before = {n: layers[0].weight_codes(n)[0] for n in layers[0].wq}
+    with torch.no_grad():
+        ref = model(ids).logits
+        before = sum(b.nbytes for b in layers[0].buffers() if b is not None)
+        assert all(layer.pack() for layer in layers)
+        after = sum(b.nbytes for b in layers[0].buffers() if b is not None)
+        out = model(ids).logits
+    assert torch.equal(out, ref)
+    for n, w in float_weights.items():
+        assert torch.equal(layers[0]._dequant(n), w)
+        assert torch.equal(layers[0].weight_codes(n)[0], codes_before[n])
+    weight_bytes = sum(w.nbytes for w in float_weights.values())
+    assert before - after > 0.8 * weight_bytes  # 4-bit codes + scales instead of float32
+
+
+def test_pack_refuses_unquantized_layers():
+    model = random_llama()
+    quantize_model(model, torch.zeros(0, 0, dtype=torch.long), get_method("fp16"), FP, CalibConfig())
+    layer = adapter_for(model).layers(model)[0]
+    assert layer.pack() is False and not layer.packed
+    assert "4-bit symmetric per-channel" in layer.kernel_support()
