@@ -8,7 +8,8 @@ For layer i: the full-precision layer maps its inputs X_i to targets Y_i (and ac
 the diagonal-scale start are taken on the way); a QuantDecoderLayer is built around the same weights,
 its transform and clip parameters are trained to minimise MSE(Y_i, layer_q(X_i)) (paper §3.3: AdamW,
 cosine decay, clip factors at 10× the learning rate), then merged and swapped into the model, and
-X_{i+1} = Y_i. Each finished layer's parameters are saved at once (safetensors + manifest), so a killed
+X_{i+1} = Y_i. Only the layer being calibrated is on the GPU: a model whose layers are in CPU memory
+(flatquant.offload) gets each quantized layer back there, its weights packed to 4-bit codes. Each finished layer's parameters are saved at once (safetensors + manifest), so a killed
 run resumes at the next layer; a NaN loss retries the layer at a tenth of the learning rate, then falls
 back to the untrained start, and the report records which layers did so.
 """
@@ -226,8 +227,10 @@ def quantize_model(
     ccfg: CalibConfig,
     ckpt_dir: str | Path | None = None,
     on_layer: Callable[[LayerReport, dict], None] | None = None,
+    pack: bool = True,
 ) -> list[LayerReport]:
-    """Replace every decoder layer of `model` (in place) by its calibrated, merged QuantDecoderLayer."""
+    """Replace every decoder layer of `model` (in place) by its calibrated, merged QuantDecoderLayer
+    (pack=True: quantized weights kept as 4-bit codes, see QuantDecoderLayer.pack)."""
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     store = LayerStore(ckpt_dir, config_key(method, qcfg, replace(ccfg, device="", storage="auto"), samples.shape, int(samples.sum())))
@@ -238,7 +241,7 @@ def quantize_model(
     reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method.name}", unit="layer")
     for i in bar:
-        report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar)
+        report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar, pack)
         if ccfg.needs_data(method):
             inps, spare = state.pop("_targets"), inps  # this layer's targets are the next one's inputs
         reports.append(report)
@@ -247,10 +250,11 @@ def quantize_model(
     return reports
 
 
-def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar):
+def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar, pack):
     t0 = time.time()
     inps, spare = buffers
     device = torch.device(ccfg.device)
+    home = next(layers[i].parameters()).device  # an offloaded model keeps its layers on the CPU: so will we
     layer = layers[i].to(device=device, dtype=torch.float32)  # targets and training in fp32 whatever the model dtype
     parts = adapter.parts(layer, model.config)
     stats, targets = {}, None
@@ -271,7 +275,9 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     if saved is None:
         store.save(i, state, report)
     _merge(qlayer, inps, pe, ccfg)
-    layers[i] = qlayer
+    if pack:
+        qlayer.pack()  # 4-bit codes instead of float32 weights where the weights are quantized
+    layers[i] = qlayer.to(home)
     if targets is not None:
         state["_targets"] = targets
     return report, state

@@ -56,6 +56,16 @@ def _norm_eps(norm: nn.Module) -> float:
     return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
 
+def kernel_unsupported(qcfg: QuantConfig) -> str:
+    """Why the W4A4 kernels (kernels/) cannot run layers quantized with `qcfg` ('' when they can)."""
+    w, a = qcfg.weight_spec(), qcfg.act_spec()
+    if (w.bits, w.sym, w.granularity) != (4, True, "channel"):
+        return f"the W4A4 kernels take 4-bit symmetric per-channel weights (quant.w_bits=4, w_sym=true, w_group_size=0), not {w}"
+    if a.bits != 4:
+        return f"the W4A4 kernels take 4-bit activations (quant.a_bits=4), not {a.bits}-bit"
+    return ""
+
+
 class QuantDecoderLayer(nn.Module):
     """Drop-in replacement for a transformers decoder layer (forward returns the hidden states)."""
 
@@ -298,13 +308,10 @@ class QuantDecoderLayer(nn.Module):
 
     def kernel_support(self) -> str:
         """Why the W4A4 kernels cannot run this layer ('' when they can)."""
-        w, a = self.qcfg.weight_spec(), self.qcfg.act_spec()
         if not self.merged:
             return "the layer is not merged"
-        if (w.bits, w.sym, w.granularity) != (4, True, "channel"):
-            return f"the kernels take 4-bit symmetric per-channel weights, not {w}"
-        if a.bits != 4:
-            return f"the kernels take 4-bit activations, not {a.bits}-bit"
+        if kernel_unsupported(self.qcfg):
+            return kernel_unsupported(self.qcfg)
         if any(n not in self.weight_qparams for n in self.wq) and not self.packed:
             return "the weights have no integer codes (GPTQ act-order with groups)"
         for slot, t in self.transforms.items():

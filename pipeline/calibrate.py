@@ -34,13 +34,19 @@ def run(cfg: dict, ctx) -> dict[str, float]:
 
     adapter = adapter_for(ctx.model)
     fp_layer0 = copy.deepcopy(adapter.layers(ctx.model)[0]).float() if samples.numel() else None
+    if ctx.offload is not None:
+        ctx.offload.remove()  # calibration moves one layer at a time itself; the quantized layers come back to the CPU
     reports = quantize_model(ctx.model, samples, ctx.method, ctx.qcfg, ctx.ccfg, ctx.calib_dir, on_layer)
     plots = Path(cfg["results_dir"]) / "plots" / ctx.calib_dir.name
     paths = figures.calibration_figures(reports, plots)
     if fp_layer0 is not None:
         with torch.no_grad():
             x = adapter.embed(ctx.model)(samples[:1].to(ctx.device)).float()[0]
-        paths.append(figures.flatness_figure(fp_layer0.to(ctx.device), adapter.layers(ctx.model)[0], ctx.model.config, x, plots))
+        qlayer0 = adapter.layers(ctx.model)[0]
+        home = next(qlayer0.buffers()).device
+        paths.append(figures.flatness_figure(fp_layer0.to(ctx.device), qlayer0.to(ctx.device), ctx.model.config, x, plots))
+        qlayer0.to(home)
+    ctx.restream()
     if ctx.tracker is not None:
         ctx.tracker.artifact(ctx.calib_dir, "calibration")
         for path in paths:

@@ -15,8 +15,10 @@ import torch
 from flatquant import data
 from flatquant.calibrate import CalibConfig
 from flatquant.adapters import adapter_for
+from flatquant.layer import QuantDecoderLayer, kernel_unsupported
 from flatquant.methods import check_model, get_method
 from flatquant.model import load_model, resolve_path
+from flatquant.offload import LayerOffload, model_bytes
 from flatquant.spec import QuantConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,14 +52,56 @@ class Context:
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype = DTYPES[dtype] if self.device != "cpu" else torch.float32
+        offload, kernels = cfg.get("offload", "auto"), cfg.get("kernels", False)
+        if offload not in ("auto", True, False):
+            raise ValueError(f"offload must be auto, true or false, got {offload!r}")
+        if kernels not in (True, False):
+            raise ValueError(f"kernels must be true or false, got {kernels!r}")
+        if kernels and not self.device.startswith("cuda"):
+            raise ValueError("kernels=true runs the W4A4 Triton kernels, which need a CUDA GPU (device=cuda)")
+        if kernels and (not self.method.quantizes or kernel_unsupported(self.qcfg)):
+            why = kernel_unsupported(self.qcfg) or f"method {self.method.name} does not quantize"
+            raise ValueError(f"kernels=true: {why}")
+        self.offload: LayerOffload | None = None
 
     @cached_property
     def loaded(self):
+        """(model, tokenizer), loaded into CPU memory first; the whole model then moves to the device, or,
+        when it would not fit (offload=auto) or offload=true, only its embeddings and head do and the decoder
+        layers stream through the GPU one at a time (flatquant.offload)."""
         m = self.cfg["model"]
-        model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, self.device)
+        model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, "cpu")
         adapter_for(model)  # an unsupported architecture fails here, before any evaluation
         check_model(self.method, model.config)  # so does a size the method's transforms cannot factor
+        if self.wants_offload(model_bytes(model)):
+            self.offload = LayerOffload(model, self.device)
+        else:
+            model.to(self.device)
         return model, tokenizer
+
+    def wants_offload(self, nbytes: int) -> bool:
+        offload = self.cfg.get("offload", "auto")
+        if not self.device.startswith("cuda") or offload is False:
+            return False
+        return offload is True or nbytes > 0.8 * torch.cuda.mem_get_info(torch.device(self.device))[0]
+
+    def restream(self) -> None:
+        """After calibration replaced the layers: stream the new ones (offloading only)."""
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = LayerOffload(self.model, self.device)
+
+    def eval_model(self):
+        """The model for evaluation: with kernels=true its quantized layers run on the W4A4 kernels."""
+        model = self.model
+        if self.cfg.get("kernels", False):
+            layers = adapter_for(model).layers(model)
+            todo = [layer for layer in layers if isinstance(layer, QuantDecoderLayer) and layer.kernels is None]
+            for layer in todo:
+                layer.use_kernels()
+            if todo:
+                self.restream()
+        return model
 
     @property
     def model(self):

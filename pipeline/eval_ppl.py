@@ -13,15 +13,15 @@ from flatquant.data import EVAL_WINDOW_CAP, eval_windows
 from flatquant.evaluate import perplexity
 
 
-def _ppl(cfg: dict, ctx, name: str, desc: str) -> float:
+def _ppl(cfg: dict, ctx, name: str, desc: str, model) -> float:
     e = cfg["eval"]
     cap = min(filter(None, (e["max_windows"], EVAL_WINDOW_CAP.get(name))), default=None)
     windows = eval_windows(ctx.tokens(name, "test"), e["seqlen"], cap)
-    return perplexity(ctx.model, windows, ctx.device, e["batch_size"], desc=f"{desc} {name}")
+    return perplexity(model, windows, ctx.device, e["batch_size"], desc=f"{desc} {name}")
 
 
 def run(cfg: dict, ctx) -> dict[str, float]:
-    return {f"eval_ppl/{n}/ppl": _ppl(cfg, ctx, n, "ppl") for n in cfg["data"]["eval_datasets"]}
+    return {f"eval_ppl/{n}/ppl": _ppl(cfg, ctx, n, "ppl", ctx.eval_model()) for n in cfg["data"]["eval_datasets"]}
 
 
 def baseline(cfg: dict, ctx) -> dict[str, float]:
@@ -30,7 +30,7 @@ def baseline(cfg: dict, ctx) -> dict[str, float]:
     cache = Path(".cache/baseline") / f"{cfg['model']['name']}_{ctx.key('model', 'data', 'eval')}_{ctx.device}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    out = {f"eval_ppl/{n}/ppl_fp": _ppl(cfg, ctx, n, "ppl fp") for n in cfg["data"]["eval_datasets"]}
+    out = {f"eval_ppl/{n}/ppl_fp": _ppl(cfg, ctx, n, "ppl fp", ctx.model) for n in cfg["data"]["eval_datasets"]}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
     return out

@@ -9,19 +9,20 @@ from __future__ import annotations
 from flatquant.qa import evaluate_qa
 
 
-def _scores(cfg: dict, ctx, suffix: str) -> dict[str, float]:
+def _scores(cfg: dict, ctx, suffix: str, model) -> dict[str, float]:
     e = cfg["eval"]
     tasks = list(e.get("qa_tasks") or [])
     if not tasks:
         return {}
-    scores = evaluate_qa(ctx.model, ctx.tokenizer, tasks, cfg["data"].get("root"), e.get("qa_limit"),
-                         e.get("qa_batch_size", 8), ctx.device, e["seqlen"])
+    # the model is already placed (on the device, or streamed layer by layer): lm-eval follows its embeddings
+    scores = evaluate_qa(model, ctx.tokenizer, tasks, cfg["data"].get("root"), e.get("qa_limit"),
+                         e.get("qa_batch_size", 8), None, e["seqlen"])
     return {f"eval_qa/{task}/acc{suffix}": v for task, v in scores.items()}
 
 
 def run(cfg: dict, ctx) -> dict[str, float]:
-    return _scores(cfg, ctx, "")
+    return _scores(cfg, ctx, "", ctx.eval_model())
 
 
 def baseline(cfg: dict, ctx) -> dict[str, float]:
-    return _scores(cfg, ctx, "_fp") if cfg["eval"].get("qa_baseline", False) else {}
+    return _scores(cfg, ctx, "_fp", ctx.model) if cfg["eval"].get("qa_baseline", False) else {}

@@ -43,5 +43,6 @@ def flatness_figure(fp_layer, qlayer: QuantDecoderLayer, config, x: torch.Tensor
     weights = {"original": w, "smoothquant": w * d, "hadamard": rot.apply(w, inv_t=True)}
     if t is not None:
         acts["flatquant"] = t.apply(rms_norm(x, qlayer.norm1, qlayer.eps1))
-        weights["flatquant"] = torch.cat([qlayer.w_q, qlayer.w_k, qlayer.w_v])
+        w = qlayer.weights()
+        weights["flatquant"] = torch.cat([w["q"], w["k"], w["v"]])
     return flatness_plot(acts, weights, out_dir, title="layer 0 q/k/v input: flatness")

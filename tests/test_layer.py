@@ -94,7 +94,7 @@ def _calibrated_tiny(wquant="rtn", seed=0):
     """A 2-layer random LLaMA calibrated by FlatQuant (one epoch) at W4A4KV4, merged."""
     model = random_llama(seed=seed)
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(seed))
-    quantize_model(model, ids, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2, wquant=wquant))
+    quantize_model(model, ids, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2, wquant=wquant), pack=False)
     return model
 
 

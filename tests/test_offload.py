@@ -1,0 +1,68 @@
+"""Layer offloading: the same logits with the layers streamed from CPU memory, and at most two on the GPU."""
+
+import pytest
+import torch
+
+from conftest import random_llama
+from flatquant.adapters import adapter_for
+from flatquant.calibrate import CalibConfig, quantize_model
+from flatquant.methods import get_method
+from flatquant.offload import LayerOffload, model_bytes
+from flatquant.spec import QuantConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer_devices(model):
+    return {t.device.type for layer in adapter_for(model).layers(model) for t in layer.state_dict().values()}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_offloaded_model_gives_the_same_logits_and_keeps_layers_on_cpu(quantized):
+    model = random_llama(layers=3)
+    if quantized:
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        quantize_model(model, ids, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=0, batch_size=2))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        off = LayerOffload(model, DEVICE)
+        out = model(ids.to(DEVICE)).logits.cpu()
+        out2 = model(ids.to(DEVICE)).logits.cpu()
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5) and torch.equal(out, out2)
+    assert _layer_devices(model) == {"cpu"}  # nothing left on the device after a forward
+    assert off.copies >= 2 * 3  # every layer copied in once per forward (plus a prefetch of layer 0)
+    assert adapter_for(model).embed(model).weight.device.type == DEVICE
+    off.remove()
+    with torch.no_grad():
+        model.to("cpu")
+        assert torch.allclose(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_model_returns_layers_to_where_they_were():
+    """Calibrating a model whose layers are on the CPU leaves the quantized (packed) layers on the CPU."""
+    model = random_llama(layers=2)
+    before = model_bytes(model)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    LayerOffload(model, DEVICE).remove()  # the state offloading leaves: layers on the CPU, the rest on DEVICE
+    quantize_model(model, ids, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2, device=DEVICE))
+    layers = adapter_for(model).layers(model)
+    assert _layer_devices(model) == {"cpu"} and all(layer.packed for layer in layers)
+    layer_bytes = sum(t.nbytes for layer in layers for t in layer.state_dict().values())
+    assert layer_bytes < 0.5 * before  # 4-bit codes (the fp32 originals are gone)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_peak_memory_is_two_layers():
+    model = random_llama(layers=8, hidden=1024, inter=4096, heads=8, kv_heads=8).half()
+    per_layer = model_bytes(adapter_for(model).layers(model)[0])
+    LayerOffload(model, "cuda")
+    ids = torch.randint(0, 256, (1, 64), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        model(ids)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 3 * per_layer
