@@ -1,0 +1,130 @@
+"""Time a whole decoder layer in real W4A4 (QuantDecoderLayer on the kernels) against the fp16 layer.
+
+Usage::
+
+    python -m kernels.bench_layer --shape 4096,14336,32,8,128 --out results/bench
+
+    from kernels.bench_layer import bench_decoder_layer
+    res = bench_decoder_layer(4096, 14336, 32, 8, 128)
+
+Both layers get the same random weights (transformers' LlamaDecoderLayer, fp16). Ours is FlatQuant's:
+Kronecker transforms at their untrained start, merged, weights RTN 4-bit, then `use_kernels()`, so
+qkv / o / up+gate / down each run one fused transform+quantize kernel and one W4A4 GEMM; RMSNorm,
+RoPE, the K transform, K/V fake quantization and attention stay in PyTorch. Prefill: seq 2048 at
+batch 1, 4, 16. Decode: one token per sequence at batch 1, 16, 64 with no KV cache (both layers alike:
+the attention over a cache is not part of this comparison). Every call is replayed from a CUDA graph
+(`do_bench_cudagraph`, medians) over input sets rotated so that caches do not flatter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+PREFILL = ((1, 2048), (4, 2048), (16, 2048))
+DECODE = ((1, 1), (16, 1), (64, 1))
+
+
+def build_layers(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, device="cuda"):
+    """(fp16 transformers layer, W4A4 QuantDecoderLayer on the kernels, its fake-quant twin, rotary module)."""
+    import copy
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from flatquant.adapters import adapter_for
+    from flatquant.layer import QuantDecoderLayer
+    from flatquant.methods import get_method, slot_inputs
+    from flatquant.spec import QuantConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=num_heads,
+                      num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=1)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    fp = LlamaDecoderLayer(cfg, layer_idx=0).to(device, torch.float32)
+    with torch.no_grad():
+        for p in fp.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    parts = adapter_for(cfg).parts(fp, cfg)
+    stats = {slot: torch.ones(lin.weight.shape[1], device=device) for slot, lin in slot_inputs(parts).items()}
+    transforms = get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0))
+    fake = QuantDecoderLayer(parts, QuantConfig(), transforms).to(device)
+    fake.merge()
+    fake.pack()
+    real = copy.deepcopy(fake)
+    real.use_kernels()
+    return fp.half(), real, fake, LlamaRotaryEmbedding(cfg).to(device)
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def bench_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                        out_dir: str | None = "results/bench", shapes=PREFILL + DECODE) -> dict:
+    import triton.testing
+
+    fp, real, fake, rotary = build_layers(hidden, intermediate, num_heads, num_kv_heads, head_dim)
+    rows = []
+    for batch, seq in shapes:
+        n_sets = 1 if batch * seq >= 8192 else 4
+        xs = [torch.randn(batch, seq, hidden, device="cuda", dtype=torch.float16) for _ in range(n_sets)]
+        pos = torch.arange(seq, device="cuda").unsqueeze(0)
+        pe = tuple(t.half() for t in rotary(xs[0], pos))
+        row = {"phase": "prefill" if seq > 1 else "decode", "batch": batch, "seq": seq}
+        with torch.no_grad():
+            y_fp, y_real, y_fake = (_out(m(xs[0], position_embeddings=pe)).float() for m in (fp, real, fake))
+            row["rel_err_vs_fake_quant"] = float((y_real - y_fake).norm() / (y_fake - xs[0].float()).norm())
+            row["rel_err_vs_fp16"] = float((y_real - y_fp).norm() / (y_fp - xs[0].float()).norm())
+            for name, m in (("fp16_ms", fp), ("w4a4_ms", real)):
+                try:
+                    row[name] = triton.testing.do_bench_cudagraph(
+                        lambda m=m: [m(x, position_embeddings=pe) for x in xs], rep=100, return_mode="median") / n_sets
+                except Exception as e:  # a graph capture failure is reported, not fatal
+                    row[name + "_error"] = f"{type(e).__name__}: {str(e)[-200:]}"
+        if "fp16_ms" in row and "w4a4_ms" in row:
+            row["speedup"] = row["fp16_ms"] / row["w4a4_ms"]
+        rows.append(row)
+        print(row, flush=True)
+        del xs
+        torch.cuda.empty_cache()
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "shape": dict(hidden=hidden, intermediate=intermediate, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim), "rows": rows}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(out_dir, res["device"].replace(" ", "_") + "_layer")
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown_table(res))
+    return res
+
+
+def markdown_table(res: dict) -> str:
+    cols = ("phase", "batch", "seq", "fp16_ms", "w4a4_ms", "speedup", "rel_err_vs_fake_quant", "rel_err_vs_fp16")
+    lines = [f"# Decoder layer, W4A4 kernels vs fp16 on {res['device']} (shape {res['shape']})", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in res["rows"]:
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="4096,14336,32,8,128", help="hidden,intermediate,heads,kv_heads,head_dim")
+    p.add_argument("--out", default="results/bench")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs CUDA", flush=True)
+        return 2
+    res = bench_decoder_layer(*[int(v) for v in a.shape.split(",")], out_dir=a.out)
+    print(markdown_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
