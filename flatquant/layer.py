@@ -4,6 +4,8 @@ Usage:
     layer = QuantDecoderLayer(parts, qcfg, transforms)   # parts from an adapter, transforms from a method
     y = layer(x, position_embeddings=(cos, sin))          # x: (batch, seq, hidden) → same shape
     layer.merge()                                         # fold transforms into weights (float64), freeze
+    layer.pack()                                          # keep quantized weights as 4-bit codes (same outputs)
+    layer.use_kernels()                                   # run the linears on the Triton W4A4 kernels (GPU)
 
 One forward serves calibration and evaluation. Before merge() each effective weight is computed from
 the live parameters (W·diag(d)·P⁻ᵀ, then LWC quantization) and the per-channel scales d divide the

@@ -89,9 +89,17 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
         ("model.dtype=int8", "model.dtype must be one of"),
         ("stage=train", "stage='train' is not one of"),
         ("method.alpha=-1", None),
+        ("offload=sometimes", "offload must be auto, true or false, got 'sometimes'"),
+        ("kernels=maybe", "kernels must be true or false, got 'maybe'"),
+        ("kernels=true", "kernels=true runs the W4A4 Triton kernels, which need a CUDA GPU"),
+        ("quant=w8a8", None),
     ],
 )
 def test_bad_config_fails_at_once_naming_key_and_value(override, message, tmp_path, monkeypatch):
+    import torch
+
+    if override == "kernels=true" and torch.cuda.is_available():
+        pytest.skip("a GPU is present: kernels=true is valid")
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg([override], tmp_path)
     if message is None:
@@ -116,3 +124,29 @@ def test_bench_stage_needs_only_shapes_and_says_when_no_gpu(tmp_path, monkeypatc
         pytest.skip("a GPU is present: the stage would run the benchmark")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         execute(cfg)
+
+
+def test_kernels_refuse_quant_settings_they_cannot_run(tmp_path, monkeypatch):
+    from pipeline.context import Context
+
+    cfg = make_cfg(["quant=w8a8", "kernels=true"], tmp_path)
+    monkeypatch.setattr("pipeline.context.pick_device", lambda name: "cuda")  # as on a GPU machine
+    with pytest.raises(ValueError, match="4-bit symmetric per-channel weights"):
+        Context(cfg)
+    cfg = make_cfg(["method=fp16", "quant=fp16", "kernels=true"], tmp_path)
+    with pytest.raises(ValueError, match="kernels=true"):
+        Context(cfg)
+
+
+@pytest.mark.parametrize("offload,free_gib,expect", [("auto", 80, False), ("auto", 10, True), (True, 80, True), (False, 10, False)])
+def test_offload_auto_streams_layers_only_when_the_model_does_not_fit(offload, free_gib, expect, tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.context import Context
+
+    ctx = Context(make_cfg([], tmp_path) | {"offload": offload})
+    ctx.device = "cuda"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2**30, 80 * 2**30))
+    assert ctx.wants_offload(16 * 2**30) is expect  # a 16 GB model (an 8B in bf16)
+    ctx.device = "cpu"
+    assert ctx.wants_offload(16 * 2**30) is False  # nothing to stream to
