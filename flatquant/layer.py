@@ -209,11 +209,11 @@ class QuantDecoderLayer(nn.Module):
             q, k = self.t("k").apply(q, inv_t=True), self.t("k").apply(k)
         k = self.kq(k.reshape(b, s, -1)).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.vq(v).view(b, s, self.num_kv_heads, self.head_dim)
-        rep = self.num_heads // self.num_kv_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1)
+        # grouped-query attention without copying K/V per query head
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
     # ---- merge -------------------------------------------------------------------------------------
