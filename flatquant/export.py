@@ -113,8 +113,9 @@ def _read_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
-    spec, prefix, state = qcfg.weight_spec(), f"layers.{i}.", {}
+def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The layer's state_dict with dequantized weights, and {linear: (scale, zero)} of its quantized weights."""
+    spec, prefix, state, qparams = qcfg.weight_spec(), f"layers.{i}.", {}, {}
     for key, value in tensors.items():
         if not key.startswith(prefix):
             continue
@@ -126,13 +127,15 @@ def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> dict[str, torch.Te
             g = codes.view(codes.shape[0], scale.shape[1] if scale.dim() == 2 else 1, -1).float()
             w = (g - zero.view(codes.shape[0], -1, 1)) * scale.view(codes.shape[0], -1, 1)
             state[base] = w.reshape(codes.shape)
+            qparams[base[2:]] = (scale, zero)
         elif not key.endswith((".scale", ".zero")):
             state[key] = value
-    return state
+    return state, qparams
 
 
 def load_quantized(path: str | Path, device="cpu", expect_method: str | None = None, expect_quant: dict | None = None):
-    """Rebuild (model, tokenizer) from an exported folder: fake-quant layers with the exact stored weights.
+    """Rebuild (model, tokenizer) from an exported folder: fake-quant layers with the exact stored weights, kept
+    packed (4-bit codes) as calibration left them; call `layer.use_kernels()` on each to run them in real W4A4.
 
     expect_method / expect_quant: refuse a checkpoint of another method or bit width (ValueError naming both).
     """
@@ -161,7 +164,10 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
         stats = {slot: torch.ones(lin.weight.shape[1]) for slot, lin in slot_inputs(parts).items()}  # overwritten on load
         transforms = method.transforms(parts, stats, torch.Generator().manual_seed(0))
         layer = QuantDecoderLayer(parts, qcfg, transforms)
-        layer.load_merged(_layer_state(i, tensors, qcfg))
+        state, qparams = _layer_state(i, tensors, qcfg)
+        layer.load_merged(state)
+        layer.weight_qparams = qparams
+        layer.pack()  # back to 4-bit codes in memory, ready for use_kernels()
         layers[i] = layer
     model.config.use_cache = False
     model.to(device).eval().requires_grad_(False)

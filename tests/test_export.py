@@ -44,6 +44,7 @@ def test_export_then_load_gives_identical_model(tokenizer, tmp_path, method, wqu
     with safe_open(shard, "pt") as f:
         assert f.get_tensor("layers.0.w_q.codes").dtype == torch.uint8  # really 4-bit packed
     loaded, _ = load_quantized(tmp_path)
+    assert all(layer.packed for layer in loaded.model.layers)  # kept as 4-bit codes in memory too
     windows = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(model(windows).logits, loaded(windows).logits)

@@ -185,6 +185,25 @@ def test_decoder_layers_on_kernels_match_fake_quant(a_sym, method):
     assert float(per_token.median()) < 1e-4  # most tokens: no flip at all
 
 
+@needs_triton
+def test_exported_checkpoint_loads_onto_the_kernels(smollm2, tmp_path):
+    """export → load_quantized → use_kernels: the loaded model runs in real W4A4 and matches the original."""
+    from flatquant.export import export, load_quantized
+
+    model = _quantized_tiny_llama(True)
+    tokenizer = smollm2[1]
+    model.resize_token_embeddings(len(tokenizer))
+    export(model, tokenizer, tmp_path, {"name": "flatquant"})
+    loaded, _ = load_quantized(tmp_path, device=DEVICE)
+    for layer in loaded.model.layers:
+        layer.use_kernels()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model.to(DEVICE)(ids.to(DEVICE)).logits, loaded(ids.to(DEVICE)).logits
+    assert float((out - ref).norm() / ref.norm()) < 2e-2
+    assert float(((out - ref).norm(dim=-1) / ref.norm(dim=-1)).median()) < 1e-4
+
+
 def test_pack_unpack_roundtrip_and_factors():
     q = torch.randint(-8, 8, (5, 14))
     assert torch.equal(unpack_int4(pack_int4(q), True), q.int())
