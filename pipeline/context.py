@@ -62,6 +62,8 @@ class Context:
         if kernels and (not self.method.quantizes or kernel_unsupported(self.qcfg)):
             why = kernel_unsupported(self.qcfg) or f"method {self.method.name} does not quantize"
             raise ValueError(f"kernels=true: {why}")
+        if kernels and dtype == "float32":
+            raise ValueError("kernels=true needs model.dtype=float16 or bfloat16 (the kernels read 16-bit activations)")
         self.offload: LayerOffload | None = None
 
     @cached_property

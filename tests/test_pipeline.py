@@ -129,13 +129,15 @@ def test_bench_stage_needs_only_shapes_and_says_when_no_gpu(tmp_path, monkeypatc
 def test_kernels_refuse_quant_settings_they_cannot_run(tmp_path, monkeypatch):
     from pipeline.context import Context
 
-    cfg = make_cfg(["quant=w8a8", "kernels=true"], tmp_path)
+    cfg = make_cfg(["quant=w8a8", "kernels=true", "model.dtype=float16"], tmp_path)
     monkeypatch.setattr("pipeline.context.pick_device", lambda name: "cuda")  # as on a GPU machine
     with pytest.raises(ValueError, match="4-bit symmetric per-channel weights"):
         Context(cfg)
-    cfg = make_cfg(["method=fp16", "quant=fp16", "kernels=true"], tmp_path)
+    cfg = make_cfg(["method=fp16", "quant=fp16", "kernels=true", "model.dtype=float16"], tmp_path)
     with pytest.raises(ValueError, match="kernels=true"):
         Context(cfg)
+    with pytest.raises(ValueError, match="model.dtype=float16 or bfloat16"):
+        Context(make_cfg(["kernels=true", "model.dtype=float32"], tmp_path))
 
 
 @pytest.mark.parametrize("offload,free_gib,expect", [("auto", 80, False), ("auto", 10, True), (True, 80, True), (False, 10, False)])
