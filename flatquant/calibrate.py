@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
 from flatquant.methods import slot_inputs
-from flatquant.placement import STORAGES, choose_storage, empty_buffer, to_device
+from flatquant.placement import STORAGES, WORKSPACE_PER_LAYER_BYTE, choose_storage, empty_buffer, to_device
 from flatquant.spec import QuantConfig
 
 
@@ -214,7 +214,8 @@ def activation_buffers(model, samples: torch.Tensor, ccfg: CalibConfig, folder=N
     """Layer-0 inputs, a spare buffer for targets (same storage, see flatquant.placement) and the rotary."""
     device = torch.device(ccfg.device)
     shape = (*samples.shape, model.config.hidden_size)
-    where = choose_storage(2 * 4 * shape[0] * shape[1] * shape[2], device, ccfg.storage)
+    layer_bytes = sum(4 * p.numel() for p in adapter_for(model).layers(model)[0].parameters())
+    where = choose_storage(2 * 4 * shape[0] * shape[1] * shape[2], device, ccfg.storage, WORKSPACE_PER_LAYER_BYTE * layer_bytes)
     inps, pe = layer_inputs(model, samples, device, empty_buffer(shape, where, device, folder))
     return inps, empty_buffer(shape, where, device, folder), pe
 

@@ -5,8 +5,9 @@ Usage:
     buf = empty_buffer((128, 2048, 8192), where, device, folder="artifacts/calib/x/buffers")
 
 128 × 2048 tokens of a 70B model are 8.6 GB per tensor in fp32, and calibration holds two (inputs and
-targets): they stay on the GPU when both fit in half of its free memory, else in pinned CPU memory when
-both fit in half of the free RAM, else in two memory-mapped files. Batches are copied to the device per step.
+targets): they stay on the GPU when both fit in half of its free memory and leave room for training the layer,
+else in pinned CPU memory when both fit in half of the free RAM, else in two memory-mapped files. Batches are
+copied to the device per step.
 """
 
 from __future__ import annotations
@@ -27,13 +28,21 @@ def free_ram() -> int:
         return 0
 
 
-def choose_storage(nbytes: int, device: torch.device, requested: str = "auto") -> str:
-    """nbytes: inputs + targets together. `requested` other than auto is obeyed (device means CPU on a CPU)."""
+# Training one layer (batch 4 × 2048 tokens, bf16 autocast) needs about this many times the layer's float32
+# weight bytes on the GPU besides the inputs/targets: measured on the H100 as 15 GiB for a LLaMA-3-8B-shaped
+# layer (0.87 GiB in fp32) and 52 GiB for a 70B-shaped one (3.2 GiB): results/gpu/.
+WORKSPACE_PER_LAYER_BYTE = 16
+
+
+def choose_storage(nbytes: int, device: torch.device, requested: str = "auto", workspace: int = 0) -> str:
+    """nbytes: inputs + targets together; workspace: what training the layer will need on the device besides
+    them (see WORKSPACE_PER_LAYER_BYTE). `requested` other than auto is obeyed (device means CPU on a CPU)."""
     if requested not in STORAGES:
         raise ValueError(f"calib.storage must be one of {STORAGES}, got {requested!r}")
     if requested != "auto":
         return requested
-    if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+    if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0] \
+            and nbytes + workspace < 0.9 * torch.cuda.mem_get_info(device)[0]:
         return "device"
     if device.type != "cuda" or nbytes < 0.5 * free_ram():
         return "cpu" if device.type == "cuda" else "device"

@@ -93,3 +93,17 @@ def test_storage_choice_by_size():
     assert choose_storage(10**6, cpu, "disk") == "disk"
     with pytest.raises(ValueError, match="calib.storage"):
         choose_storage(1, cpu, "tape")
+
+
+@pytest.mark.parametrize("samples,expect", [(64, "device"), (128, "cpu")])
+def test_storage_leaves_room_to_train_a_70b_layer(samples, expect, monkeypatch):
+    """70B shape on an 80 GB GPU with the embeddings and head on it (74 GiB free): the 64-sample run that fitted
+    on the H100 (peak 64.3 GiB) keeps its data on the GPU; the 128-sample reference schedule goes to pinned RAM."""
+    from flatquant.placement import WORKSPACE_PER_LAYER_BYTE, choose_storage
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (74 * gib, 80 * gib))
+    monkeypatch.setattr("flatquant.placement.free_ram", lambda: 100 * gib)
+    data = 2 * 4 * samples * 2048 * 8192
+    layer_fp32 = 4 * 856_000_000
+    assert choose_storage(data, torch.device("cuda"), workspace=WORKSPACE_PER_LAYER_BYTE * layer_fp32) == expect
