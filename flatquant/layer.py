@@ -192,8 +192,15 @@ class QuantDecoderLayer(nn.Module):
             attn = self._attention(*group("qkv", h), position_embeddings, attention_mask)
             hidden_states = hidden_states + group("o", attn)[0]
             h = rms_norm(hidden_states, self.norm_weight("upgate", dtype), self.eps2)
-            gate, up = group("upgate", h)
-            return hidden_states + group("down", F.silu(gate) * up)[0]
+            if fake:
+                gate, up = group("upgate", h)
+                m = F.silu(gate) * up
+            else:  # one pass over the [gate | up] GEMM output
+                from kernels.fused import silu_mul
+
+                y = self.kernels["upgate"](h)
+                m = silu_mul(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
+            return hidden_states + group("down", m)[0]
 
     def _attention(self, q, k, v, position_embeddings, attention_mask):
         """q: (b, s, heads·hd), k/v: (b, s, kv_heads·hd) → attention output (b, s, heads·hd), before o_proj's
@@ -207,14 +214,23 @@ class QuantDecoderLayer(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if self.t("k") is not None:
             q, k = self.t("k").apply(q, inv_t=True), self.t("k").apply(k)
-        k = self.kq(k.reshape(b, s, -1)).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.vq(v).view(b, s, self.num_kv_heads, self.head_dim)
+        k = self._kv_quant(self.kq, k.reshape(b, s, -1)).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self._kv_quant(self.vq, v).view(b, s, self.num_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
         # grouped-query attention without copying K/V per query head
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+
+    def _kv_quant(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
+        """The K/V cache quantizer; on the kernels, one fused pass with the same values (kernels/fused.py)."""
+        spec = quantizer.spec
+        if self.kernels is None or not spec.enabled or quantizer.clip_logit is not None:
+            return quantizer(x)
+        from kernels.fused import group_fake_quant
+
+        return group_fake_quant(x, spec.group_size, spec.bits, spec.sym, spec.clip_ratio)
 
     # ---- merge -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -204,6 +204,36 @@ def test_exported_checkpoint_loads_onto_the_kernels(smollm2, tmp_path):
     assert float(((out - ref).norm(dim=-1) / ref.norm(dim=-1)).median()) < 1e-4
 
 
+@needs_triton
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_group_fake_quant_equals_pytorch_quantizer(sym, dtype):
+    """The fused K/V quantizer gives exactly flatquant's fake_quant values, on strided rows and ragged groups."""
+    from kernels.fused import group_fake_quant, group_fake_quant_ref
+
+    torch.manual_seed(11)
+    for group, n in ((64, 3), (128, 8), (48, 5)):
+        base = torch.randn(37, 2 * group * n, device=DEVICE) * torch.rand(37, 1, device=DEVICE) * 4
+        x = base[:, : group * n].to(dtype)  # rows strided like the v slice of the qkv output
+        out, ref = group_fake_quant(x, group, 4, sym, 0.95), group_fake_quant_ref(x, group, 4, sym, 0.95)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert torch.equal(out, ref), float((out.float() - ref.float()).abs().max())
+
+
+@needs_triton
+def test_silu_mul_matches_pytorch():
+    from kernels.fused import silu_mul
+
+    torch.manual_seed(12)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = (torch.randn(29, 2 * 72, device=DEVICE) * 3).to(dtype)
+        ref = torch.nn.functional.silu(x[:, :72]) * x[:, 72:]
+        out = silu_mul(x)
+        ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 2**-20}[dtype]
+        assert out.shape == ref.shape
+        assert ((out.float() - ref.float()).abs() <= 2 * ulp * ref.float().abs() + 1e-6).all()
+
+
 def test_pack_unpack_roundtrip_and_factors():
     q = torch.randint(-8, 8, (5, 14))
     assert torch.equal(unpack_int4(pack_int4(q), True), q.int())
