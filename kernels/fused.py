@@ -8,8 +8,9 @@ Usage::
 
 ``group_fake_quant`` is flatquant.quantizers.fake_quant for per-head (group) granularity — scale and zero from the
 group's max/min times the clip, codes rounded half to even, dequantized, all in fp32 — in one read and one write
-instead of about ten passes; on the GPU the divisions are correctly rounded (div_rn), so the values equal
-PyTorch's. ``silu_mul`` reads the up/gate GEMM output once (gate = first half of each row). Both fall back to
+instead of about ten passes. The divisions are correctly rounded (div_rn on the GPU), so the values equal PyTorch's
+CPU quantizer exactly; PyTorch's CUDA kernels divide by a scalar as a·(1/b), so against them a scale may differ
+by an ulp and a value on a rounding boundary take the neighbouring code (tests/test_kernels.py). ``silu_mul`` reads the up/gate GEMM output once (gate = first half of each row). Both fall back to
 PyTorch where Triton cannot run.
 """
 from __future__ import annotations

@@ -217,7 +217,14 @@ def test_group_fake_quant_equals_pytorch_quantizer(sym, dtype):
         x = base[:, : group * n].to(dtype)  # rows strided like the v slice of the qkv output
         out, ref = group_fake_quant(x, group, 4, sym, 0.95), group_fake_quant_ref(x, group, 4, sym, 0.95)
         assert out.shape == x.shape and torch.isfinite(out).all()
-        assert torch.equal(out, ref), float((out.float() - ref.float()).abs().max())
+        if DEVICE == "cpu":  # the interpreter and PyTorch's CPU kernels divide alike: identical values
+            assert torch.equal(out, ref), float((out.float() - ref.float()).abs().max())
+        else:  # PyTorch's CUDA kernels divide by a scalar as a·(1/b): scales may differ by an ulp, so a value
+            # on a rounding boundary may take the neighbouring code (measured on the H100: 0.34 at most, bf16)
+            step = x.float().reshape(37, n, group).abs().amax(-1).max() * 0.95 / 7
+            diff = (out.float() - ref.float()).abs()
+            assert float(diff.max()) <= 1.01 * float(step)
+            assert float((diff > 1e-2 * float(step)).float().mean()) < 2e-3
 
 
 @needs_triton
