@@ -59,7 +59,7 @@ def _norm_eps(norm: nn.Module) -> float:
 
 
 def kernel_unsupported(qcfg: QuantConfig) -> str:
-    """Why the W4A4 kernels (kernels/) cannot run layers quantized with `qcfg` ('' when they can)."""
+    """Why the W4A4 kernels (flatquant/kernels/) cannot run layers quantized with `qcfg` ('' when they can)."""
     w, a = qcfg.weight_spec(), qcfg.act_spec()
     if (w.bits, w.sym, w.granularity) != (4, True, "channel"):
         return f"the W4A4 kernels take 4-bit symmetric per-channel weights (quant.w_bits=4, w_sym=true, w_group_size=0), not {w}"
@@ -196,7 +196,7 @@ class QuantDecoderLayer(nn.Module):
                 gate, up = group("upgate", h)
                 m = F.silu(gate) * up
             else:  # one pass over the [gate | up] GEMM output
-                from kernels.fused import silu_mul
+                from flatquant.kernels.fused import silu_mul
 
                 y = self.kernels["upgate"](h)
                 m = silu_mul(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
@@ -224,11 +224,11 @@ class QuantDecoderLayer(nn.Module):
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
     def _kv_quant(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
-        """The K/V cache quantizer; on the kernels, one fused pass with the same values (kernels/fused.py)."""
+        """The K/V cache quantizer; on the kernels, one fused pass with the same values (flatquant/kernels/fused.py)."""
         spec = quantizer.spec
         if self.kernels is None or not spec.enabled or quantizer.clip_logit is not None:
             return quantizer(x)
-        from kernels.fused import group_fake_quant
+        from flatquant.kernels.fused import group_fake_quant
 
         return group_fake_quant(x, spec.group_size, spec.bits, spec.sym, spec.clip_ratio)
 
@@ -340,10 +340,10 @@ class QuantDecoderLayer(nn.Module):
     @torch.no_grad()
     def use_kernels(self) -> None:
         """Run the four linear groups (qkv, o, up+gate, down) as QuantLinear: one fused kernel for the online
-        transform and per-token 4-bit quantization, one W4A4 GEMM (kernels/). The float and packed weights are
+        transform and per-token 4-bit quantization, one W4A4 GEMM (flatquant/kernels/). The float and packed weights are
         dropped (the kernels hold the only copy). Attention and the K/V quantizers stay in PyTorch."""
-        from kernels.kron_quant import kron_factors, pack_int4 as pack_signed
-        from kernels.qlinear import QuantLinear
+        from flatquant.kernels.kron_quant import kron_factors, pack_int4 as pack_signed
+        from flatquant.kernels.qlinear import QuantLinear
 
         why = self.kernel_support()
         if why:

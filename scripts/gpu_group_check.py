@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from flatquant.layer import GROUPS
-from kernels.bench_layer import build_layers
-from kernels.kron_quant import kron_quant, kron_quant_ref, unpack_int4
+from flatquant.kernels.bench_layer import build_layers
+from flatquant.kernels.kron_quant import kron_quant, kron_quant_ref, unpack_int4
 
 
 def rel(a, b):

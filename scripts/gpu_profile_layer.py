@@ -11,7 +11,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kernels.bench_layer import build_layers
+from flatquant.kernels.bench_layer import build_layers
 
 
 def top_kernels(fn, steps=20, k=14):

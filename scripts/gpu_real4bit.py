@@ -141,7 +141,7 @@ def part_offload70b(args, out: dict) -> None:
 
 
 def part_layer(args, out: dict) -> None:
-    from kernels.bench_layer import bench_decoder_layer
+    from flatquant.kernels.bench_layer import bench_decoder_layer
 
     out.update(bench_decoder_layer(*[int(v) for v in args.shape.split(",")], out_dir=args.bench_dir))
 

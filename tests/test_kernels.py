@@ -1,7 +1,7 @@
 """Kernel tests: Triton kernels against their PyTorch references on irregular shapes.
 
 Without CUDA the kernels run through Triton's CPU interpreter: TRITON_INTERPRET=1 is set here before
-``kernels`` (and so triton) is imported, only on machines with no GPU, where it cannot change anything
+``flatquant.kernels`` (and so triton) is imported, only on machines with no GPU, where it cannot change anything
 else. Without triton the kernel tests skip and the PyTorch paths are still tested.
 """
 import importlib
@@ -17,13 +17,13 @@ if not torch.cuda.is_available():
     # Should a kernels module have been imported before this one (its package is lazy, so only through a
     # direct import), define its kernels again now that the variable is set. If triton itself was imported
     # earlier, its library stays compiled and the interpreter tests skip (kron_quant.JIT_INTERPRETED).
-    for _name in ("kernels.kron_quant", "kernels.w4a4_gemm", "kernels.qlinear", "kernels.bench"):
+    for _name in ("flatquant.kernels.kron_quant", "flatquant.kernels.w4a4_gemm", "flatquant.kernels.qlinear", "flatquant.kernels.bench"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
-from kernels import QuantLinear, kron_factors, kron_quant, pack_int4, unpack_int4
-from kernels.bench import check_gemm, check_kron_quant, check_qlinear, packed_ok
-from kernels.kron_quant import HAS_TRITON, use_triton
+from flatquant.kernels import QuantLinear, kron_factors, kron_quant, pack_int4, unpack_int4
+from flatquant.kernels.bench import check_gemm, check_kron_quant, check_qlinear, packed_ok
+from flatquant.kernels.kron_quant import HAS_TRITON, use_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Another test module may have imported triton (torch does on some paths) before TRITON_INTERPRET was set:
@@ -209,7 +209,7 @@ def test_exported_checkpoint_loads_onto_the_kernels(smollm2, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_group_fake_quant_equals_pytorch_quantizer(sym, dtype):
     """The fused K/V quantizer gives exactly flatquant's fake_quant values, on strided rows and ragged groups."""
-    from kernels.fused import group_fake_quant, group_fake_quant_ref
+    from flatquant.kernels.fused import group_fake_quant, group_fake_quant_ref
 
     torch.manual_seed(11)
     for group, n in ((64, 3), (128, 8), (48, 5)):
@@ -229,7 +229,7 @@ def test_group_fake_quant_equals_pytorch_quantizer(sym, dtype):
 
 @needs_triton
 def test_silu_mul_matches_pytorch():
-    from kernels.fused import silu_mul
+    from flatquant.kernels.fused import silu_mul
 
     torch.manual_seed(12)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -261,7 +261,8 @@ def test_packed_ok_rejects_real_mismatches():
 
 def test_import_and_fallback_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, kernels\n"
+            "import torch\n"
+            "from flatquant import kernels\n"
             "assert not kernels.HAS_TRITON\n"
             "l = kernels.QuantLinear.from_float(torch.randn(16, 64), L=torch.eye(8), R=torch.eye(8))\n"
             "assert l(torch.randn(3, 64).half()).shape == (3, 16)\n")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from kernels.w4a4_gemm import w4a4_gemm
+    from flatquant.kernels.w4a4_gemm import w4a4_gemm
     y = w4a4_gemm(qa, sa, qw, sw, za=None, wsum=None, out_dtype=torch.float16)   # (tokens, out)
 
 Hopper has no int4 tensor-core instruction (DESIGN.md, hardware facts), so the kernel loads 4-bit data
@@ -110,7 +110,7 @@ if HAS_TRITON:
 
 
 def pick_config(M: int, N: int, KH: int, cuda: bool = True) -> dict:
-    """Tile sizes by problem shape, from the sweeps on an H100 (kernels/NOTES.md). Decode (M ≤ 16): a 16-row
+    """Tile sizes by problem shape, from the sweeps on an H100 (flatquant/kernels/NOTES.md). Decode (M ≤ 16): a 16-row
     tile and 64-column blocks (128 for wide layers), so N/BLOCK_N programs each stream a slab of 4-bit
     weights; prefill: 128×128 int8 tiles, 4 warps (one warpgroup), 4 stages."""
     if not cuda:

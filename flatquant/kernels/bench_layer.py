@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m kernels.bench_layer --shape 4096,14336,32,8,128 --out results/bench
+    python -m flatquant.kernels.bench_layer --shape 4096,14336,32,8,128 --out results/bench
 
-    from kernels.bench_layer import bench_decoder_layer
+    from flatquant.kernels.bench_layer import bench_decoder_layer
     res = bench_decoder_layer(4096, 14336, 32, 8, 128)
 
 Both layers get the same random weights (transformers' LlamaDecoderLayer, fp16). Ours is FlatQuant's:

@@ -3,9 +3,10 @@
 Triton is optional: without it (or without CUDA and TRITON_INTERPRET=1) every entry point falls back to
 its reference, so importing this package always works.
 
-Names are imported lazily (PEP 562): transformers probes for Hugging Face's own ``kernels`` package with
-``import kernels``, which finds this package on sys.path; importing nothing at that point keeps triton out
-of the process until a kernel is used (Triton fixes compiled vs interpreted mode when it is imported).
+Names are imported lazily (PEP 562): importing the package imports nothing (no triton) until a kernel is used
+(Triton fixes compiled vs interpreted mode when it is imported). The package lived at the top level as
+``kernels`` until it was moved here: that name belongs to Hugging Face's kernel-hub library, which transformers
+probes for with ``import kernels``.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from kernels.fused import group_fake_quant, silu_mul
+    from flatquant.kernels.fused import group_fake_quant, silu_mul
     k = group_fake_quant(k, group=128, bits=4, sym=False, clip=1.0)   # K/V cache: per head, one pass
     m = silu_mul(gate_up)                                              # (M, 2I) → silu(gate) * up, (M, I)
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from kernels.kron_quant import kron_quant
+    from flatquant.kernels.kron_quant import kron_quant
     q, scale, zero = kron_quant(x, L, R, clip=0.9, sym=True)    # x: (tokens, n1*n2) fp16
 
 For every token the row x (length n1*n2) is viewed as X_t (n1, n2) row-major and transformed to

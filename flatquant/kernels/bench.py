@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m kernels.bench --check --out results/bench          # check every kernel, then time
-    python -m kernels.bench --sweep --out $OUT                   # also time tile configs of each kernel
+    python -m flatquant.kernels.bench --check --out results/bench          # check every kernel, then time
+    python -m flatquant.kernels.bench --sweep --out $OUT                   # also time tile configs of each kernel
 
-    from kernels.bench import bench_shapes
+    from flatquant.kernels.bench import bench_shapes
     res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
 
 Timing: ``triton.testing.do_bench`` medians for prefill; for decode (≤ 16 tokens), where the host's launch

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from kernels.qlinear import QuantLinear
+    from flatquant.kernels.qlinear import QuantLinear
     layer = QuantLinear.from_float(w_merged, L=L, R=R, act_clip=0.9, act_sym=True, bias=b)
     y = layer(x)   # x: (..., in) fp16 → (..., out) fp16
 
