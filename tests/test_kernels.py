@@ -220,11 +220,15 @@ def test_group_fake_quant_equals_pytorch_quantizer(sym, dtype):
         if DEVICE == "cpu":  # the interpreter and PyTorch's CPU kernels divide alike: identical values
             assert torch.equal(out, ref), float((out.float() - ref.float()).abs().max())
         else:  # PyTorch's CUDA kernels divide by a scalar as a·(1/b): scales may differ by an ulp, so a value
-            # on a rounding boundary may take the neighbouring code (measured on the H100: 0.34 at most, bf16)
-            step = x.float().reshape(37, n, group).abs().amax(-1).max() * 0.95 / 7
-            diff = (out.float() - ref.float()).abs()
-            assert float(diff.max()) <= 1.01 * float(step)
-            assert float((diff > 1e-2 * float(step)).float().mean()) < 2e-3
+            # on a rounding boundary may take the neighbouring code, and outputs may differ in the last bit
+            g = x.float().reshape(37, n, group)
+            span = g.abs().amax(-1) if sym else g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)
+            step = (span * 0.95 / (7 if sym else 15)).unsqueeze(-1).expand_as(g).reshape(x.shape)
+            ulp = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+            diff, last_bit = (out.float() - ref.float()).abs(), 2 * ulp * ref.float().abs() + 1e-6
+            flip = diff > last_bit
+            assert (diff[flip] <= 1.01 * step[flip] + last_bit[flip]).all()  # at most one code apart
+            assert float(flip.float().mean()) < 2e-3, float(flip.float().mean())
 
 
 @needs_triton
