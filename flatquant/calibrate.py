@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
+from flatquant.lazy import materialize
 from flatquant.methods import slot_inputs
 from flatquant.placement import STORAGES, WORKSPACE_PER_LAYER_BYTE, choose_storage, empty_buffer, to_device
 from flatquant.spec import QuantConfig
@@ -255,6 +256,7 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     t0 = time.time()
     inps, spare = buffers
     device = torch.device(ccfg.device)
+    materialize(layers[i])  # a layer still on disk (offload=disk) is read now
     home = next(layers[i].parameters()).device  # an offloaded model keeps its layers on the CPU: so will we
     layer = layers[i].to(device=device, dtype=torch.float32)  # targets and training in fp32 whatever the model dtype
     parts = adapter.parts(layer, model.config)

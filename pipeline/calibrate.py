@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from flatquant.adapters import adapter_for
+from flatquant.lazy import materialize
 from pipeline import figures
 
 from flatquant.calibrate import quantize_model
@@ -33,7 +34,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
         ctx.tracker.metrics(finite, step=report.index)
 
     adapter = adapter_for(ctx.model)
-    fp_layer0 = copy.deepcopy(adapter.layers(ctx.model)[0]).float() if samples.numel() else None
+    fp_layer0 = materialize(copy.deepcopy(adapter.layers(ctx.model)[0])).float() if samples.numel() else None
     if ctx.offload is not None:
         ctx.offload.remove()  # calibration moves one layer at a time itself; the quantized layers come back to the CPU
     reports = quantize_model(ctx.model, samples, ctx.method, ctx.qcfg, ctx.ccfg, ctx.calib_dir, on_layer)

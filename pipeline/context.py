@@ -18,6 +18,7 @@ from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer, kernel_unsupported
 from flatquant.methods import check_model, get_method
 from flatquant.model import load_model, resolve_path
+from flatquant.lazy import load_lazy
 from flatquant.offload import LayerOffload, model_bytes
 from flatquant.spec import QuantConfig
 
@@ -53,8 +54,8 @@ class Context:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype = DTYPES[dtype] if self.device != "cpu" else torch.float32
         offload, kernels = cfg.get("offload", "auto"), cfg.get("kernels", False)
-        if offload not in ("auto", True, False):
-            raise ValueError(f"offload must be auto, true or false, got {offload!r}")
+        if offload not in ("auto", True, False, "disk"):
+            raise ValueError(f"offload must be auto, true, false or disk, got {offload!r}")
         if kernels not in (True, False):
             raise ValueError(f"kernels must be true or false, got {kernels!r}")
         if kernels and not self.device.startswith("cuda"):
@@ -72,10 +73,16 @@ class Context:
         when it would not fit (offload=auto) or offload=true, only its embeddings and head do and the decoder
         layers stream through the GPU one at a time (flatquant.offload)."""
         m = self.cfg["model"]
-        model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, "cpu")
+        if self.cfg.get("offload") == "disk":  # decoder layers stay in their safetensors files until used
+            folder, gguf = resolve_path(m["path"], m.get("gguf_file"))
+            if gguf or not Path(folder).is_dir():
+                raise ValueError(f"offload=disk reads a local safetensors checkpoint folder; model.path={m['path']!r} is not one")
+            model, tokenizer = load_lazy(folder, self.dtype)
+        else:
+            model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, "cpu")
         adapter_for(model)  # an unsupported architecture fails here, before any evaluation
         check_model(self.method, model.config)  # so does a size the method's transforms cannot factor
-        if self.wants_offload(model_bytes(model)):
+        if self.cfg.get("offload") == "disk" or self.wants_offload(model_bytes(model)):
             self.offload = LayerOffload(model, self.device)
         else:
             model.to(self.device)

@@ -66,3 +66,37 @@ def test_offload_peak_memory_is_two_layers():
         model(ids)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 3 * per_layer
+
+
+def test_lazy_model_reads_layers_from_disk_and_matches_eager_loading(tiny_llama_dir):
+    """offload=disk: layers stay on the meta device, stream from the safetensors file, and give the same logits;
+    calibration reads each layer when it gets to it and gives the same quantized model."""
+    from flatquant.lazy import is_lazy, load_lazy
+    from flatquant.model import load_model
+
+    eager, _ = load_model(str(tiny_llama_dir))
+    lazy, _ = load_lazy(tiny_llama_dir, torch.float32)
+    layers = adapter_for(lazy).layers(lazy)
+    assert all(is_lazy(layer) for layer in layers) and _layer_devices(lazy) == {"meta"}
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    off = LayerOffload(lazy, DEVICE)
+    with torch.no_grad():
+        ref, out = eager(ids).logits, lazy(ids.to(DEVICE)).logits.cpu()
+    assert torch.equal(out, ref)
+    assert _layer_devices(lazy) == {"meta"}  # read for the forward, dropped afterwards
+    off.remove()
+    samples = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for model in (eager, lazy):
+        quantize_model(model, samples, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2, device=DEVICE))
+    assert _layer_devices(lazy) == {"cpu"} and not any(is_lazy(layer) for layer in layers)
+    LayerOffload(lazy, DEVICE)
+    with torch.no_grad():
+        assert torch.equal(lazy(ids.to(DEVICE)).logits.cpu(), eager.to(DEVICE)(ids.to(DEVICE)).logits.cpu())
+
+
+def test_lazy_loading_refuses_what_it_cannot_read(tmp_path):
+    from flatquant.lazy import load_lazy
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_lazy(tmp_path)

@@ -48,6 +48,17 @@ def test_full_run_tracks_everything(tiny_llama_dir, tmp_path, monkeypatch):
     assert "calibration/layer_000.safetensors" in learned
 
 
+def test_run_with_layers_left_on_disk_gives_the_same_numbers(tiny_llama_dir, tmp_path, monkeypatch):
+    """offload=disk (layers read from the safetensors file when used) changes where weights live, not results."""
+    monkeypatch.chdir(tmp_path)
+    base = [f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST, "tracking.enabled=false"]
+    eager = execute(make_cfg(base, tmp_path))
+    (tmp_path / ".cache").rename(tmp_path / ".cache_eager")  # no cached FP baseline: evaluate it streamed too
+    lazy = execute(make_cfg([*base, "offload=disk", "artifacts_dir=" + str(tmp_path / "artifacts_disk")], tmp_path))
+    for key in ("eval_ppl/wikitext2/ppl", "eval_ppl/wikitext2/ppl_fp"):
+        assert lazy[key] == eager[key]
+
+
 def test_failed_run_is_marked_failed(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", "method=rtn", *FAST, "eval.seqlen=10000000"], tmp_path)
@@ -89,7 +100,8 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
         ("model.dtype=int8", "model.dtype must be one of"),
         ("stage=train", "stage='train' is not one of"),
         ("method.alpha=-1", None),
-        ("offload=sometimes", "offload must be auto, true or false, got 'sometimes'"),
+        ("offload=sometimes", "offload must be auto, true, false or disk, got 'sometimes'"),
+        ("offload=disk", "offload=disk reads a local safetensors checkpoint folder"),
         ("kernels=maybe", "kernels must be true or false, got 'maybe'"),
         ("kernels=true", "kernels=true runs the W4A4 Triton kernels, which need a CUDA GPU"),
         ("quant=w8a8", None),
