@@ -23,7 +23,7 @@ import torch
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
 from flatquant.methods import get_method, slot_inputs
-from flatquant.quantizers import pack_int4, unpack_int4
+from flatquant.quantizers import dequantize_codes, pack_codes, unpack_codes
 from flatquant.spec import QuantConfig
 
 FORMAT = "flatquant-checkpoint-v1"
@@ -50,8 +50,7 @@ def _layer_tensors(i: int, layer: QuantDecoderLayer) -> dict[str, torch.Tensor]:
         key = f"w_{name}"
         if spec.enabled:
             codes, scale, zero = layer.weight_codes(name)
-            packed = spec.bits == 4 and codes.shape[1] % 2 == 0
-            out[f"layers.{i}.{key}.codes"] = pack_int4(codes, spec.qmin) if packed else codes
+            out[f"layers.{i}.{key}.codes"] = pack_codes(codes, spec)
             out[f"layers.{i}.{key}.scale"], out[f"layers.{i}.{key}.zero"] = scale.float(), zero.float()
         else:
             out[f"layers.{i}.{key}"] = getattr(layer, key)
@@ -123,10 +122,7 @@ def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> tuple[dict[str, to
         if key.endswith(".codes"):
             base = key[: -len(".codes")]
             scale, zero = tensors[prefix + base + ".scale"], tensors[prefix + base + ".zero"]
-            codes = unpack_int4(value, spec.qmin) if value.dtype == torch.uint8 else value.to(torch.int16)
-            g = codes.view(codes.shape[0], scale.shape[1] if scale.dim() == 2 else 1, -1).float()
-            w = (g - zero.view(codes.shape[0], -1, 1)) * scale.view(codes.shape[0], -1, 1)
-            state[base] = w.reshape(codes.shape)
+            state[base] = dequantize_codes(unpack_codes(value, spec), scale, zero)
             qparams[base[2:]] = (scale, zero)
         elif not key.endswith((".scale", ".zero")):
             state[key] = value

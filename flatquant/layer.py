@@ -30,7 +30,7 @@ from torch import nn
 
 from flatquant.adapters import LayerParts
 from flatquant.gptq import HessianAccumulator, gptq_quantize, rtn_fit_qdq
-from flatquant.quantizers import Quantizer, pack_int4, quantize, unpack_int4
+from flatquant.quantizers import Quantizer, dequantize_codes, pack_codes, quantize, unpack_codes
 from flatquant.spec import QuantConfig
 from flatquant.transforms import KronTransform, cached_matrices, kron_apply
 
@@ -284,8 +284,7 @@ class QuantDecoderLayer(nn.Module):
         if self.kernels is not None:
             raise ValueError("the layer runs on the W4A4 kernels (use_kernels); its codes live in self.kernels")
         if self.packed:
-            c, spec = getattr(self, f"c_{name}"), self.qcfg.weight_spec()
-            codes = unpack_int4(c, spec.qmin) if c.dtype == torch.uint8 else c
+            codes = unpack_codes(getattr(self, f"c_{name}"), self.qcfg.weight_spec())
             return codes.to(torch.int8), getattr(self, f"s_{name}"), getattr(self, f"z_{name}")
         if name not in self.weight_qparams:
             raise ValueError(f"weight {name!r} has no recorded quantization parameters (not quantized, or GPTQ act-order with groups)")
@@ -308,9 +307,8 @@ class QuantDecoderLayer(nn.Module):
             return False
         for n in self.wq:
             codes, scale, zero = self.weight_codes(n)
-            packed = spec.bits == 4 and codes.shape[1] % 2 == 0
             setattr(self, f"w_{n}", None)
-            self.register_buffer(f"c_{n}", pack_int4(codes, spec.qmin) if packed else codes)
+            self.register_buffer(f"c_{n}", pack_codes(codes, spec))
             self.register_buffer(f"s_{n}", scale.float().contiguous())
             self.register_buffer(f"z_{n}", zero.float().contiguous())
         self.weight_qparams = {}
@@ -319,17 +317,14 @@ class QuantDecoderLayer(nn.Module):
 
     def _dequant(self, name: str) -> torch.Tensor:
         """(q − zero)·scale in float32, the same operations `_rtn` used, so the values are identical."""
-        codes, scale, zero = self.weight_codes(name)
-        rows = codes.shape[0]
-        g = codes.view(rows, scale.shape[1] if scale.dim() == 2 else 1, -1).float()
-        return ((g - zero.view(rows, -1, 1)) * scale.view(rows, -1, 1)).reshape(codes.shape)
+        return dequantize_codes(*self.weight_codes(name))
 
     def kernel_support(self) -> str:
         """Why the W4A4 kernels cannot run this layer ('' when they can)."""
         if not self.merged:
             return "the layer is not merged"
-        if kernel_unsupported(self.qcfg):
-            return kernel_unsupported(self.qcfg)
+        if why := kernel_unsupported(self.qcfg):
+            return why
         if any(n not in self.weight_qparams for n in self.wq) and not self.packed:
             return "the weights have no integer codes (GPTQ act-order with groups)"
         for slot, t in self.transforms.items():
@@ -351,8 +346,9 @@ class QuantDecoderLayer(nn.Module):
         spec = self.qcfg.act_spec()
         modules = {}
         for slot, names in GROUPS.items():
-            codes = torch.cat([self.weight_codes(n)[0] for n in names]).to(torch.int32)
-            scale = torch.cat([self.weight_codes(n)[1] for n in names]).float()
+            stored = [self.weight_codes(n) for n in names]  # unpacks each weight once
+            codes = torch.cat([c for c, _, _ in stored]).to(torch.int32)
+            scale = torch.cat([sc for _, sc, _ in stored]).float()
             biases = [getattr(self, f"b_{n}") for n in names]
             bias = None if all(b is None for b in biases) else torch.cat(
                 [torch.zeros(self.out_features[n], device=codes.device) if b is None else b.float() for n, b in zip(names, biases)])

@@ -130,5 +130,4 @@ class LayerOffload:
         for h in self.handles:
             h.remove()
         self.handles = []
-        for i in list(self.loaded):
-            self.loaded.pop(i)
+        self.loaded.clear()

@@ -41,9 +41,10 @@ def choose_storage(nbytes: int, device: torch.device, requested: str = "auto", w
         raise ValueError(f"calib.storage must be one of {STORAGES}, got {requested!r}")
     if requested != "auto":
         return requested
-    if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0] \
-            and nbytes + workspace < 0.9 * torch.cuda.mem_get_info(device)[0]:
-        return "device"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if nbytes < 0.5 * free and nbytes + workspace < 0.9 * free:
+            return "device"
     if device.type != "cuda" or nbytes < 0.5 * free_ram():
         return "cpu" if device.type == "cuda" else "device"
     return "disk"

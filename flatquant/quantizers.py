@@ -164,3 +164,21 @@ def unpack_int4(packed: torch.Tensor, qmin: int) -> torch.Tensor:
     """Inverse of pack_int4: (rows, cols // 2) uint8 → (rows, cols) int16 codes."""
     lo, hi = (packed & 0xF).to(torch.int16), (packed >> 4).to(torch.int16)
     return torch.stack((lo, hi), dim=-1).flatten(-2) + qmin
+
+
+def pack_codes(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """How integer codes (rows, cols) are stored: two per byte (pack_int4) when 4-bit with even cols, else as given."""
+    return pack_int4(codes, spec.qmin) if spec.bits == 4 and codes.shape[1] % 2 == 0 else codes
+
+
+def unpack_codes(stored: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Inverse of pack_codes: (rows, cols) integer codes (int16 when they were packed)."""
+    return unpack_int4(stored, spec.qmin) if stored.dtype == torch.uint8 else stored
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q − zero)·scale in float32 for codes (rows, cols) with scale/zero (rows,) or (rows, groups): the operations
+    `quantize`'s callers use to dequantize, so the values are identical."""
+    rows = codes.shape[0]
+    g = codes.view(rows, scale.shape[1] if scale.dim() == 2 else 1, -1).float()
+    return ((g - zero.view(rows, -1, 1)) * scale.view(rows, -1, 1)).reshape(codes.shape)

@@ -82,7 +82,7 @@ class Context:
             model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, "cpu")
         adapter_for(model)  # an unsupported architecture fails here, before any evaluation
         check_model(self.method, model.config)  # so does a size the method's transforms cannot factor
-        if self.cfg.get("offload") == "disk" or self.wants_offload(model_bytes(model)):
+        if self.wants_offload(model_bytes(model)):
             self.offload = LayerOffload(model, self.device)
         else:
             model.to(self.device)
@@ -90,6 +90,8 @@ class Context:
 
     def wants_offload(self, nbytes: int) -> bool:
         offload = self.cfg.get("offload", "auto")
+        if offload == "disk":  # the layers are on the meta device: they can only be streamed
+            return True
         if not self.device.startswith("cuda") or offload is False:
             return False
         return offload is True or nbytes > 0.8 * torch.cuda.mem_get_info(torch.device(self.device))[0]

@@ -8,7 +8,8 @@ import torch
 from conftest import random_llama
 from flatquant.calibrate import CalibConfig, quantize_model
 from flatquant.evaluate import perplexity
-from flatquant.export import export, load_quantized, pack_int4, unpack_int4
+from flatquant.export import export, load_quantized
+from flatquant.quantizers import pack_int4, unpack_int4
 from flatquant.methods import get_method
 from flatquant.spec import QuantConfig
 
