@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -157,6 +158,15 @@ def config_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def store_key(method, qcfg: QuantConfig, ccfg: CalibConfig, samples: torch.Tensor) -> str:
+    """What decides a layer's learned parameters: the method, the quantizers, the training schedule and, where the
+    method trains or takes statistics, the samples. Not the weight quantizer (RTN or GPTQ runs at merge time, after
+    training), the device or the storage of the layer inputs: one store serves wquant=rtn and wquant=gptq."""
+    schedule = {k: v for k, v in asdict(ccfg).items() if k not in ("device", "storage") and not k.startswith(("wquant", "gptq_"))}
+    data = (tuple(samples.shape), int(samples.sum())) if method.trainable or method.needs_stats else None
+    return config_key(method, qcfg, schedule, data)
+
+
 class LayerStore:
     """One safetensors file per finished layer plus manifest.json (config key, checksums, reports)."""
 
@@ -187,11 +197,12 @@ class LayerStore:
 
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"layer_{i:03d}.safetensors"
-        save_file(state, self.root / (name + ".tmp"))
-        (self.root / (name + ".tmp")).replace(self.root / name)
+        tmp = self.root / f"{name}.{os.getpid()}.tmp"  # per process: two runs sharing a store never collide
+        save_file(state, tmp)
+        tmp.replace(self.root / name)
         digest = hashlib.sha256((self.root / name).read_bytes()).hexdigest()
         self.manifest["layers"][str(i)] = {"file": name, "sha256": digest, "report": asdict(report)}
-        tmp = self.root / "manifest.json.tmp"
+        tmp = self.root / f"manifest.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(self.manifest, indent=1))
         tmp.replace(self.root / "manifest.json")
 
@@ -235,7 +246,7 @@ def quantize_model(
     (pack=True: quantized weights kept as 4-bit codes, see QuantDecoderLayer.pack)."""
     adapter = adapter_for(model)
     layers = adapter.layers(model)
-    store = LayerStore(ckpt_dir, config_key(method, qcfg, replace(ccfg, device="", storage="auto"), samples.shape, int(samples.sum())))
+    store = LayerStore(ckpt_dir, store_key(method, qcfg, ccfg, samples))
     device = torch.device(ccfg.device)
     if ccfg.needs_data(method) and samples.numel() == 0:
         raise ValueError(f"method {method.name} with wquant={ccfg.wquant} needs calibration samples")

@@ -5,9 +5,12 @@ Usage:
     windows = eval_windows(ids, seqlen=2048)                         # (n, 2048) non-overlapping
     calib = calib_samples(load_tokens(tok, "wikitext2", "valid"), nsamples=128, seqlen=2048, seed=0)
 
-Joining rule, the same for every method: a local raw file is read whole (its lines are the dataset's
-rows, each ending in a newline); rows from a Hugging Face dataset are joined with "" — which rebuilds the
-same raw text. The local data root is $FLATQUANT_DATA, by default ../shared/data beside the repository.
+Joining rule (`join`), the same for every method:
+- "hf" (default): the dataset's rows as the Hugging Face dataset holds them — one row per line of the raw
+  file, a blank line (only whitespace) being an empty row — joined with "\n\n", as the GPTQ / QuaRot /
+  FlatQuant code joins them, so that perplexities compare with published tables (WikiText-2 test: 304,986
+  tokens with the SmolLM2 tokenizer);
+- "raw": the raw file read whole (hub rows joined with "", which rebuilds the same text; 303,415 tokens). The local data root is $FLATQUANT_DATA, by default ../shared/data beside the repository.
 WikiText-2 train is not shipped here, so the default calibrates on the validation split (see README).
 """
 
@@ -48,9 +51,24 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("FLATQUANT_DATA") or DEFAULT_ROOT)
 
 
-def read_text(name: str, split: str, root=None) -> str:
-    """The raw text of one split: a local file if present, else a file path given as `name`, else the hub."""
-    if os.path.isfile(name):
+JOINS = ("hf", "raw")
+
+
+def join_rows(rows: list[str], join: str) -> str:
+    """Rows of a dataset (each line of a raw file, newline kept) as one text by the joining rule `join`."""
+    if join == "hf":
+        return "\n\n".join("" if not r.strip() else r for r in rows)
+    if join == "raw":
+        return "".join(rows)
+    raise ValueError(f"data.join must be one of {JOINS}, got {join!r}")
+
+
+def read_text(name: str, split: str, root=None, join: str = "hf") -> str:
+    """The text of one split: a local file if present, else a file path given as `name`, else the hub;
+    rows joined by the rule `join` (module docstring)."""
+    if join not in JOINS:
+        raise ValueError(f"data.join must be one of {JOINS}, got {join!r}")
+    if os.path.isfile(name):  # a text file of the user's own: read whole, it has no rows to rebuild
         return Path(name).read_text(encoding="utf-8")
     if name not in DATASETS or split not in DATASETS[name]:
         known = {k: sorted(v) for k, v in DATASETS.items()}
@@ -58,7 +76,7 @@ def read_text(name: str, split: str, root=None) -> str:
     src = DATASETS[name][split]
     path = data_root(root) / src.local if src.local else None
     if path is not None and path.exists():
-        return _read_local(path)
+        return _read_local(path, join)
     if src.hub is None:
         raise FileNotFoundError(f"{name}/{split}: {path} not found and no hub source is defined")
     try:
@@ -69,17 +87,24 @@ def read_text(name: str, split: str, root=None) -> str:
         raise FileNotFoundError(
             f"{name}/{split}: no local file at {path} (set FLATQUANT_DATA) and the hub failed: {e}"
         ) from e
-    return "".join(ds[src.hub[3]])
+    return join_rows(list(ds[src.hub[3]]), join)
 
 
-def _read_local(path: Path) -> str:
+def _read_local(path: Path, join: str) -> str:
     if path.name.endswith(".json.gz"):  # C4 shards: one JSON document per line, joined with "\n\n"
         import gzip
         import json
 
         with gzip.open(path, "rt", encoding="utf-8") as f:
             return "\n\n".join(json.loads(line)["text"] for line in f)
-    return path.read_text(encoding="utf-8")
+    return join_rows(_lines(path.read_text(encoding="utf-8")), join)
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a text, each with its "\n" (split on "\n" only, as a file is iterated)."""
+    lines = [line + "\n" for line in text.split("\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
 
 
 def _tokenizer_key(tokenizer) -> str:
@@ -88,9 +113,10 @@ def _tokenizer_key(tokenizer) -> str:
     return f"{type(tokenizer).__name__}:{len(vocab)}:{probe}"
 
 
-def load_tokens(tokenizer, name: str, split: str, root=None, cache_dir: str | os.PathLike | None = ".cache/tokens"):
+def load_tokens(tokenizer, name: str, split: str, root=None, cache_dir: str | os.PathLike | None = ".cache/tokens",
+                join: str = "hf"):
     """Token ids of a whole split as a 1-D LongTensor, cached by (tokenizer, dataset, split, text hash)."""
-    text = read_text(name, split, root)
+    text = read_text(name, split, root, join)
     key = hashlib.sha256(f"{_tokenizer_key(tokenizer)}|{name}|{split}|".encode() + text.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{Path(name).stem}-{split}-{key}.pt" if cache_dir else None
     if path is not None and path.exists():
@@ -98,7 +124,7 @@ def load_tokens(tokenizer, name: str, split: str, root=None, cache_dir: str | os
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs (a parallel sweep) never share one
         torch.save(ids, tmp)
         tmp.replace(path)
     return ids

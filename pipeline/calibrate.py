@@ -37,7 +37,16 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     fp_layer0 = materialize(copy.deepcopy(adapter.layers(ctx.model)[0])).float() if samples.numel() else None
     if ctx.offload is not None:
         ctx.offload.remove()  # calibration moves one layer at a time itself; the quantized layers come back to the CPU
-    reports = quantize_model(ctx.model, samples, ctx.method, ctx.qcfg, ctx.ccfg, ctx.calib_dir, on_layer)
+    try:
+        reports = quantize_model(ctx.model, samples, ctx.method, ctx.qcfg, ctx.ccfg, ctx.calib_dir, on_layer)
+    except torch.OutOfMemoryError as e:
+        c = cfg["calib"]
+        raise RuntimeError(
+            f"GPU out of memory while calibrating {cfg['model']['name']}: keep the layer inputs and targets off the "
+            f"GPU (calib.storage=cpu, or disk; now {c.get('storage', 'auto')}), calibrate on fewer samples "
+            f"(calib.nsamples, now {c['nsamples']}) or stream the model's layers from CPU memory (offload=true, now "
+            f"{cfg.get('offload', 'auto')}); finished layers are saved: the same command resumes at the next one"
+        ) from e
     plots = Path(cfg["results_dir"]) / "plots" / ctx.calib_dir.name
     paths = figures.calibration_figures(reports, plots)
     if fp_layer0 is not None:

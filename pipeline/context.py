@@ -22,6 +22,7 @@ from flatquant.lazy import load_lazy
 from flatquant.offload import LayerOffload, model_bytes
 from flatquant.spec import QuantConfig
 
+CALIB_DATA_KEYS = ("calib_dataset", "calib_split", "join")  # the data settings that decide calibration samples
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -124,19 +125,30 @@ class Context:
 
     def tokens(self, name: str, split: str) -> torch.Tensor:
         d = self.cfg["data"]
-        return data.load_tokens(self.tokenizer, name, split, d.get("root"), d.get("cache_dir"))
+        return data.load_tokens(self.tokenizer, name, split, d.get("root"), d.get("cache_dir"), d.get("join", "hf"))
 
     def calib_samples(self) -> torch.Tensor:
         d, c = self.cfg["data"], self.cfg["calib"]
         ids = self.tokens(d["calib_dataset"], d["calib_split"])
         return data.calib_samples(ids, c["nsamples"], c["seqlen"], self.cfg["seed"])
 
-    def key(self, *groups: str) -> str:
+    def key(self, *groups: str, **extra) -> str:
         """Hash of the config groups that decide an artifact (so a changed config never reuses it)."""
-        blob = json.dumps({g: self.cfg[g] for g in groups} | {"seed": self.cfg["seed"]}, sort_keys=True, default=str)
+        blob = json.dumps({g: self.cfg[g] for g in groups} | {"seed": self.cfg["seed"]} | extra, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
     def calib_dir(self) -> Path:
-        name = f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{self.cfg['wquant']}_{self.key('model', 'method', 'quant', 'data', 'calib', 'wquant', 'gptq')}"
-        return Path(self.cfg["artifacts_dir"]) / "calib" / name
+        """The calibration store: keyed by what decides the learned transforms and clip factors only. Not by the
+        weight quantizer (RTN or GPTQ is applied when a layer is merged, after training), nor by evaluation
+        settings, kernels, offloading or where the layer inputs are kept: `-m wquant=rtn,gptq` trains once."""
+        d, c = self.cfg["data"], self.cfg["calib"]
+        calib_data = {k: d.get(k, "hf" if k == "join" else None) for k in CALIB_DATA_KEYS}
+        key = self.key("model", "method", "quant", data=calib_data, calib={k: v for k, v in c.items() if k != "storage"})
+        return Path(self.cfg["artifacts_dir"]) / "calib" / f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{key}"
+
+    @property
+    def quantized_dir(self) -> Path:
+        """Where export writes the quantized checkpoint: the calibration's name plus the weight quantizer."""
+        wq = self.cfg["wquant"] if self.cfg["wquant"] == "rtn" else f"gptq_{self.key('gptq')}"
+        return Path(self.cfg["artifacts_dir"]) / "quantized" / f"{self.calib_dir.name}_{wq}"

@@ -7,6 +7,7 @@ over methods evaluates the FP model once.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from flatquant.data import EVAL_WINDOW_CAP, eval_windows
@@ -32,5 +33,7 @@ def baseline(cfg: dict, ctx) -> dict[str, float]:
         return json.loads(cache.read_text())
     out = {f"eval_ppl/{n}/ppl_fp": _ppl(cfg, ctx, n, "ppl fp", ctx.model) for n in cfg["data"]["eval_datasets"]}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out))
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # renamed into place: a parallel job never reads half
+    tmp.write_text(json.dumps(out))
+    tmp.replace(cache)
     return out

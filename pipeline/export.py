@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flatquant.export import export
 
 
 def run(cfg: dict, ctx) -> dict[str, float]:
     if not cfg.get("export") or not ctx.method.quantizes:
         return {}
-    out = Path(cfg["artifacts_dir"]) / "quantized" / ctx.calib_dir.name
+    out = ctx.quantized_dir
     export(ctx.model, ctx.tokenizer, out, dict(cfg["method"]))
     print(f"quantized checkpoint: {out}")
     return {"export/bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}

@@ -37,7 +37,7 @@ def flatness_figure(fp_layer, qlayer: QuantDecoderLayer, config, x: torch.Tensor
     h = rms_norm(x, parts.input_norm.weight.float(), qlayer.eps1)
     w = torch.cat([parts.linears[n].weight.float() for n in ("q", "k", "v")])
     d = smooth_scale(h.abs().amax(0), input_absmax(parts, ("q", "k", "v")), 0.5)
-    rot = rotation(h.shape[-1], seed=0)
+    rot = rotation(h.shape[-1], seed=0).to(h.device)
     t = qlayer.t("qkv")
     acts = {"original": h, "smoothquant": h / d, "hadamard": rot.apply(h)}
     weights = {"original": w, "smoothquant": w * d, "hadamard": rot.apply(w, inv_t=True)}

@@ -39,6 +39,14 @@ def visible_gpus() -> list[str]:
     return out.split()
 
 
+def jobs_per_gpu() -> int:
+    """FLATQUANT_JOBS_PER_GPU (default 1): how many workers may share one GPU, for models far smaller than it."""
+    n = os.environ.get("FLATQUANT_JOBS_PER_GPU", "1")
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"FLATQUANT_JOBS_PER_GPU must be a positive integer, got {n!r}")
+    return int(n)
+
+
 def claim_gpu(lock_dir: str | Path | None = None, wait_s: float = 3600.0) -> str | None:
     """Claim a free GPU for this process and set CUDA_VISIBLE_DEVICES to it; waits while all are taken."""
     global _held
@@ -55,8 +63,8 @@ def claim_gpu(lock_dir: str | Path | None = None, wait_s: float = 3600.0) -> str
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
     while True:
-        for gpu in gpus:
-            f = open(lock_dir / f"gpu{gpu}.lock", "w")
+        for slot, gpu in ((slot, gpu) for slot in range(jobs_per_gpu()) for gpu in gpus):
+            f = open(lock_dir / (f"gpu{gpu}.lock" if slot == 0 else f"gpu{gpu}.{slot}.lock"), "w")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -29,6 +30,12 @@ STAGES = {
     "bench": [bench.run],
     "all": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, export.run, eval_ppl.run, eval_qa.run],
 }
+
+
+def stage_name(stage) -> str:
+    """eval_ppl.baseline → "eval_ppl_baseline", calibrate.run → "calibrate" (the key of its wall time)."""
+    module = stage.__module__.rsplit(".", 1)[-1]
+    return module if stage.__name__ == "run" else f"{module}_{stage.__name__}"
 
 
 def seed_everything(seed: int) -> None:
@@ -58,13 +65,16 @@ def write_metrics_json(path: str | Path, cfg: dict, metrics: dict[str, float], r
                        start_time_ms: int) -> Path:
     """The run as {"config", "metrics", "run_id", "start_time"} JSON (what `dvc repro` and analysis.tables read).
 
-    Written to a temporary name first and renamed, so a crash never leaves a half-written metrics file that DVC
-    would record as the stage's output."""
+    A path ending in "/" is a folder: the file is named after the run (model-method-bits-wquant.json). Written to
+    a temporary name first and renamed, so a crash never leaves a half-written metrics file that DVC would record
+    as the stage's output."""
+    if str(path).endswith("/"):  # a folder: one file per run, named like the run (sweeps write here)
+        path = Path(path) / (run_name(cfg).replace("/", "-") + ".json")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"config": {k: v for k, v in cfg.items() if k != "metrics_out"}, "metrics": metrics,
             "run_id": run_id, "start_time": start_time_ms}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(blob, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
     return path
@@ -82,7 +92,9 @@ def execute(cfg: dict) -> dict[str, float]:
         ctx.tracker = tracker
         metrics: dict[str, float] = {}
         for stage in STAGES[cfg["stage"]]:
+            t_stage = time.time()
             out = stage(cfg, ctx)
+            out[f"time/{stage_name(stage)}_seconds"] = time.time() - t_stage
             tracker.metrics(out)
             metrics.update(out)
         metrics["run/wall_seconds"] = time.time() - t0

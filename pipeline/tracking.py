@@ -46,9 +46,8 @@ class Tracker:
             log.warning("MLflow server %s cannot be reached: logging to the local store %s instead", uri, self.fallback_uri)
             uri = self.fallback_uri
         self.uri = uri
+        ensure_store(uri, self.experiment)
         mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(self.experiment) is None:
-            mlflow.create_experiment(self.experiment, artifact_location=_artifact_location(uri))
         mlflow.set_experiment(self.experiment)
         nested = mlflow.active_run() is not None
         parent = os.environ.get("FLATQUANT_PARENT_RUN_ID")
@@ -92,13 +91,35 @@ class Tracker:
             mlflow.log_text(text, name)
 
 
+def ensure_store(uri: str, experiment: str) -> str:
+    """Create (and migrate) a SQLite store and the experiment once, under a file lock beside the database, so
+    that runs starting together in a fresh folder (a parallel sweep, several jobs) never race MLflow's schema
+    migration; returns the experiment id."""
+    from mlflow.tracking import MlflowClient
+
+    lock = None
+    if uri.startswith("sqlite:///"):
+        import fcntl
+
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(db.with_name(db.name + ".lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        return exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def start_parent(uri: str, experiment: str, name: str) -> str:
     """Open the parent run of a sweep (left RUNNING while the children log) and return its id."""
     from mlflow.tracking import MlflowClient
 
+    exp_id = ensure_store(uri, experiment)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
     return client.create_run(exp_id, run_name=name, tags={"flatquant.sweep": "true"}).info.run_id
 
 

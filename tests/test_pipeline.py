@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -164,3 +165,48 @@ def test_offload_auto_streams_layers_only_when_the_model_does_not_fit(offload, f
     assert ctx.wants_offload(16 * 2**30) is expect  # a 16 GB model (an 8B in bf16)
     ctx.device = "cpu"
     assert ctx.wants_offload(16 * 2**30) is False  # nothing to stream to
+
+
+def test_one_calibration_store_for_both_weight_quantizers_and_any_eval(tiny_llama_dir, tmp_path, monkeypatch):
+    """The store is keyed by what decides the learned parameters only: wquant=gptq after wquant=rtn resumes every
+    layer (and gives another model), and eval-only or placement changes never recalibrate; a schedule change does."""
+    from pipeline.context import Context
+
+    monkeypatch.chdir(tmp_path)
+    base = [f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST, "tracking.enabled=false"]
+    rtn = execute(make_cfg([*base, "wquant=rtn"], tmp_path))
+    gptq = execute(make_cfg([*base, "wquant=gptq", "gptq.percdamp=0.05", "eval.max_windows=1", "calib.storage=cpu"], tmp_path))
+    assert rtn["calibrate/resumed_layers"] == 0 and gptq["calibrate/resumed_layers"] == 2
+    assert gptq["eval_ppl/wikitext2/ppl"] != rtn["eval_ppl/wikitext2/ppl"]
+    dirs = {Context(make_cfg([*base, *extra], tmp_path)).calib_dir for extra in
+            ([], ["wquant=gptq"], ["kernels=false", "export=true"], ["data.eval_datasets=[wikitext2,c4]"], ["offload=true"])}
+    assert len(dirs) == 1
+    assert Context(make_cfg([*base, "calib.epochs=2"], tmp_path)).calib_dir not in dirs
+    assert Context(make_cfg([*base, "data.join=raw"], tmp_path)).calib_dir not in dirs
+
+
+def test_gpu_out_of_memory_names_what_to_change(tiny_llama_dir, tmp_path, monkeypatch):
+    import pipeline.calibrate as stage
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage, "quantize_model", oom)
+    with pytest.raises(RuntimeError, match=r"calib\.storage=cpu.*calib\.nsamples.*offload=true.*resumes"):
+        execute(make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST, "tracking.enabled=false"], tmp_path))
+
+
+def test_metrics_out_folder_names_the_file_after_the_run(tiny_llama_dir, tmp_path, monkeypatch):
+    """+metrics_out=<folder>/ (what a sweep uses) writes <model>-<method>-<bits>-<wquant>.json with stage times."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST, "tracking.enabled=false", "method=rtn",
+                    f"+metrics_out={tmp_path}/runs/"], tmp_path)
+    metrics = execute(cfg)
+    blob = json.loads((tmp_path / "runs" / "tiny-rtn-w4a4kv4-rtn.json").read_text())
+    assert blob["metrics"]["eval_ppl/wikitext2/ppl"] == metrics["eval_ppl/wikitext2/ppl"]
+    stages = {k for k in blob["metrics"] if k.startswith("time/")}
+    assert {"time/prepare_data_seconds", "time/eval_ppl_baseline_seconds", "time/calibrate_seconds", "time/eval_ppl_seconds"} <= stages
+    assert sum(blob["metrics"][k] for k in stages) <= blob["metrics"]["run/wall_seconds"]
