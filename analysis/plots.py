@@ -84,7 +84,7 @@ def layer_mse_figure(init: dict[int, float], final: dict[int, float], title: str
 def _tensor(x):
     import torch
 
-    return torch.as_tensor(x).detach().float()
+    return torch.as_tensor(x).detach().float().cpu()
 
 
 def channel_max(x):
