@@ -66,6 +66,30 @@ def loss_curves_figure(curves: dict[int, list[float]], title: str = "") -> Figur
     return fig
 
 
+def paper_figure(table, title: str = "") -> Figure:
+    """Two panels over the rows of analysis.tables.paper_table: WikiText-2 perplexity (log axis, FP16 as a line)
+    and the zero-shot QA average (FP16 as a line); rows without a value are left out of a panel."""
+    import textwrap
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, col, label, log in ((axes[0], "WikiText-2 ppl", "WikiText-2 perplexity (log)", True),
+                                (axes[1], "QA avg", "zero-shot QA average (%)", False)):
+        vals = table[col]
+        rows = [r for r in vals.index if r != "FP16" and not math.isnan(vals[r])]
+        colors = ["#4c72b0" if r.endswith("GPTQ") else "#dd8452" for r in rows]
+        ax.bar(range(len(rows)), [vals[r] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)), rows, rotation=35, ha="right")
+        if "FP16" in vals.index and not math.isnan(vals["FP16"]):
+            ax.axhline(vals["FP16"], color="k", ls="--", lw=1, label=f"FP16 {vals['FP16']:.2f}")
+            ax.legend(loc="upper left" if log else "lower left")
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+    fig.suptitle("\n".join(textwrap.wrap(title, 130)), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def layer_mse_figure(init: dict[int, float], final: dict[int, float], title: str = "") -> Figure:
     """Block output MSE before calibration (init) and after (final) for each layer, log scale."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

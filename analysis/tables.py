@@ -41,9 +41,13 @@ def bits_tag(params: dict) -> str:
     return f"w{w}a{a}kv{max(k or 0, v or 0)}"
 
 
+CAPTION_PARAMS = ("calib.nsamples", "calib.seqlen", "calib.epochs", "seed", "eval.seqlen", "eval.max_windows", "eval.qa_limit")
+
+
 def _record(params: dict, metrics: dict, **meta) -> dict:
     row = {"model": str(params.get("model.name")), "method": str(params.get("method.name")),
            "bits": bits_tag(params), "wquant": str(params.get("wquant", "rtn")), **meta}
+    row.update({k: str(params[k]) for k in CAPTION_PARAMS if k in params})  # "None" where the config says null
     row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return row
 
@@ -89,7 +93,7 @@ def json_frame(paths: str | Path | list) -> pd.DataFrame:
     for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
         blob = json.loads(p.read_text())
         params = flatten(blob.get("config", {}))
-        rows.append(_record(params, blob.get("metrics", {}), run_id=blob.get("run_id", p.stem),
+        rows.append(_record(params, blob.get("metrics", {}), device=blob.get("device"), run_id=blob.get("run_id", p.stem),
                             run_name=blob.get("run_name", p.stem),
                             start_time=blob.get("start_time", int(p.stat().st_mtime * 1000))))
     return _frame(rows)
@@ -202,15 +206,66 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+QA_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag_llamacpp": "HellaSwag",
+            "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
+PAPER_QA = ["piqa", "arc_easy", "arc_challenge", "hellaswag_llamacpp", "winogrande", "lambada_openai"]
+
+
+def paper_table(df: pd.DataFrame) -> pd.DataFrame:
+    """FlatQuant's Tables 1–2 as one, for one model: rows FP16 then method-weight quantizer; columns WikiText-2
+    perplexity, the six zero-shot accuracies (%) and their average (missing unless all six are there)."""
+    models = _models(df)
+    if len(models) != 1:
+        raise ValueError(f"the paper table is for one model; these runs hold {models}")
+    ppl, qa = ppl_table(df), qa_table(df, PAPER_QA)
+    out = pd.DataFrame(index=ppl.index)
+    out["WikiText-2 ppl"] = ppl[(models[0], "WikiText-2")]
+    for task in PAPER_QA:
+        out[QA_SHORT[task]] = qa[(models[0], task)]
+    out["QA avg"] = qa[(models[0], "average")]
+    return out
+
+
+def caption(df: pd.DataFrame) -> str:
+    """Model, bits, schedule, windows, QA items and device of the runs behind a table (each as the runs agree)."""
+    def one(col: str, fmt=str) -> str:
+        vals = sorted({fmt(v) for v in df[col].dropna() if v is not None}) if col in df else []
+        return ", ".join(vals) if vals else "?"
+
+    windows = one("eval.max_windows", lambda v: "all" if v in (None, "None") else str(v))
+    return (f"{one('model')}, {one('bits').upper()}; calibration {one('calib.nsamples')} × {one('calib.seqlen')} "
+            f"tokens, {one('calib.epochs')} epochs (seed {one('seed')}); WikiText-2 test windows of "
+            f"{one('eval.seqlen')} tokens: {windows}; QA items per task: {one('eval.qa_limit', lambda v: 'all' if v in (None, 'None') else str(v))}; "
+            f"run on {one('device')}.")
+
+
+def write_paper_table(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """paper.md (with its caption), paper.csv and paper.png (perplexity, log axis, and QA average per row)."""
+    from analysis.plots import paper_figure, save
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = paper_table(df)
+    cap = caption(df)
+    (out_dir / "paper.md").write_text(f"{cap}\n\n{to_markdown(table)}")
+    to_text(table).to_csv(out_dir / "paper.csv")
+    save(paper_figure(table, cap), out_dir / "paper.png")
+    return [out_dir / "paper.md", out_dir / "paper.csv", out_dir / "paper.png"]
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}", help="MLflow tracking URI")
     p.add_argument("--experiment", default="flatquant")
-    p.add_argument("--from-json", metavar="DIR", help="read results/runs/*.json instead of the MLflow store")
+    p.add_argument("--from-json", metavar="DIR", nargs="+", help="read <DIR>/*.json (run.py +metrics_out) instead of the MLflow store")
     p.add_argument("--out", default="results/tables")
+    p.add_argument("--paper", action="store_true", help="one table as the paper lays it out (ppl + QA), with a caption and a plot")
     args = p.parse_args(argv)
-    df = json_frame(args.from_json) if args.from_json else runs_frame(args.uri, args.experiment)
-    paths = write_tables(df, args.out)
+    if args.from_json:
+        df = pd.concat([json_frame(d) for d in args.from_json], ignore_index=True)
+    else:
+        df = runs_frame(args.uri, args.experiment)
+    paths = write_paper_table(df, args.out) if args.paper else write_tables(df, args.out)
     for path in paths:
         if path.suffix == ".md":
             print(f"{path}:\n{path.read_text()}")

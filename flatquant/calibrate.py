@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -34,6 +35,8 @@ from flatquant.lazy import materialize
 from flatquant.methods import slot_inputs
 from flatquant.placement import STORAGES, WORKSPACE_PER_LAYER_BYTE, choose_storage, empty_buffer, to_device
 from flatquant.spec import QuantConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,12 @@ class LayerStore:
         self.root, self.key = (Path(root) if root else None), key
         self.manifest = {"key": key, "layers": {}}
         if self.root and (self.root / "manifest.json").exists():
-            found = json.loads((self.root / "manifest.json").read_text())
+            try:
+                found = json.loads((self.root / "manifest.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                log.warning("calibration store %s: manifest.json is unreadable (%s), so none of its layers can be "
+                            "verified: every layer will be calibrated again (delete the folder to clear it)", self.root, e)
+                found = {"key": key, "layers": {}}
             if found.get("key") != key:
                 raise ValueError(f"{self.root} holds layers of another configuration (key {found.get('key')} != {key})")
             self.manifest = found
@@ -186,6 +194,11 @@ class LayerStore:
         from safetensors.torch import load_file
 
         path = self.root / entry["file"]
+        if not path.exists():
+            log.warning("calibration store %s: layer %d is in the manifest but %s is missing: calibrating that layer "
+                        "again", self.root, i, path.name)
+            del self.manifest["layers"][str(i)]
+            return None
         if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
             raise ValueError(f"{path} does not match its checksum in the manifest: corrupt or tampered")
         return load_file(path), entry["report"]

@@ -5,10 +5,16 @@ Usage:
     model, tokenizer = load_quantized("out/llama3-8b-w4a4kv4")       # same perplexity, no custom pickles
 
 Layout of the folder: config.json and the tokenizer (as transformers writes them), quant_config.json (format,
-method, bits, per-shard sha256), and model-0000k.safetensors shards. Each merged decoder layer is stored as its
-state (norms with the scales folded in, transform parameters, LAC clips) with every quantized weight replaced by
-`<name>.codes` (two 4-bit codes per uint8, low nibble first, stored as code − qmin), `<name>.scale` and
-`<name>.zero`; everything outside the layers (embeddings, final norm, head) is stored as is. Nothing is pickled.
+method, bits, the shard names and the sha256 of every other file in the folder), and model-0000k.safetensors
+shards. Each merged decoder layer is stored as its state (norms with the scales folded in, transform parameters,
+LAC clips) with every quantized weight replaced by `<name>.codes`, `<name>.scale` and `<name>.zero`; codes are
+stored by `pack_codes`: 4-bit ones two per uint8 (low nibble first, as code − qmin, the layout the W4A4 kernels
+read), wider ones unpacked in the narrowest signed integer dtype that holds them. Everything outside the layers
+(embeddings, final norm, head) is stored as is. Nothing is pickled.
+
+load_quantized verifies every checksum and refuses files the manifest does not list, then checks config.json
+against the stored tensors (layer count, hidden, intermediate and attention sizes, vocabulary), so an edited or
+mismatched config cannot build a model with missing or randomly initialised layers.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from flatquant.methods import get_method, slot_inputs
 from flatquant.quantizers import dequantize_codes, pack_codes, unpack_codes
 from flatquant.spec import QuantConfig
 
-FORMAT = "flatquant-checkpoint-v1"
+FORMAT = "flatquant-checkpoint-v2"  # v2: codes wider than int8 (any bit width), every file checksummed
+MANIFEST = "quant_config.json"
 SHARD_BYTES = 2 * 1024**3
 
 
@@ -78,38 +85,87 @@ def export(model, tokenizer, path: str | Path, method: dict) -> Path:
             current, size = {}, 0
         current[key], size = value, size + value.nbytes
     shards.append(current)
-    digests = {}
-    for k, shard in enumerate(shards):
-        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+    names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    for name, shard in zip(names, shards):
         save_file(shard, path / name, metadata={"format": FORMAT})
-        digests[name] = _sha256(path / name)
     model.config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     meta = {"format": FORMAT, "method": method, "quant": asdict(layers[0].qcfg), "num_layers": len(layers),
-            "shards": digests}
-    (path / "quant_config.json").write_text(json.dumps(meta, indent=1))
+            "shards": names, "sha256": {name: _sha256(path / name) for name in _folder_files(path)}}
+    (path / MANIFEST).write_text(json.dumps(meta, indent=1))
     return path
 
 
+def _folder_files(path: Path) -> list[str]:
+    """Every file under the checkpoint folder but the manifest, as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
 def _read_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """quant_config.json and all tensors, after checking the format and each shard's checksum."""
+    """quant_config.json and all tensors, after checking the format and the checksum of every file in the folder."""
     from safetensors.torch import load_file
 
-    meta_file = path / "quant_config.json"
+    meta_file = path / MANIFEST
     if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not a quantized checkpoint: quant_config.json is missing")
+        raise FileNotFoundError(f"{path} is not a quantized checkpoint: {MANIFEST} is missing")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r} (in {MANIFEST}), but this version reads "
+                         f"only {FORMAT!r}; export the model again with this version")
+    digests = meta.get("sha256", {})
+    unlisted = [name for name in _folder_files(path) if name not in digests]
+    if unlisted:
+        raise ValueError(f"{path}: {unlisted} not covered by the checksums in {MANIFEST} (added after export?)")
+    for name, digest in digests.items():
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: {name} is missing (listed in {MANIFEST})")
+        if _sha256(path / name) != digest:
+            raise ValueError(f"{path}: {name} does not match its sha256 in {MANIFEST} (truncated or tampered)")
+    unchecked = [name for name in meta["shards"] if name not in digests]
+    if unchecked:
+        raise ValueError(f"{path}: shards {unchecked} have no sha256 in {MANIFEST}")
     tensors = {}
-    for name, digest in meta["shards"].items():
-        shard = path / name
-        if not shard.exists():
-            raise FileNotFoundError(f"{path}: shard {name} is missing")
-        if _sha256(shard) != digest:
-            raise ValueError(f"{path}: shard {name} does not match its sha256 in quant_config.json (truncated or tampered)")
-        tensors.update(load_file(shard))
+    for name in meta["shards"]:
+        tensors.update(load_file(path / name))
     return meta, tensors
+
+
+def _rows(tensors: dict, i: int, name: str) -> int | None:
+    """Output features of linear `name` in stored layer i (from its scale when quantized); None when absent."""
+    key = f"layers.{i}.w_{name}"
+    found = tensors.get(key + ".scale", tensors.get(key))
+    return None if found is None else found.shape[0]
+
+
+def _check_config(path: Path, config, meta: dict, tensors: dict) -> None:
+    """Refuse a config.json (or manifest) that does not describe the stored tensors: a ValueError naming the file,
+    each wrong field and both values. One mismatch per field is reported, at the first layer that shows it."""
+    stored = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("layers.")})
+    if stored != list(range(len(stored))):
+        raise ValueError(f"{path}: the shards hold decoder layers {stored}, not 0..{len(stored) - 1} (incomplete export?)")
+    if meta["num_layers"] != len(stored):
+        raise ValueError(f"{path}/{MANIFEST}: num_layers={meta['num_layers']} but the shards hold {len(stored)} decoder layers")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    expected = {"num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
+                "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+                "num_attention_heads × head_dim": heads * head_dim, "num_key_value_heads × head_dim": kv_heads * head_dim}
+    found = [("num_hidden_layers", len(stored), "decoder layers in the shards")]
+    embed = tensors.get(f"base.{adapter_for(config).embed_path}.weight")
+    if embed is not None:
+        found += [("vocab_size", embed.shape[0], "rows of the embedding"), ("hidden_size", embed.shape[1], "columns of the embedding")]
+    for i in stored:
+        found += [("hidden_size", tensors[f"layers.{i}.norm1"].shape[0], f"layer {i}'s input norm"),
+                  ("intermediate_size", _rows(tensors, i, "up"), f"layer {i}'s up_proj rows"),
+                  ("num_attention_heads × head_dim", _rows(tensors, i, "q"), f"layer {i}'s q_proj rows"),
+                  ("num_key_value_heads × head_dim", _rows(tensors, i, "k"), f"layer {i}'s k_proj rows")]
+    wrong = {}
+    for field, have, what in found:
+        if have is not None and have != expected[field]:
+            wrong.setdefault(field, f"{field}={expected[field]} but the checkpoint has {have} ({what})")
+    if wrong:
+        raise ValueError(f"{path}/config.json does not match the stored tensors: " + "; ".join(wrong.values()))
 
 
 def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> tuple[dict[str, torch.Tensor], dict]:
@@ -131,7 +187,7 @@ def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> tuple[dict[str, to
 
 def load_quantized(path: str | Path, device="cpu", expect_method: str | None = None, expect_quant: dict | None = None):
     """Rebuild (model, tokenizer) from an exported folder: fake-quant layers with the exact stored weights, kept
-    packed (4-bit codes) as calibration left them; call `layer.use_kernels()` on each to run them in real W4A4.
+    packed (as integer codes) as calibration left them; call `layer.use_kernels()` on each to run them in real W4A4.
 
     expect_method / expect_quant: refuse a checkpoint of another method or bit width (ValueError naming both).
     """
@@ -145,6 +201,7 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
         if meta["quant"].get(key) != value:
             raise ValueError(f"{path} has quant.{key}={meta['quant'].get(key)!r}, expected {value!r}")
     config = AutoConfig.from_pretrained(path)
+    _check_config(path, config, meta, tensors)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
     missing = [k for k in model.state_dict() if k not in base and not k.startswith(adapter_for(model).layers_path + ".")]
@@ -163,7 +220,7 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
         state, qparams = _layer_state(i, tensors, qcfg)
         layer.load_merged(state)
         layer.weight_qparams = qparams
-        layer.pack()  # back to 4-bit codes in memory, ready for use_kernels()
+        layer.pack()  # back to integer codes in memory, ready for use_kernels() at 4 bits
         layers[i] = layer
     model.config.use_cache = False
     model.to(device).eval().requires_grad_(False)

@@ -280,25 +280,27 @@ class QuantDecoderLayer(nn.Module):
         return ((q - zero) * scale).reshape(w.shape)
 
     def weight_codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes (out, in) int8 of a merged quantized weight, with scale and zero (out,) or (out, groups)."""
+        """Integer codes (out, in) int32 of a merged quantized weight, with scale and zero (out,) or (out, groups).
+        int32 holds every width QuantConfig accepts (8-bit asymmetric and 9..15-bit codes overflow int8)."""
         if self.kernels is not None:
             raise ValueError("the layer runs on the W4A4 kernels (use_kernels); its codes live in self.kernels")
         if self.packed:
             codes = unpack_codes(getattr(self, f"c_{name}"), self.qcfg.weight_spec())
-            return codes.to(torch.int8), getattr(self, f"s_{name}"), getattr(self, f"z_{name}")
+            return codes, getattr(self, f"s_{name}"), getattr(self, f"z_{name}")
         if name not in self.weight_qparams:
             raise ValueError(f"weight {name!r} has no recorded quantization parameters (not quantized, or GPTQ act-order with groups)")
         scale, zero = self.weight_qparams[name]
         w = getattr(self, f"w_{name}")
         g = w.view(w.shape[0], scale.shape[1] if scale.dim() == 2 else 1, -1)
         s, z = scale.view(w.shape[0], -1, 1), zero.view(w.shape[0], -1, 1)
-        return (torch.round(g / s) + z).reshape(w.shape).to(torch.int8), scale, zero
+        return (torch.round(g / s) + z).reshape(w.shape).to(torch.int32), scale, zero
 
     # ---- compact storage and the real 4-bit path ---------------------------------------------------
     @torch.no_grad()
     def pack(self) -> bool:
-        """Keep each quantized weight only as its integer codes (two 4-bit codes per byte) with scale and
-        zero: 1/8 of the float32 storage. forward dequantizes them to exactly the values merge() stored.
+        """Keep each quantized weight only as its integer codes (two 4-bit codes per byte, wider ones unpacked in
+        the narrowest integer dtype that holds them, see pack_codes) with scale and zero: 1/8 of the float32
+        storage at 4 bits. forward dequantizes them to exactly the values merge() stored.
         Returns False (and changes nothing) when the weights are not quantized or have no code layout."""
         spec = self.qcfg.weight_spec()
         if self.packed:
@@ -347,7 +349,7 @@ class QuantDecoderLayer(nn.Module):
         modules = {}
         for slot, names in GROUPS.items():
             stored = [self.weight_codes(n) for n in names]  # unpacks each weight once
-            codes = torch.cat([c for c, _, _ in stored]).to(torch.int32)
+            codes = torch.cat([c for c, _, _ in stored])
             scale = torch.cat([sc for _, sc, _ in stored]).float()
             biases = [getattr(self, f"b_{n}") for n in names]
             bias = None if all(b is None for b in biases) else torch.cat(

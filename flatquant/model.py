@@ -61,7 +61,12 @@ def load_model(path: str, gguf_file: str | None = None, dtype: torch.dtype = tor
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:
+        if gguf:
+            size = (Path(folder) / gguf).stat().st_size
+            raise RuntimeError(
+                f"model.path={path!r}: could not read the GGUF file {Path(folder) / gguf} ({size:,} bytes): it is "
+                f"truncated or corrupt ({type(e).__name__}: {e}); copy it again and compare its sha256") from e
         raise RuntimeError(f"model.path={path!r}: could not load a causal LM and its tokenizer: {e}") from e
     check_tokenizer(tokenizer, model.config, path)
     model.config.quantization_config = None

@@ -166,14 +166,34 @@ def unpack_int4(packed: torch.Tensor, qmin: int) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2) + qmin
 
 
+def code_dtype(spec: QuantSpec) -> torch.dtype:
+    """The narrowest signed integer dtype that holds every code in [qmin, qmax]: int8 up to 8-bit symmetric or
+    7-bit asymmetric, int16 up to 16 / 15 bits, else int32. Signed, so that uint8 always means pack_int4."""
+    for dtype in (torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= spec.qmin and spec.qmax <= info.max:
+            return dtype
+    return torch.int32
+
+
 def pack_codes(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """How integer codes (rows, cols) are stored: two per byte (pack_int4) when 4-bit with even cols, else as given."""
-    return pack_int4(codes, spec.qmin) if spec.bits == 4 and codes.shape[1] % 2 == 0 else codes
+    """How integer codes (rows, cols) in [qmin, qmax] are stored: two per byte (pack_int4, uint8) when 4-bit with
+    even cols, else unpacked in `code_dtype(spec)`. Codes outside the spec's range raise instead of wrapping."""
+    lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (spec.qmin, spec.qmin)
+    if lo < spec.qmin or hi > spec.qmax:
+        raise ValueError(f"codes span [{lo}, {hi}], outside [{spec.qmin}, {spec.qmax}] of {spec.bits}-bit sym={spec.sym}")
+    if spec.bits == 4 and codes.shape[1] % 2 == 0:
+        return pack_int4(codes, spec.qmin)
+    return codes.to(code_dtype(spec)).contiguous()
 
 
 def unpack_codes(stored: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Inverse of pack_codes: (rows, cols) integer codes (int16 when they were packed)."""
-    return unpack_int4(stored, spec.qmin) if stored.dtype == torch.uint8 else stored
+    """Inverse of pack_codes: (rows, cols) int32 codes."""
+    if stored.dtype == torch.uint8:
+        if spec.bits != 4:
+            raise ValueError(f"uint8 codes are two 4-bit codes per byte, but the spec is {spec.bits}-bit")
+        return unpack_int4(stored, spec.qmin).to(torch.int32)
+    return stored.to(torch.int32)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,10 @@
 
 `python run.py stage=bench model=llama3_8b` needs no checkpoint: the shapes come from conf/model/*.yaml
 (model.shape), the weights are random. Writes results/bench/<gpu>.json and .md (flatquant.kernels.bench: each linear)
-and, with bench.layer=true, results/bench/<gpu>_layer.json and .md (flatquant.kernels.bench_layer: a whole decoder layer).
+and, with bench.layer=true, results/bench/<gpu>_layer.json and .md (flatquant.kernels.bench_layer: a whole decoder layer);
+with bench.calibration=true, results/bench/<gpu>_calibration.json (flatquant.bench_calib: ms per calibration step
+of the run's method, FlatQuant unless it trains, and seconds per layer projected onto bench.calibration_schedule);
+with bench.profile=true, results/bench/<gpu>_profile.json (GPU time per kernel of the fp16 and W4A4 layers).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     from flatquant.kernels.bench import bench_shapes
 
     shape = cfg["model"]["shape"]
-    res = bench_shapes(shape["hidden"], shape["intermediate"], shape["num_heads"], shape["num_kv_heads"],
-                       shape["head_dim"], tuple(cfg["bench"]["token_counts"]), str(Path(cfg["results_dir"]) / "bench"))
+    dims = (shape["hidden"], shape["intermediate"], shape["num_heads"], shape["num_kv_heads"], shape["head_dim"])
+    bench_dir = str(Path(cfg["results_dir"]) / "bench")
+    res = bench_shapes(*dims, tuple(cfg["bench"]["token_counts"]), bench_dir)
     out = {"bench/copy/GBs": res["copy_GBs"]}
     for row in res["rows"]:
         if "speedup" in row:
@@ -27,9 +31,26 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     if cfg["bench"].get("layer", True):
         from flatquant.kernels.bench_layer import bench_decoder_layer
 
-        layer = bench_decoder_layer(shape["hidden"], shape["intermediate"], shape["num_heads"], shape["num_kv_heads"],
-                                    shape["head_dim"], str(Path(cfg["results_dir"]) / "bench"))
+        layer = bench_decoder_layer(*dims, bench_dir)
         for row in layer["rows"]:
             if "speedup" in row:
                 out[f"bench/layer_{row['phase']}_b{row['batch']}/speedup"] = row["speedup"]
+    if cfg["bench"].get("calibration", True):
+        out.update(_calibration(cfg["bench"], ctx, dims, bench_dir))
+    if cfg["bench"].get("profile", False):
+        from flatquant.kernels.bench_layer import profile_decoder_layer
+
+        prof = profile_decoder_layer(*dims, bench_dir)
+        out.update({f"bench/profile_{name}/gpu_ms": r["gpu_ms_total"] for name, r in prof["runs"].items()})
     return out
+
+
+def _calibration(bench: dict, ctx, dims: tuple, bench_dir: str) -> dict[str, float]:
+    from flatquant.bench_calib import bench_calibration
+    from flatquant.methods import get_method
+
+    method = ctx.method if ctx.method.trainable else get_method("flatquant")
+    res = bench_calibration(*dims, bench_dir, **bench.get("calibration_schedule", {}),
+                            steps=bench.get("calibration_steps", 8), method=method, qcfg=ctx.qcfg)
+    return {"bench/calibration/ms_per_step": res["ms_per_step"], "bench/calibration/s_per_layer": res["s_per_layer"],
+            "bench/calibration/peak_gib": res["peak_gib"]}

@@ -34,10 +34,47 @@ def pick_device(name: str) -> str:
     return name
 
 
+def _int(cfg: dict, key: str, low: int, allowed: str, none_ok: bool = False) -> None:
+    """cfg's dotted `key` must be an integer >= low (or null where none_ok); else a ValueError naming it."""
+    group, _, name = key.rpartition(".")
+    value = cfg[group][name] if group else cfg[name]
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be {allowed}, got {value!r}")
+
+
+def check_tracking_uri(uri) -> None:
+    if uri is None or str(uri).startswith(("sqlite:///", "http://", "https://", "databricks")):
+        return
+    raise ValueError(f"tracking.uri must be sqlite:///<path to a .db file>, http(s)://<host>:<port> of an MLflow server "
+                     f"or null (the project's mlflow.db), got {uri!r}"
+                     + ("; a plain folder is MLflow's deprecated file store: use sqlite:///<folder>/mlflow.db"
+                        if "://" not in str(uri) else ""))
+
+
+def validate(cfg: dict) -> None:
+    """The checks on the groups the core does not validate itself, before anything is loaded or opened: each error
+    names the key, the value and what is allowed."""
+    _int(cfg, "seed", 0, "a non-negative integer")
+    _int(cfg, "eval.seqlen", 2, "an integer >= 2 (tokens per perplexity window)")
+    _int(cfg, "eval.batch_size", 1, "a positive integer")
+    _int(cfg, "eval.max_windows", 1, "a positive integer, or null for every window", none_ok=True)
+    _int(cfg, "eval.qa_batch_size", 1, "a positive integer")
+    _int(cfg, "eval.qa_limit", 1, "a positive integer, or null for every item", none_ok=True)
+    _int(cfg, "calib.nsamples", 1, "a positive integer (calibration windows)")
+    _int(cfg, "calib.seqlen", 2, "an integer >= 2 (tokens per calibration window)")
+    join = cfg["data"].get("join", "hf")
+    if join not in data.JOINS:
+        raise ValueError(f"data.join must be one of {list(data.JOINS)}, got {join!r}")
+    check_tracking_uri(cfg["tracking"]["uri"])
+
+
 class Context:
     """Lazily loads what a stage asks for; validates every config group on construction."""
 
     def __init__(self, cfg: dict, tracker=None):
+        validate(cfg)
         self.cfg, self.tracker = cfg, tracker
         self.device = pick_device(str(cfg["device"]))
         self.qcfg = QuantConfig.from_dict(dict(cfg["quant"]))

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from flatquant.export import export
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: dict, ctx) -> dict[str, float]:
-    if not cfg.get("export") or not ctx.method.quantizes:
+    if not cfg.get("export"):
+        return {}
+    if not ctx.method.quantizes:
+        log.warning("export=true: method %s quantizes nothing, so no checkpoint is written (the model at "
+                    "model.path is already its full-precision checkpoint)", ctx.method.name)
         return {}
     out = ctx.quantized_dir
     export(ctx.model, ctx.tokenizer, out, dict(cfg["method"]))

@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import random
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,27 @@ STAGES = {
     "bench": [bench.run],
     "all": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, export.run, eval_ppl.run, eval_qa.run],
 }
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the run is closed (KILLED) as for Ctrl-C."""
+
+
+@contextmanager
+def on_sigterm_raise():
+    """While the body runs, SIGTERM raises Terminated (a KeyboardInterrupt) instead of ending the process at once."""
+    def handler(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stage_name(stage) -> str:
@@ -61,6 +84,14 @@ def summary_table(cfg: dict, metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def device_name(cfg: dict) -> str:
+    """What ran it, for table captions: the GPU's name, or the CPU's core count."""
+    device = str(cfg.get("device", "cpu"))
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device("cuda" if device == "auto" else device))
+    return f"CPU ({os.cpu_count()} cores)"
+
+
 def write_metrics_json(path: str | Path, cfg: dict, metrics: dict[str, float], run_id: str | None,
                        start_time_ms: int) -> Path:
     """The run as {"config", "metrics", "run_id", "start_time"} JSON (what `dvc repro` and analysis.tables read).
@@ -73,7 +104,7 @@ def write_metrics_json(path: str | Path, cfg: dict, metrics: dict[str, float], r
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"config": {k: v for k, v in cfg.items() if k != "metrics_out"}, "metrics": metrics,
-            "run_id": run_id, "start_time": start_time_ms}
+            "run_id": run_id, "start_time": start_time_ms, "device": device_name(cfg)}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(blob, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
@@ -84,25 +115,37 @@ def execute(cfg: dict) -> dict[str, float]:
     if cfg["stage"] not in STAGES:
         raise ValueError(f"stage={cfg['stage']!r} is not one of {sorted(STAGES)}")
     t0 = time.time()
-    seed_everything(cfg["seed"])
     ctx = Context(cfg)  # validates every group before anything is opened or loaded
+    seed_everything(cfg["seed"])
     t = cfg["tracking"]
     local = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    with Tracker(t["uri"] or local, t["experiment"], run_name(cfg), flatten(cfg), t["enabled"], fallback_uri=local) as tracker:
-        ctx.tracker = tracker
-        metrics: dict[str, float] = {}
-        for stage in STAGES[cfg["stage"]]:
-            t_stage = time.time()
-            out = stage(cfg, ctx)
-            out[f"time/{stage_name(stage)}_seconds"] = time.time() - t_stage
-            tracker.metrics(out)
-            metrics.update(out)
-        metrics["run/wall_seconds"] = time.time() - t0
-        tracker.metrics({"run/wall_seconds": metrics["run/wall_seconds"]})
-        if cfg["stage"] in ("eval", "all"):
-            table = summary_table(cfg, metrics)
-            print(table)
-            tracker.text(table, "summary.md")
-        if cfg.get("metrics_out"):
-            write_metrics_json(cfg["metrics_out"], cfg, metrics, tracker.run_id, int(t0 * 1000))
+    with on_sigterm_raise(), Tracker(t["uri"] or local, t["experiment"], run_name(cfg), flatten(cfg), t["enabled"],
+                                     fallback_uri=local) as tracker:
+        try:
+            return _stages(cfg, ctx, tracker, t0)
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (timeout, kill, SLURM preemption) via on_sigterm_raise
+            saved = f" (finished layers are saved in {ctx.calib_dir})" if ctx.method.quantizes else ""
+            log.error("interrupted by %s%s: the MLflow run ends KILLED; run the same command again to resume",
+                      e.args[0] if e.args else "SIGINT", saved)
+            raise
+
+
+def _stages(cfg: dict, ctx: Context, tracker, t0: float) -> dict[str, float]:
+    """Run the stages of cfg["stage"] in order, logging each one's metrics and wall time; print the summary."""
+    ctx.tracker = tracker
+    metrics: dict[str, float] = {}
+    for stage in STAGES[cfg["stage"]]:
+        t_stage = time.time()
+        out = stage(cfg, ctx)
+        out[f"time/{stage_name(stage)}_seconds"] = time.time() - t_stage
+        tracker.metrics(out)
+        metrics.update(out)
+    metrics["run/wall_seconds"] = time.time() - t0
+    tracker.metrics({"run/wall_seconds": metrics["run/wall_seconds"]})
+    if cfg["stage"] in ("eval", "all"):
+        table = summary_table(cfg, metrics)
+        print(table)
+        tracker.text(table, "summary.md")
+    if cfg.get("metrics_out"):
+        write_metrics_json(cfg["metrics_out"], cfg, metrics, tracker.run_id, int(t0 * 1000))
     return metrics

@@ -4,7 +4,8 @@ Usage:
     with Tracker(uri, "flatquant", run_name="smollm2/flatquant/w4a4kv4", config=flat_cfg) as tr:
         tr.metrics({"eval_ppl/wikitext2/ppl": 12.3})
         tr.artifact("artifacts/calib/abc/layer_000.safetensors", "calibration")
-The run ends FINISHED, or FAILED when the body raises; the exception still propagates.
+The run ends FINISHED, FAILED when the body raises, or KILLED when it is interrupted (Ctrl-C, or SIGTERM where
+pipeline.runner turns it into an exception); the exception still propagates.
 An unreachable remote server falls back to the local SQLite store, with a warning that says so.
 """
 
@@ -64,7 +65,8 @@ class Tracker:
         if self.enabled and self.run_id:
             import mlflow
 
-            mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+            interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)  # SIGINT / SIGTERM
+            mlflow.end_run(status="KILLED" if interrupted else "FAILED" if exc_type else "FINISHED")
         return False
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:

@@ -178,3 +178,32 @@ def test_flatness_curves(tmp_path):
     assert len(fig.axes[1].lines[0].get_xdata()) == 32                # one point per input channel
     assert list(plots.channel_max(x)[:2]) == sorted(plots.channel_max(x), reverse=True)[:2]
     assert is_png(plots.save(fig, tmp_path / "flatness.png"))
+
+
+def test_paper_table_from_run_files_has_fp16_first_the_qa_average_and_a_caption(tmp_path):
+    """`python -m analysis.tables --from-json A B --paper` (the GPU DAG's tables stage): one table, rows FP16 then
+    method-weight quantizer, ppl and the six QA accuracies with their mean, captioned with schedule and GPU."""
+    import json
+
+    from analysis.tables import PAPER_QA, main
+
+    tasks = {t: 0.4 + 0.01 * i for i, t in enumerate(PAPER_QA)}
+    for folder, method, wquant, ppl, shift in (("a", "fp16", "rtn", 21.6, 0.1), ("a", "rtn", "rtn", 11771.0, 0.0),
+                                               ("b", "flatquant", "rtn", 29.3, 0.05), ("b", "flatquant", "gptq", 28.0, 0.06)):
+        metrics = {"eval_ppl/wikitext2/ppl": ppl, "eval_ppl/wikitext2/ppl_fp": 21.6}
+        metrics |= {f"eval_qa/{t}/acc": v + shift for t, v in tasks.items()}
+        cfg = {"model": {"name": "smollm2_135m"}, "method": {"name": method}, "wquant": wquant, "seed": 0,
+               "quant": {"w_bits": 4, "a_bits": 4, "k_bits": 4, "v_bits": 4},
+               "calib": {"nsamples": 128, "seqlen": 2048, "epochs": 15}, "eval": {"seqlen": 2048, "max_windows": None, "qa_limit": None}}
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / f"{method}-{wquant}.json").write_text(json.dumps({"config": cfg, "metrics": metrics, "device": "NVIDIA H200"}))
+    paths = main(["--from-json", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t"), "--paper"])
+    text = (tmp_path / "t" / "paper.md").read_text()
+    caption, table = text.split("\n\n", 1)
+    assert "smollm2_135m, W4A4KV4" in caption and "128 × 2048" in caption and "15 epochs" in caption
+    assert "windows of 2048 tokens: all" in caption and "run on NVIDIA H200" in caption
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [r[0].strip("| ") for r in rows] == ["FP16", "RTN", "FlatQuant-RTN", "FlatQuant-GPTQ"]
+    fp = rows[0]
+    assert fp[1] == "21.60" and float(fp[-1].strip(" |")) == pytest.approx(100 * (sum(tasks.values()) / 6 + 0.1), abs=0.01)
+    assert (tmp_path / "t" / "paper.png").stat().st_size > 10_000 and len(paths) == 3

@@ -152,12 +152,27 @@ def test_bfloat16_model_on_the_kernels(sweep, work):
 
 
 def test_bench_stage(work):
-    run_py(work, "stage=bench", "bench.token_counts=[16,2048]", "+metrics_out=bench.json")
+    run_py(work, "stage=bench", "bench.token_counts=[16,2048]", "bench.calibration=true", "bench.calibration_steps=4",
+           "bench.profile=true", "+metrics_out=bench.json")
     m = metrics(work / "bench.json")
     speedups = {k: v for k, v in m.items() if k.endswith("/speedup")}
     assert speedups and all(0.05 < v < 50 for v in speedups.values())
     assert any(k.startswith("bench/layer_") for k in speedups)
     assert list((work / "results" / "bench").glob("*.json"))
+    # calibration at SmolLM2's shape, reference schedule (32 steps per epoch, 15 epochs): 47 ms per step on an H100
+    ms = m["bench/calibration/ms_per_step"]
+    assert 1 < ms < 5000 and m["bench/calibration/s_per_layer"] == pytest.approx(ms / 1000 * 32 * 15)
+    assert 0 < m["bench/calibration/peak_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+    (calib,) = (work / "results" / "bench").glob("*_calibration.json")
+    cal = json.loads(calib.read_text())
+    assert cal["steps_timed"] == 4 and cal["method"] == "flatquant"
+    assert all(math.isfinite(cal[k]) and cal[k] > 0 for k in ("mse_before", "mse_after"))
+    runs = ("fp16_b4_s2048", "w4a4_b4_s2048", "fp16_b16_s1", "w4a4_b16_s1")
+    assert all(0 < m[f"bench/profile_{r}/gpu_ms"] < 1000 for r in runs)
+    (profile,) = (work / "results" / "bench").glob("*_profile.json")
+    top = json.loads(profile.read_text())["runs"]["w4a4_b4_s2048"]["top"]
+    assert top and all(t["ms"] > 0 for t in top)
+    assert {t["kernel"]: t["calls"] for t in top}.get("_w4a4_gemm_kernel") == 4  # one GEMM per linear group
 
 
 def test_killed_run_resumes_at_the_next_layer(work):

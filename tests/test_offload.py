@@ -68,6 +68,47 @@ def test_offload_peak_memory_is_two_layers():
     assert torch.cuda.max_memory_allocated() - base < 3 * per_layer
 
 
+def _peak_above_now(fn):
+    """(fn(), peak GPU memory allocated while it ran minus what was allocated before)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_model_calibrates_and_runs_in_gpu_memory_that_does_not_grow_with_depth():
+    """What lets a 70B model be calibrated and evaluated on one GPU (on an H100: 3 random LLaMA-3-70B-shaped bf16
+    layers of 1.6 GiB held in CPU memory, results/gpu/offload_70b_shaped.json): calibrating a model whose layers
+    live in CPU memory, and the forward of the quantized model streamed by LayerOffload, need the GPU memory of
+    one layer's work whatever the depth. Here 70B's proportions at hidden 1024, 2 and 8 bf16 layers: the peaks
+    above what was allocated before differ by less than three quantized layers (one layer left on the GPU per
+    layer calibrated or run would add six; a copy whose release waits on the GPU stream is about one)."""
+    peaks, ids = {}, torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(1))
+    samples = torch.randint(0, 256, (8, 256), generator=torch.Generator().manual_seed(0))
+    for depth in (2, 8):
+        model = random_llama(layers=depth, hidden=1024, inter=3584, heads=16, kv_heads=2).to(torch.bfloat16)
+        LayerOffload(model, "cuda").remove()  # layers in pinned CPU memory, embeddings, norm and head on the GPU
+        ccfg = CalibConfig(epochs=1, batch_size=4, device="cuda", amp=True)
+        reports, calib = _peak_above_now(lambda: quantize_model(model, samples, get_method("flatquant"), QuantConfig(), ccfg))
+        assert _layer_devices(model) == {"cpu"} and all(layer.packed for layer in adapter_for(model).layers(model))
+        assert all(torch.isfinite(torch.tensor([r.init_loss, r.final_loss])).all() for r in reports)
+        off = LayerOffload(model, "cuda")
+        with torch.no_grad():
+            logits, forward = _peak_above_now(lambda: model(ids.cuda()).logits)
+        assert torch.isfinite(logits).all() and _layer_devices(model) == {"cpu"}
+        peaks[depth] = {"calibrate": calib, "forward": forward}
+        quantized_layer = model_bytes(adapter_for(model).layers(model)[0])
+        off.remove()
+        del model, off, logits
+        torch.cuda.empty_cache()
+    for phase in ("calibrate", "forward"):
+        assert peaks[8][phase] - peaks[2][phase] < 3 * quantized_layer, (phase, peaks, quantized_layer)
+
+
 def test_lazy_model_reads_layers_from_disk_and_matches_eager_loading(tiny_llama_dir):
     """offload=disk: layers stay on the meta device, stream from the safetensors file, and give the same logits;
     calibration reads each layer when it gets to it and gives the same quantized model."""

@@ -137,3 +137,104 @@ def test_unreachable_mlflow_server_falls_back_to_local_store(tmp_path, caplog):
     client = MlflowClient(local)
     (run,) = client.search_runs([client.get_experiment_by_name("fallback").experiment_id])
     assert run.data.metrics["x/y/z"] == 1.0
+
+
+def test_sigterm_ends_the_run_killed_and_the_same_command_resumes(six_layer_dir, tmp_path):
+    """timeout / kill / SLURM preemption send SIGTERM: the MLflow run ends KILLED (not RUNNING for ever), the saved
+    layers stay valid, the message says to run the command again, and doing so resumes at the next layer."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cmd(six_layer_dir, out, "m.json"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        manifests = list(out.glob("calib/*/manifest.json"))
+        if manifests and json.loads(manifests[0].read_text())["layers"]:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, "the run finished before it could be stopped"
+    assert "interrupted by SIGTERM" in log and "run the same command again to resume" in log
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("flatquant").experiment_id])
+    assert run.info.status == "KILLED"
+    done = len(json.loads(manifests[0].read_text())["layers"])
+    subprocess.run(_cmd(six_layer_dir, out, "m.json"), cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert json.loads((out / "m.json").read_text())["metrics"]["calibrate/resumed_layers"] == done
+
+
+def _calibrate_tiny(store, model=None):
+    model = model or random_llama(layers=3)
+    samples = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    reports = quantize_model(model, samples, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2), store)
+    return model, reports
+
+
+def test_a_damaged_store_says_what_it_does_and_recalibrates(tmp_path, caplog):
+    """A layer file gone: that layer is calibrated again; an unreadable manifest: the whole store is, both with a
+    warning naming the store; the result equals an undamaged run's."""
+    store = tmp_path / "store"
+    ref, first = _calibrate_tiny(store)
+    (store / "layer_001.safetensors").unlink()
+    with caplog.at_level("WARNING"):
+        again, reports = _calibrate_tiny(store)
+    assert [r.resumed for r in reports] == [True, False, True]
+    assert "layer_001.safetensors is missing: calibrating that layer again" in caplog.text and str(store) in caplog.text
+    manifest = store / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])  # truncated, as by a full disk
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        third, reports = _calibrate_tiny(store)
+    assert not any(r.resumed for r in reports) and "manifest.json is unreadable" in caplog.text
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(ref(x).logits, third(x).logits) and torch.equal(ref(x).logits, again(x).logits)
+    assert len(json.loads(manifest.read_text())["layers"]) == 3
+
+
+def test_runs_starting_together_in_a_fresh_folder_share_one_mlflow_store(tmp_path):
+    """Four processes open the same new SQLite store at once (a joblib sweep, layer-parallel workers): the store is
+    created and migrated once, under a lock, and every run ends FINISHED."""
+    code = (
+        "import sys, time; from pipeline.tracking import Tracker\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "with Tracker(sys.argv[1], 'flatquant', 'job', {'i': 1}) as t:\n"
+        "    t.metrics({'m': 1.0})\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    start = str(time.time() + 8)
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, start], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("flatquant").experiment_id])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_fp16_export_says_nothing_is_written(tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    from test_pipeline import FAST, make_cfg
+    from pipeline.runner import execute
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        execute(make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST, "tracking.enabled=false",
+                          "method=fp16", "export=true"], tmp_path))
+    assert "export=true: method fp16 quantizes nothing, so no checkpoint is written" in caplog.text
+    assert not (tmp_path / "artifacts" / "quantized").exists()
+
+
+def test_a_truncated_gguf_says_truncated(tmp_path):
+    from flatquant.model import resolve_path
+
+    folder, name = resolve_path("embedded:smollm2")
+    cut = tmp_path / name
+    with open(Path(folder) / name, "rb") as f:
+        cut.write_bytes(f.read(40 * 2**20))
+    with pytest.raises(RuntimeError, match="truncated or corrupt"):
+        load_model(str(cut))

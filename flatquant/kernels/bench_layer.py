@@ -1,11 +1,14 @@
-"""Time a whole decoder layer in real W4A4 (QuantDecoderLayer on the kernels) against the fp16 layer.
+"""Time a whole decoder layer in real W4A4 (QuantDecoderLayer on the kernels) against the fp16 layer, and
+profile where its GPU time goes.
 
 Usage::
 
     python -m flatquant.kernels.bench_layer --shape 4096,14336,32,8,128 --out results/bench
+    python run.py stage=bench model=llama3_8b bench.profile=true       # both, through the pipeline
 
-    from flatquant.kernels.bench_layer import bench_decoder_layer
+    from flatquant.kernels.bench_layer import bench_decoder_layer, profile_decoder_layer
     res = bench_decoder_layer(4096, 14336, 32, 8, 128)
+    prof = profile_decoder_layer(4096, 14336, 32, 8, 128)   # results/bench/<gpu>_profile.json
 
 Both layers get the same random weights (transformers' LlamaDecoderLayer, fp16). Ours is FlatQuant's:
 Kronecker transforms at their untrained start, merged, weights RTN 4-bit, then `use_kernels()`, so
@@ -13,7 +16,9 @@ qkv / o / up+gate / down each run one fused transform+quantize kernel and one W4
 RoPE, the K transform, K/V fake quantization and attention stay in PyTorch. Prefill: seq 2048 at
 batch 1, 4, 16. Decode: one token per sequence at batch 1, 16, 64 with no KV cache (both layers alike:
 the attention over a cache is not part of this comparison). Every call is replayed from a CUDA graph
-(`do_bench_cudagraph`, medians) over input sets rotated so that caches do not flatter.
+(`do_bench_cudagraph`, medians) over input sets rotated so that caches do not flatter. The profile runs the
+same two layers eagerly (no CUDA graph) under torch.profiler and sums GPU time per kernel name: what bounds
+the layer (NOTES.md, "A whole 8B-shaped layer").
 """
 from __future__ import annotations
 
@@ -28,26 +33,34 @@ PREFILL = ((1, 2048), (4, 2048), (16, 2048))
 DECODE = ((1, 1), (16, 1), (64, 1))
 
 
+def random_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                         device="cuda"):
+    """(LlamaConfig, float32 LlamaDecoderLayer, rotary module): weights N(0, 0.02), norm weights U(0.5, 1.5),
+    seeded (torch.manual_seed(0)), so every benchmark of one shape sees the same layer. No checkpoint needed."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=num_heads,
+                      num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=1)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(cfg, layer_idx=0).to(device, torch.float32)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return cfg, layer, LlamaRotaryEmbedding(cfg).to(device)
+
+
 def build_layers(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, device="cuda"):
     """(fp16 transformers layer, W4A4 QuantDecoderLayer on the kernels, its fake-quant twin, rotary module)."""
     import copy
-
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from flatquant.adapters import adapter_for
     from flatquant.layer import QuantDecoderLayer
     from flatquant.methods import get_method, slot_inputs
     from flatquant.spec import QuantConfig
 
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=num_heads,
-                      num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=1)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    fp = LlamaDecoderLayer(cfg, layer_idx=0).to(device, torch.float32)
-    with torch.no_grad():
-        for p in fp.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    cfg, fp, rotary = random_decoder_layer(hidden, intermediate, num_heads, num_kv_heads, head_dim, device)
     parts = adapter_for(cfg).parts(fp, cfg)
     stats = {slot: torch.ones(lin.weight.shape[1], device=device) for slot, lin in slot_inputs(parts).items()}
     transforms = get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0))
@@ -56,7 +69,7 @@ def build_layers(hidden: int, intermediate: int, num_heads: int, num_kv_heads: i
     fake.pack()
     real = copy.deepcopy(fake)
     real.use_kernels()
-    return fp.half(), real, fake, LlamaRotaryEmbedding(cfg).to(device)
+    return fp.half(), real, fake, rotary
 
 
 def _out(y):
@@ -117,6 +130,54 @@ def markdown_table(res: dict) -> str:
         lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols) + " |")
     lines += ["", "rel_err_*: norm of the difference over the norm of the fp layer's update (y − x), on the first input set."]
     return "\n".join(lines) + "\n"
+
+
+PROFILE_SHAPES = ((4, 2048), (16, 1))
+
+
+def top_kernels(fn, steps: int = 20, top: int = 14) -> dict:
+    """GPU time of `fn()` per kernel name under torch.profiler: {"gpu_ms_total", "top": [{kernel, ms, calls}]},
+    ms and calls per call of `fn`, over `steps` calls after 3 warm-up calls; the `top` largest, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / steps / 1000.0, e.count // steps) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    return {"gpu_ms_total": sum(r[1] for r in rows),
+            "top": [{"kernel": name[:90], "ms": ms, "calls": calls} for name, ms, calls in rows[:top]]}
+
+
+def profile_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                          out_dir: str | None = "results/bench", shapes=PROFILE_SHAPES, steps: int = 20,
+                          top: int = 14) -> dict:
+    """Where the fp16 layer's and ours (W4A4 kernels) GPU time goes, per (batch, seq) of `shapes`: top_kernels of
+    eager calls (x: (batch, seq, hidden) fp16). Returns {"device", "torch", "shape", "steps", "runs"}, runs keyed
+    "<fp16|w4a4>_b<batch>_s<seq>"; writes <out_dir>/<gpu>_profile.json."""
+    fp, real, _, rotary = build_layers(hidden, intermediate, num_heads, num_kv_heads, head_dim)
+    runs = {}
+    for batch, seq in shapes:
+        x = torch.randn(batch, seq, hidden, device="cuda", dtype=torch.float16)
+        pe = tuple(t.half() for t in rotary(x, torch.arange(seq, device="cuda").unsqueeze(0)))
+        with torch.no_grad():
+            for name, m in (("fp16", fp), ("w4a4", real)):
+                runs[f"{name}_b{batch}_s{seq}"] = r = top_kernels(lambda m=m: m(x, position_embeddings=pe), steps, top)
+                print(name, batch, seq, f"{r['gpu_ms_total']:.4f} ms", flush=True)
+        del x
+        torch.cuda.empty_cache()
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "shape": dict(hidden=hidden, intermediate=intermediate, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim), "steps": steps, "runs": runs}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, res["device"].replace(" ", "_") + "_profile.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return res
 
 
 def main(argv=None) -> int:
