@@ -242,10 +242,11 @@ def loss_curves(tracking_uri: str, run_id: str, out_dir: str | Path = "results/p
 
 
 def layer_mse(tracking_uri: str, run_id: str, out_dir: str | Path = "results/plots") -> Path | None:
-    """Init vs final MSE per layer from `calibrate/init_mse` / `final_mse` (step = layer); None if absent."""
+    """Init vs final MSE per layer from `calibrate/by_layer/init_mse` / `final_mse` (step = layer); None if absent."""
     client = _client(tracking_uri)
     run = client.get_run(run_id)
-    init, final = (_history(client, run_id, f"calibrate/{k}") for k in ("init_mse", "final_mse"))
+    init, final = (_history(client, run_id, f"calibrate/by_layer/{k}") or _history(client, run_id, f"calibrate/{k}")
+                   for k in ("init_mse", "final_mse"))  # the second: runs logged before the by_layer keys
     if not init and not final:
         return None
     fig = layer_mse_figure(init, final, f"Per-layer MSE: init vs final — {run.info.run_name}")

@@ -29,8 +29,8 @@ def run(cfg: dict, ctx) -> dict[str, float]:
             return
         for epoch, loss in enumerate(report.epoch_losses):
             ctx.tracker.metrics({f"calibrate/layer_{report.index:03d}/loss": loss}, step=epoch)
-        finite = {k: v for k, v in {"calibrate/init_mse": report.init_loss, "calibrate/final_mse": report.final_loss,
-                                     "calibrate/layer_seconds": report.seconds}.items() if math.isfinite(v)}
+        by_layer = {"init_mse": report.init_loss, "final_mse": report.final_loss, "seconds": report.seconds}
+        finite = {f"calibrate/by_layer/{k}": v for k, v in by_layer.items() if math.isfinite(v)}  # step = layer
         ctx.tracker.metrics(finite, step=report.index)
 
     adapter = adapter_for(ctx.model)
@@ -47,7 +47,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
             f"(calib.nsamples, now {c['nsamples']}) or stream the model's layers from CPU memory (offload=true, now "
             f"{cfg.get('offload', 'auto')}); finished layers are saved: the same command resumes at the next one"
         ) from e
-    plots = Path(cfg["results_dir"]) / "plots" / ctx.calib_dir.name
+    plots = Path(cfg["artifacts_dir"]) / "plots" / ctx.calib_dir.name  # a run's own outputs stay out of results/
     paths = figures.calibration_figures(reports, plots)
     if fp_layer0 is not None:
         with torch.no_grad():
@@ -66,4 +66,5 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     finals = [r.final_loss for r in reports if math.isfinite(r.final_loss)]
     if finals:
         out["calibrate/mean_final_mse"] = sum(finals) / len(finals)
+        out["calibrate/max_final_mse"] = max(finals)
     return out

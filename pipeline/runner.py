@@ -67,16 +67,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_name(cfg: dict) -> str:
+def bits(cfg: dict) -> str:
     q = cfg["quant"]
-    bits = f"w{q['w_bits']}a{q['a_bits']}kv{max(q['k_bits'], q['v_bits'])}"
-    return f"{cfg['model']['name']}/{cfg['method']['name']}/{bits}/{cfg['wquant']}"
+    return f"w{q['w_bits']}a{q['a_bits']}kv{max(q['k_bits'], q['v_bits'])}"
+
+
+def run_key(cfg: dict) -> str:
+    """model/method/bits/wquant: what a result table row is (and a metrics file is named after)."""
+    return f"{cfg['model']['name']}/{cfg['method']['name']}/{bits(cfg)}/{cfg['wquant']}"
+
+
+def schedule(cfg: dict) -> str:
+    """The calibration schedule in one word: samples x tokens x epochs, e.g. 128x2048x15ep."""
+    c = cfg["calib"]
+    return f"{c['nsamples']}x{c['seqlen']}x{c['epochs']}ep"
+
+
+def run_name(cfg: dict) -> str:
+    """The MLflow run name: model/method/bits/wquant/schedule/seed, so that runs that differ look different."""
+    return f"{run_key(cfg)}/{schedule(cfg)}/seed{cfg['seed']}"
+
+
+def run_tags(cfg: dict) -> dict[str, str]:
+    """Tags the MLflow runs table and search box filter on (e.g. `tags.method = 'flatquant'`)."""
+    d = cfg["data"]
+    return {"model": cfg["model"]["name"], "method": cfg["method"]["name"], "bits": bits(cfg), "wquant": cfg["wquant"],
+            "schedule": schedule(cfg), "seed": str(cfg["seed"]), "stage": cfg["stage"], "device": device_name(cfg),
+            "calib_data": f"{d['calib_dataset']}/{d['calib_split']}", "eval_data": ",".join(d["eval_datasets"])}
 
 
 def summary_table(cfg: dict, metrics: dict) -> str:
     rows = ["| model | method | bits | weights | dataset | FP ppl | quantized ppl | wall time (s) |",
             "|---|---|---|---|---|---|---|---|"]
-    name = run_name(cfg).split("/")
+    name = run_key(cfg).split("/")
     for ds in cfg["data"]["eval_datasets"]:
         fp, q = metrics.get(f"eval_ppl/{ds}/ppl_fp"), metrics.get(f"eval_ppl/{ds}/ppl")
         fmt = lambda v: "—" if v is None else f"{v:.3f}"
@@ -100,7 +123,7 @@ def write_metrics_json(path: str | Path, cfg: dict, metrics: dict[str, float], r
     a temporary name first and renamed, so a crash never leaves a half-written metrics file that DVC would record
     as the stage's output."""
     if str(path).endswith("/"):  # a folder: one file per run, named like the run (sweeps write here)
-        path = Path(path) / (run_name(cfg).replace("/", "-") + ".json")
+        path = Path(path) / (run_key(cfg).replace("/", "-") + ".json")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"config": {k: v for k, v in cfg.items() if k != "metrics_out"}, "metrics": metrics,
@@ -119,15 +142,21 @@ def execute(cfg: dict) -> dict[str, float]:
     seed_everything(cfg["seed"])
     t = cfg["tracking"]
     local = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    with on_sigterm_raise(), Tracker(t["uri"] or local, t["experiment"], run_name(cfg), flatten(cfg), t["enabled"],
-                                     fallback_uri=local) as tracker:
-        try:
-            return _stages(cfg, ctx, tracker, t0)
-        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (timeout, kill, SLURM preemption) via on_sigterm_raise
-            saved = f" (finished layers are saved in {ctx.calib_dir})" if ctx.method.quantizes else ""
-            log.error("interrupted by %s%s: the MLflow run ends KILLED; run the same command again to resume",
-                      e.args[0] if e.args else "SIGINT", saved)
-            raise
+    tracker = Tracker(t["uri"] or local, t["experiment"], run_name(cfg), flatten(cfg), t["enabled"], fallback_uri=local,
+                      tags=run_tags(cfg))
+    try:
+        with on_sigterm_raise(), tracker:
+            try:
+                return _stages(cfg, ctx, tracker, t0)
+            except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (timeout, kill, SLURM preemption) via on_sigterm_raise
+                saved = f" (finished layers are saved in {ctx.calib_dir})" if ctx.method.quantizes else ""
+                log.error("interrupted by %s%s: the MLflow run ends KILLED; run the same command again to resume",
+                          e.args[0] if e.args else "SIGINT", saved)
+                raise
+    finally:
+        if tracker.run_id:
+            print(f"MLflow run {tracker.run_id} ({run_name(cfg)}) in {tracker.uri}: open it with "
+                  f"`mlflow ui --backend-store-uri {tracker.uri}`, then {tracker.run_url()}")
 
 
 def _stages(cfg: dict, ctx: Context, tracker, t0: float) -> dict[str, float]:
@@ -146,6 +175,7 @@ def _stages(cfg: dict, ctx: Context, tracker, t0: float) -> dict[str, float]:
         table = summary_table(cfg, metrics)
         print(table)
         tracker.text(table, "summary.md")
+        tracker.describe(table)
     if cfg.get("metrics_out"):
         write_metrics_json(cfg["metrics_out"], cfg, metrics, tracker.run_id, int(t0 * 1000))
     return metrics

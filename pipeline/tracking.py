@@ -36,6 +36,7 @@ class Tracker:
         self.run_name, self.config, self.tags = run_name, config, tags or {}
         self.fallback_uri = fallback_uri
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
 
     def __enter__(self) -> "Tracker":
         if not self.enabled:
@@ -47,7 +48,7 @@ class Tracker:
             log.warning("MLflow server %s cannot be reached: logging to the local store %s instead", uri, self.fallback_uri)
             uri = self.fallback_uri
         self.uri = uri
-        ensure_store(uri, self.experiment)
+        self.experiment_id = ensure_store(uri, self.experiment)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.experiment)
         nested = mlflow.active_run() is not None
@@ -85,6 +86,18 @@ class Tracker:
             mlflow.log_artifacts(str(path), folder)
         elif path.exists():
             mlflow.log_artifact(str(path), folder)
+
+    def run_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        """Where `mlflow ui` shows this run (the server's own address for a remote store)."""
+        base = self.uri.rstrip("/") if self.uri and self.uri.startswith(("http://", "https://")) else ui
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def describe(self, markdown: str) -> None:
+        """The run's description (shown at the top of its page in the UI)."""
+        if self.enabled and self.run_id:
+            import mlflow
+
+            mlflow.set_tag("mlflow.note.content", markdown)
 
     def text(self, text: str, name: str) -> None:
         if self.enabled:

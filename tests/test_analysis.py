@@ -43,7 +43,7 @@ def params(model: str, method: str, wquant: str) -> dict:
 
 def write_store(root) -> tuple[str, list[str]]:
     """A SQLite store with RUNS in experiment "flatquant"; returns (uri, run ids). The second run also carries
-    calibration histories: calibrate/layer_XXX/loss (step = epoch), init_mse / final_mse (step = layer)."""
+    calibration histories: calibrate/layer_XXX/loss (step = epoch), by_layer/init_mse and final_mse (step = layer)."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -57,7 +57,7 @@ def write_store(root) -> tuple[str, list[str]]:
         if i == 1:
             ms += [Metric(f"calibrate/layer_{l:03d}/loss", 1e-2 / (l + 1) / (e + 1), t0 + e, e)
                    for l in range(LAYERS) for e in range(EPOCHS)]
-            ms += [Metric(f"calibrate/{k}", v * (l + 1), t0 + l, l)
+            ms += [Metric(f"calibrate/by_layer/{k}", v * (l + 1), t0 + l, l)
                    for l in range(LAYERS) for k, v in (("init_mse", 0.1), ("final_mse", 0.01))]
         client.log_batch(run.info.run_id, metrics=ms, params=[Param(k, v) for k, v in params(model, method, wq).items()])
         client.set_terminated(run.info.run_id, status, end_time=t0 + 10)

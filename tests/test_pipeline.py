@@ -29,16 +29,27 @@ def _client(tmp_path):
     return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def test_full_run_tracks_everything(tiny_llama_dir, tmp_path, monkeypatch):
+def test_full_run_tracks_everything(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST], tmp_path)
     metrics = execute(cfg)
+    printed = capsys.readouterr().out
     assert metrics["eval_ppl/wikitext2/ppl"] > 1 and metrics["eval_ppl/wikitext2/ppl_fp"] > 1
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("flatquant")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["method.name"] == "flatquant" and run.data.params["quant.a_bits"] == "4"
+    assert run.info.run_name == "tiny/flatquant/w4a4kv4/rtn/2x32x1ep/seed0"  # says model, method, bits, weights, schedule
+    tags = run.data.tags
+    assert {k: tags[k] for k in ("model", "method", "bits", "wquant", "schedule", "seed")} == {
+        "model": "tiny", "method": "flatquant", "bits": "w4a4kv4", "wquant": "rtn", "schedule": "2x32x1ep", "seed": "0"}
+    assert "| tiny | flatquant |" in tags["mlflow.note.content"]  # the summary is the run's description
+    assert f"MLflow run {run.info.run_id}" in printed and f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}" in printed
+    by_layer = client.get_metric_history(run.info.run_id, "calibrate/by_layer/final_mse")
+    assert sorted(m.step for m in by_layer) == [0, 1]  # one series, the layer as its step
+    assert run.data.metrics["calibrate/max_final_mse"] == pytest.approx(max(m.value for m in by_layer))
+    assert not [k for k in run.data.metrics if k in ("calibrate/final_mse", "calibrate/init_mse")]
     assert run.data.metrics["eval_ppl/wikitext2/ppl"] == pytest.approx(metrics["eval_ppl/wikitext2/ppl"])
     curve = client.get_metric_history(run.info.run_id, "calibrate/layer_000/loss")
     assert len(curve) == 1 and curve[0].value > 0
