@@ -76,6 +76,10 @@ def paper_figure(table, title: str = "") -> Figure:
                                 (axes[1], "QA avg", "zero-shot QA average (%)", False)):
         vals = table[col]
         rows = [r for r in vals.index if r != "FP16" and not math.isnan(vals[r])]
+        if not rows:  # say so rather than draw empty axes
+            ax.text(0.5, 0.5, f"no {label.split(' (')[0]} in these runs", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         colors = ["#4c72b0" if r.endswith("GPTQ") else "#dd8452" for r in rows]
         ax.bar(range(len(rows)), [vals[r] for r in rows], color=colors)
         ax.set_xticks(range(len(rows)), rows, rotation=35, ha="right")

@@ -104,6 +104,12 @@ def latest(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("start_time", kind="stable").drop_duplicates(KEYS, keep="last")
 
 
+def per_seed(df: pd.DataFrame) -> pd.DataFrame:
+    """One run per (model, method, bits, wquant, seed): the latest of each seed."""
+    keys = KEYS + (["seed"] if "seed" in df else [])
+    return df.sort_values("start_time", kind="stable").drop_duplicates(keys, keep="last")
+
+
 def _label(method: str, wquant: str) -> str:
     name = PRETTY.get(method, method)
     return name if method == wquant else f"{name}-{PRETTY.get(wquant, wquant)}"
@@ -120,6 +126,14 @@ def _value(df: pd.DataFrame, key: str) -> float:
     return float(df[key].dropna().iloc[-1]) if key in df and df[key].notna().any() else math.nan
 
 
+def _seed_stats(df: pd.DataFrame, key: str) -> tuple[float, float, int]:
+    """(mean, sample std, n) of `key` over the seeds of one row's runs (latest run per seed)."""
+    vals = df[key].dropna().to_numpy(dtype=float) if key in df else []
+    if len(vals) == 0:
+        return math.nan, math.nan, 0
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan, len(vals)
+
+
 def _fp_value(runs: pd.DataFrame, fp_key: str, key: str) -> float:
     """Latest full-precision number of one model: the `*_fp` metric of any run, or an fp16 run's own metric."""
     runs = runs.sort_values("start_time", kind="stable")
@@ -134,19 +148,28 @@ def _fp_value(runs: pd.DataFrame, fp_key: str, key: str) -> float:
 
 def _build(df: pd.DataFrame, columns: list[tuple[str, str]], keys: dict, fp_keys: dict) -> pd.DataFrame:
     """Rows: FP16 then each quantized (bits, method, wquant); columns: (model, column name) → metric key."""
+    seeds = per_seed(df)
     df = latest(df)
     combos = _row_order(df)
     many_bits = len({c[0] for c in combos}) > 1
-    rows, labels = [], []
+    rows, stds, ns, labels = [], [], [], []
     if not df.empty:
         rows.append([_fp_value(df[df["model"] == m], fp_keys[c], keys[c]) for m, c in columns])
+        stds.append([math.nan] * len(columns))
+        ns.append([1] * len(columns))
         labels.append("FP16")
     for bits, method, wq in combos:
-        sel = df[(df["bits"] == bits) & (df["method"] == method) & (df["wquant"] == wq)]
-        rows.append([_value(sel[sel["model"] == m], keys[c]) for m, c in columns])
+        sel = seeds[(seeds["bits"] == bits) & (seeds["method"] == method) & (seeds["wquant"] == wq)]
+        stats = [_seed_stats(sel[sel["model"] == m], keys[c]) for m, c in columns]
+        rows.append([st[0] for st in stats])
+        stds.append([st[1] for st in stats])
+        ns.append([st[2] for st in stats])
         labels.append(_label(method, wq) + (f" ({bits.upper()})" if many_bits else ""))
-    out = pd.DataFrame(rows, index=pd.Index(labels, name="method"),
-                       columns=pd.MultiIndex.from_tuples(columns, names=["model", "metric"]), dtype=float)
+    index = pd.Index(labels, name="method")
+    cols = pd.MultiIndex.from_tuples(columns, names=["model", "metric"])
+    out = pd.DataFrame(rows, index=index, columns=cols, dtype=float)
+    out.attrs["std"] = pd.DataFrame(stds, index=index, columns=cols, dtype=float)  # over seeds, where n > 1
+    out.attrs["n"] = pd.DataFrame(ns, index=index, columns=cols)
     return out
 
 
@@ -156,9 +179,10 @@ def _models(df: pd.DataFrame) -> list[str]:
 
 def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
     """Table 1: rows FP16 and method-weight quantizer (e.g. "FlatQuant-RTN"), columns (model, "WikiText-2" | "C4"
-    | other evaluated sets), values perplexity (NaN where missing). FP16 comes from `eval_ppl/<ds>/ppl_fp`."""
+    | other evaluated sets, each only where some run evaluated it), values perplexity (NaN where missing; a row
+    over several seeds holds their mean, with the std in .attrs["std"]). FP16 comes from `eval_ppl/<ds>/ppl_fp`."""
     found = [c.split("/")[1] for c in df.columns if c.startswith("eval_ppl/") and c.endswith("/ppl")]
-    datasets = list(PPL_DATASETS) + sorted(set(found) - set(PPL_DATASETS))
+    datasets = [d for d in PPL_DATASETS if d in found] + sorted(set(found) - set(PPL_DATASETS))  # none all "—"
     names = {d: PPL_DATASETS.get(d, d) for d in datasets}
     columns = [(m, names[d]) for m in _models(df) for d in datasets]
     keys = {names[d]: f"eval_ppl/{d}/ppl" for d in datasets}
@@ -179,15 +203,30 @@ def qa_table(df: pd.DataFrame, tasks: list[str] = QA_TASKS) -> pd.DataFrame:
     return table[[(m, c) for m in _models(df) for c in [*tasks, "average"]]] if len(table.columns) else table
 
 
-def to_text(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
-    """Formatted copy: fixed decimals, "—" where missing, columns flattened to "model / metric"."""
-    fmt = lambda v: MISSING if pd.isna(v) else f"{v:.{digits}f}"
-    return pd.DataFrame([[fmt(v) for v in row] for row in table.to_numpy()], index=table.index,
+DESTROYED = 1000.0  # a perplexity above this is a destroyed model: its digits change from machine to machine
+
+
+def to_text(table: pd.DataFrame, digits: int = 2, destroyed: float | None = None) -> pd.DataFrame:
+    """Formatted copy: fixed decimals, "mean ± std (n)" where a row averages several seeds, "—" where missing,
+    "> 1000 (destroyed)" above `destroyed`, columns flattened to "model / metric"."""
+    std = table.attrs.get("std", pd.DataFrame(math.nan, index=table.index, columns=table.columns))
+    n = table.attrs.get("n", pd.DataFrame(1, index=table.index, columns=table.columns))
+
+    def fmt(v, s, k):
+        if pd.isna(v):
+            return MISSING
+        if destroyed is not None and v > destroyed:
+            return f"> {destroyed:.0f} (destroyed)"
+        return f"{v:.{digits}f} ± {s:.{digits}f} ({k} seeds)" if k > 1 and not pd.isna(s) else f"{v:.{digits}f}"
+
+    cells = [[fmt(v, s, k) for v, s, k in zip(r, rs, rn)]
+             for r, rs, rn in zip(table.to_numpy(), std.reindex_like(table).to_numpy(), n.reindex_like(table).to_numpy())]
+    return pd.DataFrame(cells, index=table.index,
                         columns=[" / ".join(c) if isinstance(c, tuple) else str(c) for c in table.columns])
 
 
-def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
-    text = to_text(table, digits)
+def to_markdown(table: pd.DataFrame, digits: int = 2, destroyed: float | None = None) -> str:
+    text = to_text(table, digits, destroyed)
     head = [table.index.name or "", *text.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(text.columns)) + "|"]
     lines += ["| " + " | ".join([str(i), *row]) + " |" for i, row in zip(text.index, text.itertuples(index=False))]
@@ -195,14 +234,31 @@ def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
 
 
 def write_tables(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """ppl.md / ppl.csv / qa.md / qa.csv under `out_dir`; returns the paths written."""
+    """ppl.md / ppl.csv / qa.md / qa.csv under `out_dir`, each .md with its caption (a table with no numbers says
+    why instead of printing dashes); returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, table in (("ppl", ppl_table(df)), ("qa", qa_table(df))):
-        (out_dir / f"{name}.md").write_text(to_markdown(table))
-        to_text(table).to_csv(out_dir / f"{name}.csv")
+    cap = caption(df) if len(df) else ""
+    noise = (" Rows of trained methods over several seeds show mean ± sample std; a perplexity above "
+             f"{DESTROYED:.0f} is shown as destroyed (its digits change from machine to machine).")
+    for name, table, destroyed in (("ppl", ppl_table(df), DESTROYED), ("qa", qa_table(df), None)):
+        empty = table.empty or table.isna().all().all() or table.drop(index="FP16", errors="ignore").isna().all().all()
+        if empty:
+            why = ("No run behind this table scored any zero-shot QA task (the quick CPU schedule sets "
+                   "eval.qa_tasks=[]); `eval=full`, or eval.qa_tasks=[piqa,arc_easy], scores them." if name == "qa"
+                   else "No run behind this table has a perplexity.")
+            (out_dir / f"{name}.md").write_text(f"{cap}\n\n{why}\n")
+            pd.DataFrame(columns=["method"]).to_csv(out_dir / f"{name}.csv", index=False)
+        else:
+            (out_dir / f"{name}.md").write_text(f"{cap}{noise}\n\n{to_markdown(table, destroyed=destroyed)}")
+            to_text(table, destroyed=destroyed).to_csv(out_dir / f"{name}.csv")
         paths += [out_dir / f"{name}.md", out_dir / f"{name}.csv"]
+    if not ppl_table(df).empty and len(_models(df)) == 1:
+        from analysis.plots import paper_figure, save
+
+        table = paper_table(df)
+        paths.append(save(paper_figure(table, cap), out_dir / "ppl.png"))
     return paths
 
 
@@ -229,10 +285,10 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
 def caption(df: pd.DataFrame) -> str:
     """Model, bits, schedule, windows, QA items and device of the runs behind a table (each as the runs agree)."""
     def one(col: str, fmt=str) -> str:
-        vals = sorted({fmt(v) for v in df[col].dropna() if v is not None}) if col in df else []
+        vals = sorted({fmt(v) for v in df[col].dropna() if v is not None and str(v) != "nan"}) if col in df else []
         return ", ".join(vals) if vals else "?"
 
-    windows = one("eval.max_windows", lambda v: "all" if v in (None, "None") else str(v))
+    windows = one("eval.max_windows", lambda v: "all" if v in (None, "None") else f"the first {v}")
     return (f"{one('model')}, {one('bits').upper()}; calibration {one('calib.nsamples')} × {one('calib.seqlen')} "
             f"tokens, {one('calib.epochs')} epochs (seed {one('seed')}); WikiText-2 test windows of "
             f"{one('eval.seqlen')} tokens: {windows}; QA items per task: {one('eval.qa_limit', lambda v: 'all' if v in (None, 'None') else str(v))}; "

@@ -54,7 +54,8 @@ def run(cfg: dict, ctx) -> dict[str, float]:
             x = adapter.embed(ctx.model)(samples[:1].to(ctx.device)).float()[0]
         qlayer0 = adapter.layers(ctx.model)[0]
         home = next(qlayer0.buffers()).device
-        paths.append(figures.flatness_figure(fp_layer0.to(ctx.device), qlayer0.to(ctx.device), ctx.model.config, x, plots))
+        paths.append(figures.flatness_figure(fp_layer0.to(ctx.device), qlayer0.to(ctx.device), ctx.model.config, x, plots,
+                                              ctx.method.name))
         qlayer0.to(home)
     ctx.restream()
     if ctx.tracker is not None:

@@ -1,8 +1,8 @@
 """Figures a run logs: per-layer calibration loss curves, init vs final MSE, and the flatness plot.
 
 The flatness plot (FlatQuant Fig. 1) compares layer 0's q/k/v input and weight, sorted per-channel max
-|value|: original, SmoothQuant's scale (α = 0.5), a randomised Hadamard rotation (QuaRot) and the calibrated
-FlatQuant transform, all on the same calibration tokens.
+|value|: original, SmoothQuant's scale (α = 0.5), a randomised Hadamard rotation (QuaRot) and the run's own
+transform (labelled with its method), all on the same calibration tokens.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def calibration_figures(reports, out_dir: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def flatness_figure(fp_layer, qlayer: QuantDecoderLayer, config, x: torch.Tensor, out_dir: Path) -> Path:
-    """x: (tokens, hidden) float32 input of layer 0; fp_layer the full-precision layer, qlayer its merged version."""
+def flatness_figure(fp_layer, qlayer: QuantDecoderLayer, config, x: torch.Tensor, out_dir: Path, method: str = "flatquant") -> Path:
+    """x: (tokens, hidden) float32 input of layer 0; fp_layer the full-precision layer, qlayer its merged version by
+    `method`, whose own transform is the curve labelled "<method> (this run)"."""
     from analysis.plots import flatness_plot
 
     parts = adapter_for(config).parts(fp_layer, config)
@@ -42,7 +43,10 @@ def flatness_figure(fp_layer, qlayer: QuantDecoderLayer, config, x: torch.Tensor
     acts = {"original": h, "smoothquant": h / d, "hadamard": rot.apply(h)}
     weights = {"original": w, "smoothquant": w * d, "hadamard": rot.apply(w, inv_t=True)}
     if t is not None:
-        acts["flatquant"] = t.apply(rms_norm(x, qlayer.norm1, qlayer.eps1))
+        from analysis.tables import PRETTY
+
+        own = f"{PRETTY.get(method, method)} (this run)"
+        acts[own] = t.apply(rms_norm(x, qlayer.norm1, qlayer.eps1))
         w = qlayer.weights()
-        weights["flatquant"] = torch.cat([w["q"], w["k"], w["v"]])
+        weights[own] = torch.cat([w["q"], w["k"], w["v"]])
     return flatness_plot(acts, weights, out_dir, title="layer 0 q/k/v input: flatness")

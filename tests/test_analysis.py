@@ -207,3 +207,35 @@ def test_paper_table_from_run_files_has_fp16_first_the_qa_average_and_a_caption(
     fp = rows[0]
     assert fp[1] == "21.60" and float(fp[-1].strip(" |")) == pytest.approx(100 * (sum(tasks.values()) / 6 + 0.1), abs=0.01)
     assert (tmp_path / "t" / "paper.png").stat().st_size > 10_000 and len(paths) == 3
+
+
+def test_tables_have_captions_mark_destroyed_models_average_seeds_and_explain_empty_qa(tmp_path):
+    """What `dvc repro` commits: a caption (model, bits, schedule, windows, device), FP16 first, a ppl above 1000 as
+    destroyed, a trained row over three seeds as mean ± std, and a QA table without numbers that says why."""
+    import json
+    import statistics
+
+    from analysis.tables import main
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    base = {"model": {"name": "smollm2_135m"}, "quant": {"w_bits": 4, "a_bits": 4, "k_bits": 4, "v_bits": 4},
+            "calib": {"nsamples": 8, "seqlen": 512, "epochs": 4}, "eval": {"seqlen": 2048, "max_windows": 4, "qa_limit": None}}
+    flat = {0: 74.9, 1: 80.1, 2: 77.0}
+    for i, (method, seed, ppl) in enumerate([("rtn", 0, 10938.8), *(("flatquant", s, v) for s, v in flat.items())]):
+        blob = {"config": {**base, "method": {"name": method}, "wquant": "rtn", "seed": seed},
+                "metrics": {"eval_ppl/wikitext2/ppl": ppl, "eval_ppl/wikitext2/ppl_fp": 24.15},
+                "device": "CPU (2 cores)", "start_time": i}
+        (runs / f"{method}-{seed}.json").write_text(json.dumps(blob))
+    main(["--from-json", str(runs), "--out", str(tmp_path / "t")])
+    ppl = (tmp_path / "t" / "ppl.md").read_text()
+    caption, table = ppl.split("\n\n", 1)
+    assert "calibration 8 × 512 tokens, 4 epochs" in caption and "the first 4" in caption and "CPU (2 cores)" in caption
+    lines = table.splitlines()
+    assert lines[2].startswith("| FP16 | 24.15")
+    assert "| RTN | > 1000 (destroyed)" in table
+    mean, std = statistics.mean(flat.values()), statistics.stdev(flat.values())
+    assert f"| FlatQuant-RTN | {mean:.2f} ± {std:.2f} (3 seeds) |" in table and "C4" not in table  # no empty column
+    qa = (tmp_path / "t" / "qa.md").read_text()
+    assert "No run behind this table scored any zero-shot QA task" in qa and "| FP16" not in qa
+    assert (tmp_path / "t" / "ppl.png").stat().st_size > 10_000
