@@ -174,7 +174,7 @@ def speed_records(bench_dir: str | Path) -> list[dict]:
     Tolerant of the format: a file may hold a list of records, one record, or a dict with a "records" /
     "results" list. The ratio is `ratio` / `speedup`, else reference time over ours (`torch_ms` / `ours_ms`,
     also `ref_ms`, `fp16_ms`, `baseline_ms` over `ms`, `triton_ms`, `kernel_ms`). The label joins whichever of
-    kernel / name / op, shape, tokens are present. Files or records that do not parse are skipped.
+    kernel / name / op / linear (or a layer's phase and batch), shape (or in→out features) and tokens are present. Files or records that do not parse are skipped.
     """
     out = []
     for path in sorted(Path(bench_dir).glob("*.json")):
@@ -192,8 +192,11 @@ def speed_records(bench_dir: str | Path) -> list[dict]:
                 ratio = float(ratio)
             except (TypeError, ValueError):
                 continue
-            parts = [_first(rec, "kernel", "name", "op", "layer"), rec.get("shape"),
-                     None if rec.get("tokens") is None else f"{rec['tokens']} tok"]
+            shape = rec.get("shape") or (f"{rec['in']}→{rec['out']}" if rec.get("in") and rec.get("out") else None)
+            what = _first(rec, "kernel", "name", "op", "linear", "layer")
+            if what is None and rec.get("phase"):  # a whole decoder layer (bench_layer): phase and batch
+                what = f"layer {rec['phase']} b{rec.get('batch', '?')}"
+            parts = [what, shape, None if rec.get("tokens") is None else f"{rec['tokens']} tok"]
             label = " ".join(str(p) if not isinstance(p, (list, tuple)) else "×".join(map(str, p))
                              for p in parts if p is not None) or path.stem
             out.append({"label": label, "ratio": ratio})
@@ -234,15 +237,32 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
 
 
 def loss_curves(tracking_uri: str, run_id: str, out_dir: str | Path = "results/plots") -> Path | None:
-    """Loss curves of one run from its `calibrate/layer_XXX/loss` histories (step = epoch); None if it has none."""
+    """Loss curves of one run, every layer in one figure: the epoch losses its calibration store records (the
+    `calibration/manifest.json` artifact), or, for runs logged before, its `calibrate/layer_XXX/loss` histories;
+    None if it has neither."""
     client = _client(tracking_uri)
     run = client.get_run(run_id)
-    keys = {int(m.group(1)): k for k in run.data.metrics if (m := LAYER_LOSS.match(k))}
-    if not keys:
+    curves = _manifest_curves(client, run_id)
+    if not curves:
+        keys = {int(m.group(1)): k for k in run.data.metrics if (m := LAYER_LOSS.match(k))}
+        curves = {i: [v for _, v in sorted(_history(client, run_id, k).items())] for i, k in keys.items()}
+    if not curves:
         return None
-    curves = {i: [v for _, v in sorted(_history(client, run_id, k).items())] for i, k in keys.items()}
     fig = loss_curves_figure(curves, f"Calibration loss per layer — {run.info.run_name}")
     return save(fig, Path(out_dir) / f"loss_curves_{run_id[:8]}.png")
+
+
+def _manifest_curves(client, run_id: str) -> dict[int, list[float]]:
+    """{layer: epoch losses} from the run's logged calibration store; {} when it logged none or trained nothing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "calibration/manifest.json", tmp)
+        except Exception:  # no such artifact (a method without calibration, tracking without artifacts)
+            return {}
+        layers = json.loads(Path(path).read_text()).get("layers", {})
+    return {int(i): e["report"]["epoch_losses"] for i, e in layers.items() if e.get("report", {}).get("epoch_losses")}
 
 
 def layer_mse(tracking_uri: str, run_id: str, out_dir: str | Path = "results/plots") -> Path | None:
@@ -265,7 +285,8 @@ def latest_run_id(tracking_uri: str, experiment: str) -> str | None:
         return None
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=200)
-    return next((r.info.run_id for r in runs if any(LAYER_LOSS.match(k) for k in r.data.metrics)), None)
+    trained = lambda r: "calibrate/mean_final_mse" in r.data.metrics or any(LAYER_LOSS.match(k) for k in r.data.metrics)
+    return next((r.info.run_id for r in runs if trained(r)), None)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

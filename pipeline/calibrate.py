@@ -27,8 +27,6 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     def on_layer(report, state):
         if ctx.tracker is None:
             return
-        for epoch, loss in enumerate(report.epoch_losses):
-            ctx.tracker.metrics({f"calibrate/layer_{report.index:03d}/loss": loss}, step=epoch)
         by_layer = {"init_mse": report.init_loss, "final_mse": report.final_loss, "seconds": report.seconds}
         finite = {f"calibrate/by_layer/{k}": v for k, v in by_layer.items() if math.isfinite(v)}  # step = layer
         ctx.tracker.metrics(finite, step=report.index)

@@ -239,3 +239,16 @@ def test_tables_have_captions_mark_destroyed_models_average_seeds_and_explain_em
     qa = (tmp_path / "t" / "qa.md").read_text()
     assert "No run behind this table scored any zero-shot QA task" in qa and "| FP16" not in qa
     assert (tmp_path / "t" / "ppl.png").stat().st_size > 10_000
+
+
+def test_speedup_bars_name_the_kernel_and_its_shape(tmp_path):
+    """Rows as flatquant.kernels.bench and bench_layer write them: each bar says which linear, in→out features and
+    tokens, or which layer phase and batch, not only a token count."""
+    import json
+
+    (tmp_path / "H200.json").write_text(json.dumps({"rows": [
+        {"linear": "qkv", "in": 4096, "out": 6144, "tokens": 2048, "speedup": 1.2},
+        {"linear": "down", "in": 14336, "out": 4096, "tokens": 1, "error": "boom"}]}))
+    (tmp_path / "H200_layer.json").write_text(json.dumps({"rows": [{"phase": "prefill", "batch": 4, "speedup": 1.17}]}))
+    labels = {r["label"]: r["ratio"] for r in plots.speed_records(tmp_path)}
+    assert labels == {"qkv 4096→6144 2048 tok": 1.2, "layer prefill b4": 1.17}
