@@ -23,7 +23,7 @@ from pipeline.flat import flatten
 KEYS = ["model", "method", "bits", "wquant"]
 MISSING = "—"
 PPL_DATASETS = {"wikitext2": "WikiText-2", "c4": "C4"}
-QA_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag_llamacpp", "lambada_openai", "winogrande"]
+QA_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag_llamacpp", "winogrande", "lambada_openai"]  # the paper's order
 PRETTY = {"fp16": "FP16", "rtn": "RTN", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "omniquant": "OmniQuant",
           "affinequant": "AffineQuant", "quarot": "QuaRot", "spinquant": "SpinQuant", "flatquant": "FlatQuant"}
 METHOD_ORDER = ["rtn", "smoothquant", "omniquant", "affinequant", "quarot", "spinquant", "flatquant"]
@@ -122,10 +122,6 @@ def _row_order(df: pd.DataFrame) -> list[tuple[str, str, str]]:
     return sorted(combos, key=lambda c: (c[0], rank(WQUANT_ORDER, c[2]), rank(METHOD_ORDER, c[1])))
 
 
-def _value(df: pd.DataFrame, key: str) -> float:
-    return float(df[key].dropna().iloc[-1]) if key in df and df[key].notna().any() else math.nan
-
-
 def _seed_stats(df: pd.DataFrame, key: str) -> tuple[float, float, int]:
     """(mean, sample std, n) of `key` over the seeds of one row's runs (latest run per seed)."""
     vals = df[key].dropna().to_numpy(dtype=float) if key in df else []
@@ -197,10 +193,13 @@ def qa_table(df: pd.DataFrame, tasks: list[str] = QA_TASKS) -> pd.DataFrame:
     columns = [(m, t) for m in _models(df) for t in tasks]
     keys = {t: f"eval_qa/{t}/acc" for t in tasks}
     fp_keys = {t: f"eval_qa/{t}/acc_fp" for t in tasks}
-    table = _build(df, columns, keys, fp_keys) * 100.0
+    built = _build(df, columns, keys, fp_keys)
+    table = built * 100.0
     for m in _models(df):
         table[(m, "average")] = table[m][tasks].mean(axis=1, skipna=False)
-    return table[[(m, c) for m in _models(df) for c in [*tasks, "average"]]] if len(table.columns) else table
+    out = table[[(m, c) for m in _models(df) for c in [*tasks, "average"]]] if len(table.columns) else table
+    out.attrs = {"std": built.attrs["std"] * 100.0, "n": built.attrs["n"]}  # in percent, as the values
+    return out
 
 
 DESTROYED = 1000.0  # a perplexity above this is a destroyed model: its digits change from machine to machine
@@ -217,7 +216,7 @@ def to_text(table: pd.DataFrame, digits: int = 2, destroyed: float | None = None
             return MISSING
         if destroyed is not None and v > destroyed:
             return f"> {destroyed:.0f} (destroyed)"
-        return f"{v:.{digits}f} ± {s:.{digits}f} ({k} seeds)" if k > 1 and not pd.isna(s) else f"{v:.{digits}f}"
+        return f"{v:.{digits}f} ± {s:.{digits}f} ({int(k)} seeds)" if k > 1 and not pd.isna(s) else f"{v:.{digits}f}"
 
     cells = [[fmt(v, s, k) for v, s, k in zip(r, rs, rn)]
              for r, rs, rn in zip(table.to_numpy(), std.reindex_like(table).to_numpy(), n.reindex_like(table).to_numpy())]
@@ -264,7 +263,6 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 
 QA_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag_llamacpp": "HellaSwag",
             "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
-PAPER_QA = ["piqa", "arc_easy", "arc_challenge", "hellaswag_llamacpp", "winogrande", "lambada_openai"]
 
 
 def paper_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -273,10 +271,10 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     models = _models(df)
     if len(models) != 1:
         raise ValueError(f"the paper table is for one model; these runs hold {models}")
-    ppl, qa = ppl_table(df), qa_table(df, PAPER_QA)
+    ppl, qa = ppl_table(df), qa_table(df)
     out = pd.DataFrame(index=ppl.index)
     out["WikiText-2 ppl"] = ppl[(models[0], "WikiText-2")]
-    for task in PAPER_QA:
+    for task in QA_TASKS:
         out[QA_SHORT[task]] = qa[(models[0], task)]
     out["QA avg"] = qa[(models[0], "average")]
     return out
@@ -285,7 +283,7 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
 def caption(df: pd.DataFrame) -> str:
     """Model, bits, schedule, windows, QA items and device of the runs behind a table (each as the runs agree)."""
     def one(col: str, fmt=str) -> str:
-        vals = sorted({fmt(v) for v in df[col].dropna() if v is not None and str(v) != "nan"}) if col in df else []
+        vals = sorted({fmt(v) for v in df[col].dropna()}) if col in df else []
         return ", ".join(vals) if vals else "?"
 
     windows = one("eval.max_windows", lambda v: "all" if v in (None, "None") else f"the first {v}")

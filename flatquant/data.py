@@ -10,7 +10,8 @@ Joining rule (`join`), the same for every method:
   file, a blank line (only whitespace) being an empty row — joined with "\n\n", as the GPTQ / QuaRot /
   FlatQuant code joins them, so that perplexities compare with published tables (WikiText-2 test: 304,986
   tokens with the SmolLM2 tokenizer);
-- "raw": the raw file read whole (hub rows joined with "", which rebuilds the same text; 303,415 tokens). The local data root is $FLATQUANT_DATA, by default ../shared/data beside the repository.
+- "raw": the raw file read whole (hub rows joined with "", which rebuilds the same text; 303,415 tokens).
+The local data root is $FLATQUANT_DATA, by default ../shared/data beside the repository.
 WikiText-2 train is not shipped here, so the default calibrates on the validation split (see README).
 """
 
@@ -52,22 +53,24 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
 
 
 JOINS = ("hf", "raw")
+DEFAULT_JOIN = "hf"
+
+
+def check_join(join: str) -> None:
+    if join not in JOINS:
+        raise ValueError(f"data.join must be one of {list(JOINS)}, got {join!r}")
 
 
 def join_rows(rows: list[str], join: str) -> str:
     """Rows of a dataset (each line of a raw file, newline kept) as one text by the joining rule `join`."""
-    if join == "hf":
-        return "\n\n".join("" if not r.strip() else r for r in rows)
-    if join == "raw":
-        return "".join(rows)
-    raise ValueError(f"data.join must be one of {JOINS}, got {join!r}")
+    check_join(join)
+    return "\n\n".join("" if not r.strip() else r for r in rows) if join == "hf" else "".join(rows)
 
 
-def read_text(name: str, split: str, root=None, join: str = "hf") -> str:
+def read_text(name: str, split: str, root=None, join: str = DEFAULT_JOIN) -> str:
     """The text of one split: a local file if present, else a file path given as `name`, else the hub;
     rows joined by the rule `join` (module docstring)."""
-    if join not in JOINS:
-        raise ValueError(f"data.join must be one of {JOINS}, got {join!r}")
+    check_join(join)
     if os.path.isfile(name):  # a text file of the user's own: read whole, it has no rows to rebuild
         return Path(name).read_text(encoding="utf-8")
     if name not in DATASETS or split not in DATASETS[name]:
@@ -114,7 +117,7 @@ def _tokenizer_key(tokenizer) -> str:
 
 
 def load_tokens(tokenizer, name: str, split: str, root=None, cache_dir: str | os.PathLike | None = ".cache/tokens",
-                join: str = "hf"):
+                join: str = DEFAULT_JOIN):
     """Token ids of a whole split as a 1-D LongTensor, cached by (tokenizer, dataset, split, text hash)."""
     text = read_text(name, split, root, join)
     key = hashlib.sha256(f"{_tokenizer_key(tokenizer)}|{name}|{split}|".encode() + text.encode()).hexdigest()[:16]

@@ -61,6 +61,8 @@ def load_model(path: str, gguf_file: str | None = None, dtype: torch.dtype = tor
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except ImportError:  # a missing package (gguf, accelerate) says so itself
+        raise
     except Exception as e:
         if gguf:
             size = (Path(folder) / gguf).stat().st_size

@@ -64,9 +64,7 @@ def validate(cfg: dict) -> None:
     _int(cfg, "eval.qa_limit", 1, "a positive integer, or null for every item", none_ok=True)
     _int(cfg, "calib.nsamples", 1, "a positive integer (calibration windows)")
     _int(cfg, "calib.seqlen", 2, "an integer >= 2 (tokens per calibration window)")
-    join = cfg["data"].get("join", "hf")
-    if join not in data.JOINS:
-        raise ValueError(f"data.join must be one of {list(data.JOINS)}, got {join!r}")
+    data.check_join(cfg["data"].get("join", data.DEFAULT_JOIN))
     check_tracking_uri(cfg["tracking"]["uri"])
 
 
@@ -162,7 +160,7 @@ class Context:
 
     def tokens(self, name: str, split: str) -> torch.Tensor:
         d = self.cfg["data"]
-        return data.load_tokens(self.tokenizer, name, split, d.get("root"), d.get("cache_dir"), d.get("join", "hf"))
+        return data.load_tokens(self.tokenizer, name, split, d.get("root"), d.get("cache_dir"), d.get("join", data.DEFAULT_JOIN))
 
     def calib_samples(self) -> torch.Tensor:
         d, c = self.cfg["data"], self.cfg["calib"]
@@ -180,7 +178,7 @@ class Context:
         weight quantizer (RTN or GPTQ is applied when a layer is merged, after training), nor by evaluation
         settings, kernels, offloading or where the layer inputs are kept: `-m wquant=rtn,gptq` trains once."""
         d, c = self.cfg["data"], self.cfg["calib"]
-        calib_data = {k: d.get(k, "hf" if k == "join" else None) for k in CALIB_DATA_KEYS}
+        calib_data = {k: d.get(k, data.DEFAULT_JOIN if k == "join" else None) for k in CALIB_DATA_KEYS}
         key = self.key("model", "method", "quant", data=calib_data, calib={k: v for k, v in c.items() if k != "storage"})
         return Path(self.cfg["artifacts_dir"]) / "calib" / f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{key}"
 

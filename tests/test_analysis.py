@@ -185,9 +185,9 @@ def test_paper_table_from_run_files_has_fp16_first_the_qa_average_and_a_caption(
     method-weight quantizer, ppl and the six QA accuracies with their mean, captioned with schedule and GPU."""
     import json
 
-    from analysis.tables import PAPER_QA, main
+    from analysis.tables import QA_TASKS, main
 
-    tasks = {t: 0.4 + 0.01 * i for i, t in enumerate(PAPER_QA)}
+    tasks = {t: 0.4 + 0.01 * i for i, t in enumerate(QA_TASKS)}
     for folder, method, wquant, ppl, shift in (("a", "fp16", "rtn", 21.6, 0.1), ("a", "rtn", "rtn", 11771.0, 0.0),
                                                ("b", "flatquant", "rtn", 29.3, 0.05), ("b", "flatquant", "gptq", 28.0, 0.06)):
         metrics = {"eval_ppl/wikitext2/ppl": ppl, "eval_ppl/wikitext2/ppl_fp": 21.6}
@@ -252,3 +252,17 @@ def test_speedup_bars_name_the_kernel_and_its_shape(tmp_path):
     (tmp_path / "H200_layer.json").write_text(json.dumps({"rows": [{"phase": "prefill", "batch": 4, "speedup": 1.17}]}))
     labels = {r["label"]: r["ratio"] for r in plots.speed_records(tmp_path)}
     assert labels == {"qkv 4096→6144 2048 tok": 1.2, "layer prefill b4": 1.17}
+
+
+def test_qa_spread_over_seeds_is_in_percent_like_the_accuracies(tmp_path):
+    import json
+
+    from analysis.tables import QA_TASKS, json_frame, qa_table, to_text
+
+    for seed, acc in ((0, 0.50), (1, 0.54)):
+        blob = {"config": {"model": {"name": "m"}, "method": {"name": "flatquant"}, "wquant": "rtn", "seed": seed,
+                           "quant": {"w_bits": 4, "a_bits": 4, "k_bits": 4, "v_bits": 4}},
+                "metrics": {f"eval_qa/{t}/acc": acc for t in QA_TASKS}, "start_time": seed}
+        (tmp_path / f"{seed}.json").write_text(json.dumps(blob))
+    text = to_text(qa_table(json_frame(tmp_path)))
+    assert text.loc["FlatQuant-RTN", "m / piqa"] == "52.00 ± 2.83 (2 seeds)"
