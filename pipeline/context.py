@@ -115,7 +115,7 @@ class Context:
                 raise ValueError(f"offload=disk reads a local safetensors checkpoint folder; model.path={m['path']!r} is not one")
             model, tokenizer = load_lazy(folder, self.dtype)
         else:
-            model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, "cpu")
+            model, tokenizer = load_model(m["path"], m.get("gguf_file"), self.dtype, "cpu", m.get("gguf_cache"))
         adapter_for(model)  # an unsupported architecture fails here, before any evaluation
         check_model(self.method, model.config)  # so does a size the method's transforms cannot factor
         if self.wants_offload(model_bytes(model)):

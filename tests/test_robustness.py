@@ -238,3 +238,29 @@ def test_a_truncated_gguf_says_truncated(tmp_path):
         cut.write_bytes(f.read(40 * 2**20))
     with pytest.raises(RuntimeError, match="truncated or corrupt"):
         load_model(str(cut))
+
+
+def test_the_gguf_conversion_cache_gives_the_same_model_and_survives_damage(smollm2, tmp_path):
+    """gguf_cache: the second load reads the cached safetensors conversion (same tensors, same token ids, tied
+    head kept); a damaged entry is converted again with a warning, not a failed run."""
+    import warnings as _w
+
+    model, tok = smollm2
+    text = "The capital of Germany is Berlin.\n\n = Valkyria Chronicles III = \n"
+    first, _ = load_model("embedded:smollm2", gguf_cache=tmp_path)  # converts and caches
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (entry / "done").exists() and (entry / "model.safetensors").exists()
+    cached, ctok = load_model("embedded:smollm2", gguf_cache=tmp_path)
+    ref = model.state_dict()
+    got = cached.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert cached.lm_head.weight.data_ptr() == cached.model.embed_tokens.weight.data_ptr()
+    assert ctok(text).input_ids == tok(text).input_ids and len(ctok) == len(tok)
+    assert ctok.eos_token_id == tok.eos_token_id and ctok.bos_token_id == tok.bos_token_id
+    (entry / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="converting it again"):
+        again, _ = load_model("embedded:smollm2", gguf_cache=tmp_path)
+    assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        load_model("embedded:smollm2", gguf_cache=tmp_path)  # the entry was rewritten
