@@ -277,7 +277,11 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     for task in QA_TASKS:
         out[QA_SHORT[task]] = qa[(models[0], task)]
     out["QA avg"] = qa[(models[0], "average")]
-    return out
+    rows = ["FP16", *[_label(m, w) for w in WQUANT_ORDER for m in PAPER_METHODS]]
+    return out.reindex(rows + [r for r in out.index if r not in rows])  # a paper row with no run stays, as "—"
+
+
+PAPER_METHODS = ["rtn", "smoothquant", "quarot", "flatquant"]  # the rows of FlatQuant's Tables 1–2 that run here
 
 
 def caption(df: pd.DataFrame) -> str:
@@ -301,7 +305,14 @@ def write_paper_table(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = paper_table(df)
     cap = caption(df)
-    (out_dir / "paper.md").write_text(f"{cap}\n\n{to_markdown(table)}")
+    missing = [r for r in table.index if table.loc[r].isna().all()]
+    if missing:
+        cap += f" No finished run behind {', '.join(missing)}."
+    incomplete = [r for r in table.index if r not in missing and pd.isna(table.loc[r, "QA avg"])]
+    if incomplete:
+        cap += f" {', '.join(incomplete)}: QA not scored (every task is needed for the average)."
+    cap += f" A perplexity above {DESTROYED:.0f} is shown as destroyed; paper.csv holds every digit."
+    (out_dir / "paper.md").write_text(f"{cap}\n\n{to_markdown(table, destroyed=DESTROYED)}")
     to_text(table).to_csv(out_dir / "paper.csv")
     save(paper_figure(table, cap), out_dir / "paper.png")
     return [out_dir / "paper.md", out_dir / "paper.csv", out_dir / "paper.png"]

@@ -202,8 +202,10 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
             raise ValueError(f"{path} has quant.{key}={meta['quant'].get(key)!r}, expected {value!r}")
     config = AutoConfig.from_pretrained(path)
     _check_config(path, config, meta, tensors)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
+    # the embeddings, final norm and head in the dtype they were exported in (fp16 from a GPU run), as the model was
+    floats = [v.dtype for v in base.values() if v.is_floating_point()]
+    model = AutoModelForCausalLM.from_config(config, dtype=floats[0] if floats else torch.float32)
     missing = [k for k in model.state_dict() if k not in base and not k.startswith(adapter_for(model).layers_path + ".")]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing[:3]}… (truncated export?)")

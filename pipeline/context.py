@@ -68,6 +68,9 @@ def validate(cfg: dict) -> None:
     check_tracking_uri(cfg["tracking"]["uri"])
 
 
+UNKEYED = {"model": ("gguf_cache",)}  # settings that change where a thing is kept, not what it is
+
+
 class Context:
     """Lazily loads what a stage asks for; validates every config group on construction."""
 
@@ -169,7 +172,9 @@ class Context:
 
     def key(self, *groups: str, **extra) -> str:
         """Hash of the config groups that decide an artifact (so a changed config never reuses it)."""
-        blob = json.dumps({g: self.cfg[g] for g in groups} | {"seed": self.cfg["seed"]} | extra, sort_keys=True, default=str)
+        picked = {g: {k: v for k, v in self.cfg[g].items() if k not in UNKEYED.get(g, ())} if isinstance(self.cfg[g], dict)
+                  else self.cfg[g] for g in groups}
+        blob = json.dumps(picked | {"seed": self.cfg["seed"]} | extra, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property

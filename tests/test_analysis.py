@@ -203,7 +203,10 @@ def test_paper_table_from_run_files_has_fp16_first_the_qa_average_and_a_caption(
     assert "smollm2_135m, W4A4KV4" in caption and "128 × 2048" in caption and "15 epochs" in caption
     assert "windows of 2048 tokens: all" in caption and "run on NVIDIA H200" in caption
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert [r[0].strip("| ") for r in rows] == ["FP16", "RTN", "FlatQuant-RTN", "FlatQuant-GPTQ"]
+    assert [r[0].strip("| ") for r in rows] == ["FP16", "RTN", "SmoothQuant-RTN", "QuaRot-RTN", "FlatQuant-RTN", "RTN-GPTQ",
+                                               "SmoothQuant-GPTQ", "QuaRot-GPTQ", "FlatQuant-GPTQ"]  # the paper's rows
+    assert "No finished run behind SmoothQuant-RTN, QuaRot-RTN, RTN-GPTQ, SmoothQuant-GPTQ, QuaRot-GPTQ." in caption
+    assert rows[1][1] == "> 1000 (destroyed)" and "11771.00" in (tmp_path / "t" / "paper.csv").read_text()
     fp = rows[0]
     assert fp[1] == "21.60" and float(fp[-1].strip(" |")) == pytest.approx(100 * (sum(tasks.values()) / 6 + 0.1), abs=0.01)
     assert (tmp_path / "t" / "paper.png").stat().st_size > 10_000 and len(paths) == 3

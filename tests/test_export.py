@@ -54,6 +54,23 @@ def test_export_then_load_gives_identical_model(tokenizer, tmp_path, method, wqu
     assert perplexity(model, windows) == perplexity(loaded, windows)
 
 
+def test_a_16_bit_model_loads_back_in_its_own_dtype(tokenizer, tiny_llama_dir, tmp_path):
+    """A model run in bfloat16 (as on a GPU, fp16 or bf16) exports its embeddings, norm and head in that dtype, and
+    load_quantized rebuilds them so: the same logits to the last bit, not a float32 model that differs."""
+    from flatquant.model import load_model
+
+    model, _ = load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
+    samples = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, samples, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2))
+    export(model, tokenizer, tmp_path, {"name": "flatquant"})
+    loaded, _ = load_quantized(tmp_path)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    windows = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = model(windows).logits, loaded(windows).logits
+    assert b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
 def test_tampered_truncated_and_mismatched_checkpoints_are_refused(tokenizer, tmp_path):
     export(_quantized(tokenizer, "rtn"), tokenizer, tmp_path, {"name": "rtn"})
     with pytest.raises(ValueError, match="holds a rtn checkpoint, not flatquant"):

@@ -1,8 +1,8 @@
 """`python run.py` end to end on a CUDA GPU, as users run it: every stage, method and weight quantizer, a `-m`
 sweep, kernels=true, offload=true, export=true (and load_quantized of the export), a killed run that resumes.
 
-Short schedule on the embedded default (SmolLM2-135M, fp16); on one H200 the ten-run sweep and its first tests
-finished within 400 s, the whole file has not yet run there to the end. The model is
+Short schedule on the embedded default (SmolLM2-135M, fp16); on one H200 the file took 11:52 beside a
+reference-schedule calibration and six QA runs sharing the GPU. The model is
 `FLATQUANT_SMOLLM2_PATH` (a path to its GGUF) or the installed package; tracking goes to a SQLite store in the
 test's folder when mlflow imports, else it is off. Skipped without CUDA.
 """
@@ -127,10 +127,7 @@ def test_calibrate_stage_then_eval_on_the_kernels(sweep, work):
     from flatquant.export import load_quantized
 
     (out,) = (work / "artifacts" / "quantized").glob("smollm2_135m_flatquant_*_rtn")
-    model, tok = load_quantized(out, "cuda")
-    for name, p in model.named_parameters():  # as the pipeline had it: fp16 outside the decoder layers
-        if not name.startswith("model.layers."):
-            p.data = p.data.half()
+    model, tok = load_quantized(out, "cuda")  # fp16 outside the decoder layers, as exported
     windows = eval_windows(load_tokens(tok, "wikitext2", "test", os.environ.get("FLATQUANT_DATA"), None), 2048, 4)
     assert perplexity(model, windows, "cuda") == pytest.approx(fake, rel=1e-3)
 
@@ -144,12 +141,16 @@ def test_offloaded_layers_give_the_same_numbers(sweep, work):
     assert m[f"{PPL}_fp"] == pytest.approx(sweep[("flatquant", "gptq")][f"{PPL}_fp"], rel=1e-6)
 
 
-def test_bfloat16_model_on_the_kernels(sweep, work):
-    """model.dtype=bfloat16: every tensor a stage makes follows the model's dtype; QuaRot on the kernels stays
-    within 5 % of the fp16 fake-quant run."""
-    run_py(work, "method=quarot", "kernels=true", *SHORT, "model.dtype=bfloat16", "+metrics_out=bf16.json")
-    m = metrics(work / "bf16.json")
-    assert m[PPL] == pytest.approx(sweep[("quarot", "rtn")][PPL], rel=0.05)
+def test_bfloat16_model_on_the_kernels(work):
+    """model.dtype=bfloat16: every tensor a stage makes follows the model's dtype. A bf16 FlatQuant run (its own
+    store: the model's dtype is part of the key), then stage=eval on the kernels from that store, within 1 %.
+    (bf16 against the fp16 runs is no test: QuaRot-RTN at this schedule gave 600.8 in bf16 and 486.1 in fp16.)"""
+    bf16 = ["method=flatquant", *SHORT, "model.dtype=bfloat16"]
+    run_py(work, *bf16, "+metrics_out=bf16.json")
+    run_py(work, *bf16, "stage=eval", "kernels=true", "+metrics_out=bf16_kernels.json")
+    fake, kern = metrics(work / "bf16.json"), metrics(work / "bf16_kernels.json")
+    assert fake["calibrate/resumed_layers"] == 0 and kern["calibrate/resumed_layers"] == LAYERS
+    assert kern[PPL] == pytest.approx(fake[PPL], rel=0.01)
 
 
 def test_bench_stage(work):

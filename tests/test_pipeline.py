@@ -205,7 +205,8 @@ def test_one_calibration_store_for_both_weight_quantizers_and_any_eval(tiny_llam
     assert rtn["calibrate/resumed_layers"] == 0 and gptq["calibrate/resumed_layers"] == 2
     assert gptq["eval_ppl/wikitext2/ppl"] != rtn["eval_ppl/wikitext2/ppl"]
     dirs = {Context(make_cfg([*base, *extra], tmp_path)).calib_dir for extra in
-            ([], ["wquant=gptq"], ["kernels=false", "export=true"], ["data.eval_datasets=[wikitext2,c4]"], ["offload=true"])}
+            ([], ["wquant=gptq"], ["kernels=false", "export=true"], ["data.eval_datasets=[wikitext2,c4]"], ["offload=true"],
+             ["model.gguf_cache=/elsewhere"])}
     assert len(dirs) == 1
     assert Context(make_cfg([*base, "calib.epochs=2"], tmp_path)).calib_dir not in dirs
     assert Context(make_cfg([*base, "data.join=raw"], tmp_path)).calib_dir not in dirs
