@@ -1,4 +1,5 @@
-"""Figures from tracked runs: per-layer calibration loss curves, init vs final MSE, kernel speedups, flatness.
+"""Figures from tracked runs: per-layer calibration loss curves, init vs final MSE, per-layer MSE by method,
+perplexity against bits, kernel speedups, flatness.
 
     python -m analysis.plots --uri sqlite:///$PWD/mlflow.db --experiment flatquant --out results/plots
     python -m analysis.plots --run-id <id> --bench results/bench --out results/plots
@@ -106,6 +107,43 @@ def layer_mse_figure(init: dict[int, float], final: dict[int, float], title: str
         _log_y(ax)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    return fig
+
+
+def layer_mse_methods_figure(series: dict[str, list[float | None]], title: str = "") -> Figure:
+    """One line per method: each decoder layer's output MSE against the full-precision layer (the same
+    measurement for a trained method after training and for a baseline with its transforms), log scale."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for label, ys in series.items():
+        pts = [(i, y) for i, y in enumerate(ys) if y is not None and math.isfinite(y) and y > 0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1.4, label=label)
+    ax.set(xlabel="decoder layer", ylabel="layer output MSE vs FP (log)", title=title or "Per-layer MSE by method")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _log_y(ax)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return fig
+
+
+def ppl_bits_figure(table, fp: float | None = None, title: str = "") -> Figure:
+    """Perplexity (log) against the bit configuration (columns of `table`, fewest bits first), one line per
+    method (rows); the full-precision model as a dashed line."""
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    xs = list(range(len(table.columns)))
+    for label, row in table.iterrows():
+        pts = [(x, v) for x, v in zip(xs, row.to_numpy(dtype=float)) if math.isfinite(v)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=1.6, label=label)
+    if fp is not None and math.isfinite(fp):
+        ax.axhline(fp, color="k", ls="--", lw=1, label=f"FP16 {fp:.2f}")
+    ax.set_xticks(xs, [c.upper() for c in table.columns])
+    ax.set(xlabel="weight / activation / KV-cache bits", ylabel="WikiText-2 perplexity (log)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
+    fig.tight_layout()
     return fig
 
 

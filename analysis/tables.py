@@ -1,7 +1,7 @@
 """Result tables laid out like FlatQuant's Table 1 (perplexity) and Table 2 (zero-shot QA), from tracked runs.
 
     python -m analysis.tables --uri sqlite:///$PWD/mlflow.db --experiment flatquant --out results/tables
-    python -m analysis.tables --from-json results/runs --out results/tables
+    python -m analysis.tables --from-json results/runs --out results/tables [--bits results/runs_bits]
 
 Two sources give the same frame (one row per run): the MLflow store (`runs_frame`, FINISHED runs only) and the
 per-run JSON files that `dvc repro` writes (`json_frame`, each {"config": {...}, "metrics": {...}}), so the DVC
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -93,7 +94,9 @@ def json_frame(paths: str | Path | list) -> pd.DataFrame:
     for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
         blob = json.loads(p.read_text())
         params = flatten(blob.get("config", {}))
+        layers = blob.get("layers") or {}
         rows.append(_record(params, blob.get("metrics", {}), device=blob.get("device"), run_id=blob.get("run_id", p.stem),
+                            layer_mse=layers.get("final_mse"),
                             run_name=blob.get("run_name", p.stem),
                             start_time=blob.get("start_time", int(p.stat().st_mtime * 1000))))
     return _frame(rows)
@@ -232,6 +235,60 @@ def to_markdown(table: pd.DataFrame, digits: int = 2, destroyed: float | None = 
     return "\n".join(lines) + "\n"
 
 
+def _bits_key(tag: str) -> tuple[int, ...]:
+    """w4a4kv4 → (4, 4, 4): sort bit configurations fewest bits first."""
+    nums = [int(n) for n in re.findall(r"\d+", tag)]
+    return (sum(nums), *nums)
+
+
+def bits_table(df: pd.DataFrame, dataset: str = "wikitext2") -> pd.DataFrame:
+    """Perplexity by method-weight quantizer (rows, the paper's order) and bit configuration (columns, fewest bits
+    first), the latest run of each; the FP16 perplexity in .attrs["fp"]."""
+    key = f"eval_ppl/{dataset}/ppl"
+    runs = latest(df[df["method"] != "fp16"]) if key in df else df.iloc[0:0]
+    cols = sorted(set(runs["bits"]), key=_bits_key)
+    rows = [(m, w) for w in WQUANT_ORDER for m in METHOD_ORDER if ((runs["method"] == m) & (runs["wquant"] == w)).any()]
+    out = pd.DataFrame(math.nan, index=[_label(m, w) for m, w in rows], columns=cols)
+    for _, r in runs.iterrows():
+        out.loc[_label(r["method"], r["wquant"]), r["bits"]] = r[key]
+    fp = df[f"{key}_fp"].dropna() if f"{key}_fp" in df else pd.Series(dtype=float)
+    out.attrs["fp"] = float(fp.iloc[-1]) if len(fp) else math.nan
+    return out
+
+
+def write_bits(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """ppl_bits.md (captioned) and ppl_bits.png: perplexity against bits for each method; nothing when the runs
+    hold one bit configuration only."""
+    table = bits_table(df)
+    if len(table.columns) < 2:
+        return []
+    from analysis.plots import ppl_bits_figure, save
+
+    out_dir = Path(out_dir)
+    cap = re.sub(r", W\d+A\d+KV\d+(, W\d+A\d+KV\d+)*;", ";", caption(df))  # the columns name the bits
+    cap = f"WikiText-2 perplexity against bits (kv16: no KV-cache quantization). {cap}"
+    (out_dir / "ppl_bits.md").write_text(f"{cap}\n\n{to_markdown(table, destroyed=DESTROYED)}")
+    return [out_dir / "ppl_bits.md", save(ppl_bits_figure(table, table.attrs["fp"], cap), out_dir / "ppl_bits.png")]
+
+
+def write_layer_mse(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """layer_mse.png: each layer's output MSE for every method (RTN weights, seed 0's latest run), from the
+    "layers" series of the run files; nothing when no run carries one."""
+    if "layer_mse" not in df:
+        return []
+    runs = latest(df[(df["wquant"] == "rtn") & df["layer_mse"].map(lambda v: isinstance(v, list) and len(v) > 0)
+                     & (df["seed"].astype(str) == "0" if "seed" in df else True)])
+    if runs.empty:
+        return []
+    from analysis.plots import layer_mse_methods_figure, save
+
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    runs = runs.sort_values("method", key=lambda s: s.map(lambda m: order.get(m, len(order))))
+    series = {_label(r["method"], r["wquant"]): r["layer_mse"] for _, r in runs.iterrows()}
+    title = f"Per-layer output MSE against FP, {runs['model'].iloc[0]}, {runs['bits'].iloc[0].upper()} (RTN weights)"
+    return [save(layer_mse_methods_figure(series, title), Path(out_dir) / "layer_mse.png")]
+
+
 def write_tables(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """ppl.md / ppl.csv / qa.md / qa.csv under `out_dir`, each .md with its caption (a table with no numbers says
     why instead of printing dashes); returns the paths written."""
@@ -258,7 +315,7 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 
         table = paper_table(df)
         paths.append(save(paper_figure(table, cap), out_dir / "ppl.png"))
-    return paths
+    return paths + write_layer_mse(df, out_dir)
 
 
 QA_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag_llamacpp": "HellaSwag",
@@ -325,12 +382,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--from-json", metavar="DIR", nargs="+", help="read <DIR>/*.json (run.py +metrics_out) instead of the MLflow store")
     p.add_argument("--out", default="results/tables")
     p.add_argument("--paper", action="store_true", help="one table as the paper lays it out (ppl + QA), with a caption and a plot")
+    p.add_argument("--bits", metavar="DIR", nargs="+", help="runs at other bit widths (JSON folders): with the main "
+                   "runs, perplexity against bits (ppl_bits.md, ppl_bits.png)")
     args = p.parse_args(argv)
     if args.from_json:
         df = pd.concat([json_frame(d) for d in args.from_json], ignore_index=True)
     else:
         df = runs_frame(args.uri, args.experiment)
     paths = write_paper_table(df, args.out) if args.paper else write_tables(df, args.out)
+    if args.bits:
+        bits = pd.concat([df, *[json_frame(d) for d in args.bits]], ignore_index=True)
+        paths += write_bits(bits[bits["seed"].astype(str) == "0"] if "seed" in bits else bits, args.out)
     for path in paths:
         if path.suffix == ".md":
             print(f"{path}:\n{path.read_text()}")

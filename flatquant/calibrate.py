@@ -53,6 +53,7 @@ class CalibConfig:
     gptq_blocksize: int = 128
     gptq_percdamp: float = 0.01
     gptq_act_order: bool = False
+    layer_mse: bool = False  # also measure every layer's output MSE for methods that do not train (costs FP passes)
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -63,8 +64,8 @@ class CalibConfig:
             raise ValueError(f"wquant must be rtn or gptq, got {self.wquant!r}")
 
     def needs_data(self, method) -> bool:
-        """Whether layer inputs must be propagated: training, activation statistics or GPTQ Hessians."""
-        return method.trainable or method.needs_stats or self.wquant == "gptq"
+        """Whether layer inputs must be propagated: training, activation statistics, GPTQ Hessians or layer_mse."""
+        return method.trainable or method.needs_stats or self.wquant == "gptq" or self.layer_mse
 
 
 @dataclass
@@ -165,7 +166,7 @@ def store_key(method, qcfg: QuantConfig, ccfg: CalibConfig, samples: torch.Tenso
     """What decides a layer's learned parameters: the method, the quantizers, the training schedule and, where the
     method trains or takes statistics, the samples. Not the weight quantizer (RTN or GPTQ runs at merge time, after
     training), the device or the storage of the layer inputs: one store serves wquant=rtn and wquant=gptq."""
-    schedule = {k: v for k, v in asdict(ccfg).items() if k not in ("device", "storage") and not k.startswith(("wquant", "gptq_"))}
+    schedule = {k: v for k, v in asdict(ccfg).items() if k not in ("device", "storage", "layer_mse") and not k.startswith(("wquant", "gptq_"))}
     data = (tuple(samples.shape), int(samples.sum())) if method.trainable or method.needs_stats else None
     return config_key(method, qcfg, schedule, data)
 
@@ -297,6 +298,9 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
         report = LayerReport(**{**saved[1], "resumed": True})
     elif method.trainable and ccfg.epochs > 0:
         _train_with_fallback(qlayer, inps, targets, pe, ccfg, report, bar)
+    if not method.trainable and targets is not None and not math.isfinite(report.final_loss):
+        # nothing to train: the MSE its transforms leave, measured as a trained layer's is
+        report.init_loss = report.final_loss = layer_mse(qlayer, inps, targets, pe, ccfg.batch_size)
     report.seconds = report.seconds or time.time() - t0
     state = trainable_state(qlayer)
     if saved is None:

@@ -60,6 +60,8 @@ def run(cfg: dict, ctx) -> dict[str, float]:
         ctx.tracker.artifact(ctx.calib_dir, "calibration")
         for path in paths:
             ctx.tracker.artifact(path, "plots")
+    ctx.layer_series = {"init_mse": [r.init_loss for r in reports], "final_mse": [r.final_loss for r in reports],
+                        "seconds": [r.seconds for r in reports]}
     out = {"calibrate/seconds": sum(r.seconds for r in reports), "calibrate/resumed_layers": sum(r.resumed for r in reports),
            "calibrate/fallback_layers": sum(bool(r.fallback) for r in reports)}
     finals = [r.final_loss for r in reports if math.isfinite(r.final_loss)]

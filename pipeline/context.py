@@ -85,7 +85,8 @@ class Context:
         self.ccfg = CalibConfig(epochs=calib["epochs"], batch_size=calib["batch_size"], lr=calib["lr"],
                                 clip_lr_mult=calib["clip_lr_mult"], seed=cfg["seed"], device=self.device,
                                 amp=calib["amp"], storage=calib.get("storage", "auto"), wquant=cfg["wquant"], gptq_blocksize=cfg["gptq"]["blocksize"],
-                                gptq_percdamp=cfg["gptq"]["percdamp"], gptq_act_order=cfg["gptq"]["act_order"])
+                                gptq_percdamp=cfg["gptq"]["percdamp"], gptq_act_order=cfg["gptq"]["act_order"],
+                                layer_mse=bool(calib.get("layer_mse", False)))
         if cfg["stage"] != "bench":  # the benchmark needs only the model's shapes
             resolve_path(cfg["model"]["path"], cfg["model"].get("gguf_file"))  # a bad path fails before any run opens
         dtype = cfg["model"]["dtype"]
@@ -105,6 +106,7 @@ class Context:
         if kernels and dtype == "float32":
             raise ValueError("kernels=true needs model.dtype=float16 or bfloat16 (the kernels read 16-bit activations)")
         self.offload: LayerOffload | None = None
+        self.layer_series: dict[str, list[float]] = {}  # per-layer calibration series, for the metrics JSON
 
     @cached_property
     def loaded(self):
@@ -184,7 +186,7 @@ class Context:
         settings, kernels, offloading or where the layer inputs are kept: `-m wquant=rtn,gptq` trains once."""
         d, c = self.cfg["data"], self.cfg["calib"]
         calib_data = {k: d.get(k, data.DEFAULT_JOIN if k == "join" else None) for k in CALIB_DATA_KEYS}
-        key = self.key("model", "method", "quant", data=calib_data, calib={k: v for k, v in c.items() if k != "storage"})
+        key = self.key("model", "method", "quant", data=calib_data, calib={k: v for k, v in c.items() if k not in ("storage", "layer_mse")})
         return Path(self.cfg["artifacts_dir"]) / "calib" / f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{key}"
 
     @property

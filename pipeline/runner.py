@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -116,8 +117,9 @@ def device_name(cfg: dict) -> str:
 
 
 def write_metrics_json(path: str | Path, cfg: dict, metrics: dict[str, float], run_id: str | None,
-                       start_time_ms: int) -> Path:
-    """The run as {"config", "metrics", "run_id", "start_time"} JSON (what `dvc repro` and analysis.tables read).
+                       start_time_ms: int, layers: dict[str, list[float]] | None = None) -> Path:
+    """The run as {"config", "metrics", "run_id", "start_time", "device", "layers"} JSON (what `dvc repro` and
+    analysis.tables read); "layers" holds per-layer series such as {"final_mse": [...]} (NaN written as null).
 
     A path ending in "/" is a folder: the file is named after the run (model-method-bits-wquant.json). Written to
     a temporary name first and renamed, so a crash never leaves a half-written metrics file that DVC would record
@@ -127,7 +129,8 @@ def write_metrics_json(path: str | Path, cfg: dict, metrics: dict[str, float], r
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"config": {k: v for k, v in cfg.items() if k != "metrics_out"}, "metrics": metrics,
-            "run_id": run_id, "start_time": start_time_ms, "device": device_name(cfg)}
+            "run_id": run_id, "start_time": start_time_ms, "device": device_name(cfg),
+            "layers": {k: [v if math.isfinite(v) else None for v in vals] for k, vals in (layers or {}).items()}}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(blob, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
@@ -177,5 +180,5 @@ def _stages(cfg: dict, ctx: Context, tracker, t0: float) -> dict[str, float]:
         tracker.text(table, "summary.md")
         tracker.describe(table)
     if cfg.get("metrics_out"):
-        write_metrics_json(cfg["metrics_out"], cfg, metrics, tracker.run_id, int(t0 * 1000))
+        write_metrics_json(cfg["metrics_out"], cfg, metrics, tracker.run_id, int(t0 * 1000), ctx.layer_series)
     return metrics

@@ -244,6 +244,42 @@ def test_tables_have_captions_mark_destroyed_models_average_seeds_and_explain_em
     assert (tmp_path / "t" / "ppl.png").stat().st_size > 10_000
 
 
+def test_perplexity_against_bits_and_per_layer_mse_by_method(tmp_path):
+    """`--bits <folder>`: a table and plot of perplexity against bits, fewest bits (summed) first, one row per method, the
+    main runs' bit width included; runs carrying per-layer MSE (run.py's "layers" series) give layer_mse.png."""
+    import json
+
+    import pandas as pd
+
+    from analysis.tables import bits_table, json_frame, main
+
+    main_runs, bits = tmp_path / "runs", tmp_path / "bits"
+    main_runs.mkdir(), bits.mkdir()
+    quant = {"w4a4kv4": (4, 4, 4), "w4a16": (4, 16, 16), "w8a8": (8, 8, 8)}
+    ppl = {("rtn", "w4a4kv4"): 10938.8, ("flatquant", "w4a4kv4"): 74.9, ("rtn", "w4a16"): 40.0,
+           ("flatquant", "w4a16"): 27.0, ("rtn", "w8a8"): 25.0, ("flatquant", "w8a8"): 24.3}
+    for i, ((method, q), value) in enumerate(ppl.items()):
+        w, a, kv = quant[q]
+        blob = {"config": {"model": {"name": "smollm2_135m"}, "method": {"name": method}, "wquant": "rtn", "seed": 0,
+                           "quant": {"w_bits": w, "a_bits": a, "k_bits": kv, "v_bits": kv},
+                           "calib": {"nsamples": 8, "seqlen": 512, "epochs": 4},
+                           "eval": {"seqlen": 2048, "max_windows": 4, "qa_limit": None}},
+                "metrics": {"eval_ppl/wikitext2/ppl": value, "eval_ppl/wikitext2/ppl_fp": 24.15},
+                "layers": {"final_mse": [0.1 * (j + 1) * (10 if method == "rtn" else 1) for j in range(30)]},
+                "device": "CPU (2 cores)", "start_time": i}
+        (main_runs if q == "w4a4kv4" else bits).joinpath(f"{method}-{q}.json").write_text(json.dumps(blob))
+    table = bits_table(pd.concat([json_frame(main_runs), json_frame(bits)], ignore_index=True))
+    assert list(table.columns) == ["w4a4kv4", "w8a8kv8", "w4a16kv16"] and list(table.index) == ["RTN", "FlatQuant-RTN"]
+    assert table.loc["FlatQuant-RTN", "w4a16kv16"] == 27.0 and table.attrs["fp"] == 24.15
+    paths = main(["--from-json", str(main_runs), "--bits", str(bits), "--out", str(tmp_path / "t")])
+    text = (tmp_path / "t" / "ppl_bits.md").read_text()
+    caption, body = text.split("\n\n", 1)
+    assert "against bits" in caption and "W4A4KV4" not in caption and "4 epochs" in caption
+    assert "| RTN | > 1000 (destroyed) | 25.00 | 40.00 |" in body and "| FlatQuant-RTN | 74.90 | 24.30 | 27.00 |" in body
+    for name in ("ppl_bits.png", "layer_mse.png"):
+        assert tmp_path / "t" / name in paths and (tmp_path / "t" / name).stat().st_size > 10_000
+
+
 def test_speedup_bars_name_the_kernel_and_its_shape(tmp_path):
     """Rows as flatquant.kernels.bench and bench_layer write them: each bar says which linear, in→out features and
     tokens, or which layer phase and batch, not only a token count."""

@@ -150,3 +150,25 @@ def test_calibration_timing_projects_steps_onto_the_schedule(tmp_path):
     assert json.loads((tmp_path / "cpu_calibration.json").read_text())["steps_timed"] == 2
     with pytest.raises(ValueError, match="does not train"):
         bench_calibration(64, 96, 4, 2, 16, None, method=get_method("rtn"), device="cpu")
+
+
+@pytest.mark.parametrize("method", ["rtn", "quarot"])
+def test_layer_mse_of_an_untrained_method_is_its_quantized_layers_error_and_changes_nothing(method):
+    """calib.layer_mse: a baseline's per-layer MSE is the error of its quantized layer against the FP layer on the
+    FP inputs (recomputed here from the merged layer); measuring it leaves the quantized model bit for bit as is."""
+    fp = random_llama(layers=2)
+    samples = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    measured, plain = copy.deepcopy(fp), copy.deepcopy(fp)
+    reports = quantize_model(measured, samples, get_method(method), QuantConfig(), CalibConfig(batch_size=2, layer_mse=True))
+    quiet = quantize_model(plain, samples, get_method(method), QuantConfig(), CalibConfig(batch_size=2))
+    assert all(r.final_loss != r.final_loss for r in quiet)  # NaN: not measured unless asked
+    inps, pe = layer_inputs(fp, samples, "cpu")
+    for i in range(2):
+        with torch.no_grad():
+            want = adapter_for(fp).layers(fp)[i](inps, position_embeddings=pe)
+            got = adapter_for(measured).layers(measured)[i](inps, position_embeddings=pe)
+        mse = torch.nn.functional.mse_loss(got, want).item()
+        assert reports[i].final_loss == pytest.approx(mse, rel=1e-3) and reports[i].init_loss == reports[i].final_loss
+        inps = want  # the FP outputs are the next layer's inputs
+    with torch.no_grad():
+        assert torch.equal(measured(samples).logits, plain(samples).logits)
