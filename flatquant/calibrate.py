@@ -16,6 +16,8 @@ back to the untrained start, and the report records which layers did so.
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -177,6 +179,7 @@ class LayerStore:
     def __init__(self, root: str | Path | None, key: str):
         self.root, self.key = (Path(root) if root else None), key
         self.manifest = {"key": key, "layers": {}}
+        self.last_count = 0  # layers in the store after this process's latest save
         if self.root and (self.root / "manifest.json").exists():
             try:
                 found = json.loads((self.root / "manifest.json").read_text())
@@ -204,9 +207,10 @@ class LayerStore:
             raise ValueError(f"{path} does not match its checksum in the manifest: corrupt or tampered")
         return load_file(path), entry["report"]
 
-    def save(self, i: int, state: dict, report: LayerReport) -> None:
+    def save(self, i: int, state: dict, report: LayerReport) -> int:
+        """Write layer i, then add it to the manifest under a lock; returns how many layers the store now holds."""
         if not self.root:
-            return
+            return 0
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -215,10 +219,28 @@ class LayerStore:
         save_file(state, tmp)
         tmp.replace(self.root / name)
         digest = hashlib.sha256((self.root / name).read_bytes()).hexdigest()
-        self.manifest["layers"][str(i)] = {"file": name, "sha256": digest, "report": asdict(report)}
-        tmp = self.root / f"manifest.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        tmp.replace(self.root / "manifest.json")
+        with open(self.root / "manifest.lock", "a") as lock:  # workers calibrating other layers of the same store
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._merge_disk()  # their entries, written since this process read the manifest, are kept
+            self.manifest["layers"][str(i)] = {"file": name, "sha256": digest, "report": asdict(report)}
+            tmp = self.root / f"manifest.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self.manifest, indent=1))
+            tmp.replace(self.root / "manifest.json")
+            return len(self.manifest["layers"])
+
+    def _merge_disk(self) -> None:
+        try:
+            found = json.loads((self.root / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if found.get("key") == self.key:
+            self.manifest["layers"] = {**found.get("layers", {}), **self.manifest["layers"]}
+
+    def count(self) -> int:
+        """Layers in the store as it is on disk now (other processes may have added some)."""
+        if self.root and (self.root / "manifest.json").exists():
+            self._merge_disk()
+        return len(self.manifest["layers"])
 
 
 def layer_inputs(model, samples: torch.Tensor, device, out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
@@ -277,7 +299,66 @@ def quantize_model(
     return reports
 
 
-def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar, pack):
+def split_layers(n_layers: int, workers: int, worker: int) -> tuple[int, int]:
+    """Worker `worker` of `workers`: its contiguous share [start, end) of n_layers decoder layers (sizes differ by
+    at most one)."""
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker {worker} of {workers}: the worker index must be in 0..{workers - 1}")
+    return worker * n_layers // workers, (worker + 1) * n_layers // workers
+
+
+@dataclass
+class RangeResult:
+    reports: list[LayerReport]
+    stored: int          # layers in the store after this process's last save (or as found, if it saved none)
+    saved: int           # layers this process trained and saved
+
+
+def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, ccfg: CalibConfig, ckpt_dir: str | Path,
+                     start: int, end: int, on_layer: Callable[[LayerReport, dict], None] | None = None) -> RangeResult:
+    """Calibrate decoder layers [start, end) into the store at `ckpt_dir`, leaving `model` unchanged: one worker's
+    share of a model calibrated in parallel. Layers 0..start-1 only carry the full-precision activations forward
+    (the same computation as in a whole-model run, so each stored layer is the one that run would store); layers
+    already in the store are not trained again. quantize_model over the whole model then resumes every layer."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    if not 0 <= start < end <= len(layers):
+        raise ValueError(f"calib.layers={start}:{end}: the model has {len(layers)} decoder layers (0:{len(layers)})")
+    store = LayerStore(ckpt_dir, store_key(method, qcfg, ccfg, samples))
+    data = ccfg.needs_data(method)
+    if data and samples.numel() == 0:
+        raise ValueError(f"method {method.name} with wquant={ccfg.wquant} needs calibration samples")
+    inps, spare, pe = activation_buffers(model, samples, ccfg, ckpt_dir) if data else (None, None, None)
+    device = torch.device(ccfg.device)
+    reports, stored, saved = [], store.count(), 0
+    bar = tqdm(range(0 if data else start, end), unit="layer",
+               desc=f"calibrate {method.name} layers {start}:{end} of {len(layers)}")
+    for i in bar:
+        fp = layers[i]
+        materialize(fp)
+        if i < start:  # full precision only: this layer's outputs are the next one's inputs
+            bar.set_postfix_str("FP forward")
+            work = copy.deepcopy(fp).to(device=device, dtype=torch.float32)
+            targets, _ = _layer_io(work, inps, pe, ccfg.batch_size, {}, out=spare)
+            inps, spare = targets, inps
+            del work
+            continue
+        layers[i] = copy.deepcopy(fp)  # _quantize_layer replaces the layer it works on; the model keeps its own
+        found = store.load(i) is not None
+        report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar,
+                                        pack=False, merge=False)
+        layers[i] = fp
+        if not found:
+            saved, stored = saved + 1, store.last_count
+        if data:
+            inps, spare = state.pop("_targets"), inps
+        reports.append(report)
+        if on_layer is not None:
+            on_layer(report, state)
+    return RangeResult(reports, stored if saved else store.count(), saved)
+
+
+def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar, pack, merge=True):
     t0 = time.time()
     inps, spare = buffers
     device = torch.device(ccfg.device)
@@ -304,10 +385,11 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     report.seconds = report.seconds or time.time() - t0
     state = trainable_state(qlayer)
     if saved is None:
-        store.save(i, state, report)
-    _merge(qlayer, inps, pe, ccfg)
-    if pack:
-        qlayer.pack()  # 4-bit codes instead of float32 weights where the weights are quantized
+        store.last_count = store.save(i, state, report)
+    if merge:
+        _merge(qlayer, inps, pe, ccfg)
+        if pack:
+            qlayer.pack()  # 4-bit codes instead of float32 weights where the weights are quantized
     layers[i] = qlayer.to(home)
     if targets is not None:
         state["_targets"] = targets

@@ -7,6 +7,7 @@ same configuration again (after a crash, or from the eval stage) continues where
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 
@@ -16,7 +17,35 @@ from flatquant.adapters import adapter_for
 from flatquant.lazy import materialize
 from pipeline import figures
 
-from flatquant.calibrate import quantize_model
+from flatquant.calibrate import calibrate_layers, quantize_model
+
+log = logging.getLogger(__name__)
+
+
+def run_range(cfg: dict, ctx) -> tuple[dict[str, float], bool]:
+    """This process's share of a calibration split over processes (ctx.layer_range), into the shared store, the
+    model left unchanged. Returns its metrics and whether this process goes on to the full run (merge, export,
+    evaluation): the one that saved the store's last missing layer, or worker 0 when all were there already."""
+    start, end = ctx.layer_range
+    n = ctx.model.config.num_hidden_layers
+    samples = ctx.calib_samples() if ctx.ccfg.needs_data(ctx.method) else torch.zeros(0, 0, dtype=torch.long)
+    if ctx.offload is not None:
+        ctx.offload.remove()
+    try:
+        got = calibrate_layers(ctx.model, samples, ctx.method, ctx.qcfg, ctx.ccfg, ctx.calib_dir, start, end)
+    finally:
+        ctx.restream()
+    complete = got.stored >= n
+    goes_on = complete and (got.saved > 0 or cfg["calib"].get("worker", 0) == 0)
+    out = {"calibrate/range_start": start, "calibrate/range_end": end, "calibrate/range_trained_layers": got.saved,
+           "calibrate/range_seconds": sum(r.seconds for r in got.reports), "calibrate/stored_layers": got.stored}
+    if not goes_on:
+        why = (f"{n - got.stored} of {n} layers are still missing: the process that saves the last one merges and "
+               f"evaluates (or run the same command without calib.layers/calib.workers, or with stage=eval, later)"
+               if not complete else "all layers are stored; another process (the one that saved the last) evaluates")
+        log.info("calibrated layers %d:%d of %d into %s (%d trained here); %s", start, end, n, ctx.calib_dir, got.saved, why)
+        print(f"layers {start}:{end} of {n} calibrated into {ctx.calib_dir}; {why}")
+    return out, goes_on
 
 
 def run(cfg: dict, ctx) -> dict[str, float]:

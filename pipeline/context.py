@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from flatquant import data
-from flatquant.calibrate import CalibConfig
+from flatquant.calibrate import CalibConfig, split_layers
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer, kernel_unsupported
 from flatquant.methods import check_model, get_method
@@ -64,11 +64,30 @@ def validate(cfg: dict) -> None:
     _int(cfg, "eval.qa_limit", 1, "a positive integer, or null for every item", none_ok=True)
     _int(cfg, "calib.nsamples", 1, "a positive integer (calibration windows)")
     _int(cfg, "calib.seqlen", 2, "an integer >= 2 (tokens per calibration window)")
+    c = cfg["calib"]
+    if c.get("workers", 1) != 1 or c.get("worker", 0) != 0:
+        _int(cfg, "calib.workers", 1, "a positive integer (processes that share one calibration)")
+        _int(cfg, "calib.worker", 0, "an integer in 0..calib.workers-1")
+        if c["worker"] >= c["workers"]:
+            raise ValueError(f"calib.worker must be in 0..{c['workers'] - 1} (calib.workers={c['workers']}), got {c['worker']}")
+        if c.get("layers") is not None:
+            raise ValueError("calib.layers and calib.workers both choose the layers: set one of them")
+    if c.get("layers") is not None:
+        parse_layers(c["layers"])
     data.check_join(cfg["data"].get("join", data.DEFAULT_JOIN))
     check_tracking_uri(cfg["tracking"]["uri"])
 
 
 UNKEYED = {"model": ("gguf_cache",)}  # settings that change where a thing is kept, not what it is
+SPLIT_KEYS = ("layers", "workers", "worker")  # which process calibrates which layers: not what they learn
+
+
+def parse_layers(text) -> tuple[int, int]:
+    """calib.layers "START:END" → (START, END), a half-open range of decoder layers."""
+    parts = str(text).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+        raise ValueError(f"calib.layers must be START:END with 0 <= START < END (e.g. 0:15), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 class Context:
@@ -167,6 +186,17 @@ class Context:
         d = self.cfg["data"]
         return data.load_tokens(self.tokenizer, name, split, d.get("root"), d.get("cache_dir"), d.get("join", data.DEFAULT_JOIN))
 
+    @property
+    def layer_range(self) -> tuple[int, int] | None:
+        """The decoder layers this process calibrates when one calibration is split over processes (calib.layers,
+        or worker calib.worker of calib.workers); None when it calibrates the whole model."""
+        c = self.cfg["calib"]
+        if c.get("layers") is not None:
+            return parse_layers(c["layers"])
+        if c.get("workers", 1) > 1:
+            return split_layers(self.model.config.num_hidden_layers, c["workers"], c.get("worker", 0))
+        return None
+
     def calib_samples(self) -> torch.Tensor:
         d, c = self.cfg["data"], self.cfg["calib"]
         ids = self.tokens(d["calib_dataset"], d["calib_split"])
@@ -186,7 +216,7 @@ class Context:
         settings, kernels, offloading or where the layer inputs are kept: `-m wquant=rtn,gptq` trains once."""
         d, c = self.cfg["data"], self.cfg["calib"]
         calib_data = {k: d.get(k, data.DEFAULT_JOIN if k == "join" else None) for k in CALIB_DATA_KEYS}
-        key = self.key("model", "method", "quant", data=calib_data, calib={k: v for k, v in c.items() if k not in ("storage", "layer_mse")})
+        key = self.key("model", "method", "quant", data=calib_data, calib={k: v for k, v in c.items() if k not in ("storage", "layer_mse", *SPLIT_KEYS)})
         return Path(self.cfg["artifacts_dir"]) / "calib" / f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{key}"
 
     @property

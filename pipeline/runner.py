@@ -86,7 +86,10 @@ def schedule(cfg: dict) -> str:
 
 def run_name(cfg: dict) -> str:
     """The MLflow run name: model/method/bits/wquant/schedule/seed, so that runs that differ look different."""
-    return f"{run_key(cfg)}/{schedule(cfg)}/seed{cfg['seed']}"
+    c = cfg["calib"]
+    split = (f"/layers{c['layers']}" if c.get("layers") is not None else
+             f"/worker{c.get('worker', 0)}of{c['workers']}" if c.get("workers", 1) > 1 else "")
+    return f"{run_key(cfg)}/{schedule(cfg)}/seed{cfg['seed']}{split}"
 
 
 def run_tags(cfg: dict) -> dict[str, str]:
@@ -166,6 +169,16 @@ def _stages(cfg: dict, ctx: Context, tracker, t0: float) -> dict[str, float]:
     """Run the stages of cfg["stage"] in order, logging each one's metrics and wall time; print the summary."""
     ctx.tracker = tracker
     metrics: dict[str, float] = {}
+    if cfg["stage"] in ("calibrate", "eval", "all") and ctx.method.quantizes and ctx.layer_range is not None:
+        t_stage = time.time()  # one share of a calibration split over processes: that first, then the rest or stop
+        out, goes_on = calibrate.run_range(cfg, ctx)
+        out["time/calibrate_range_seconds"] = time.time() - t_stage
+        tracker.metrics(out)
+        metrics.update(out)
+        if not goes_on:
+            metrics["run/wall_seconds"] = time.time() - t0
+            tracker.metrics({"run/wall_seconds": metrics["run/wall_seconds"]})
+            return metrics  # no summary and no metrics file: the process that evaluates writes them
     for stage in STAGES[cfg["stage"]]:
         t_stage = time.time()
         out = stage(cfg, ctx)
