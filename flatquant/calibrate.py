@@ -312,6 +312,7 @@ class RangeResult:
     reports: list[LayerReport]
     stored: int          # layers in the store after this process's last save (or as found, if it saved none)
     saved: int           # layers this process trained and saved
+    fp_seconds: float    # spent carrying the FP activations through layers 0..start-1: the split's overhead
 
 
 def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, ccfg: CalibConfig, ckpt_dir: str | Path,
@@ -330,7 +331,7 @@ def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, cc
         raise ValueError(f"method {method.name} with wquant={ccfg.wquant} needs calibration samples")
     inps, spare, pe = activation_buffers(model, samples, ccfg, ckpt_dir) if data else (None, None, None)
     device = torch.device(ccfg.device)
-    reports, stored, saved = [], store.count(), 0
+    reports, stored, saved, fp_seconds = [], store.count(), 0, 0.0
     bar = tqdm(range(0 if data else start, end), unit="layer",
                desc=f"calibrate {method.name} layers {start}:{end} of {len(layers)}")
     for i in bar:
@@ -338,10 +339,14 @@ def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, cc
         materialize(fp)
         if i < start:  # full precision only: this layer's outputs are the next one's inputs
             bar.set_postfix_str("FP forward")
+            t0 = time.time()
             work = copy.deepcopy(fp).to(device=device, dtype=torch.float32)
             targets, _ = _layer_io(work, inps, pe, ccfg.batch_size, {}, out=spare)
             inps, spare = targets, inps
             del work
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # timed to the end of its kernels
+            fp_seconds += time.time() - t0
             continue
         layers[i] = copy.deepcopy(fp)  # _quantize_layer replaces the layer it works on; the model keeps its own
         found = store.load(i) is not None
@@ -355,7 +360,7 @@ def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, cc
         reports.append(report)
         if on_layer is not None:
             on_layer(report, state)
-    return RangeResult(reports, stored if saved else store.count(), saved)
+    return RangeResult(reports, stored if saved else store.count(), saved, fp_seconds)
 
 
 def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar, pack, merge=True):

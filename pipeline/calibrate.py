@@ -38,7 +38,8 @@ def run_range(cfg: dict, ctx) -> tuple[dict[str, float], bool]:
     complete = got.stored >= n
     goes_on = complete and (got.saved > 0 or cfg["calib"].get("worker", 0) == 0)
     out = {"calibrate/range_start": start, "calibrate/range_end": end, "calibrate/range_trained_layers": got.saved,
-           "calibrate/range_seconds": sum(r.seconds for r in got.reports), "calibrate/stored_layers": got.stored}
+           "calibrate/range_seconds": sum(r.seconds for r in got.reports), "calibrate/stored_layers": got.stored,
+           "calibrate/range_fp_forward_seconds": got.fp_seconds}
     if not goes_on:
         why = (f"{n - got.stored} of {n} layers are still missing: the process that saves the last one merges and "
                f"evaluates (or run the same command without calib.layers/calib.workers, or with stage=eval, later)"
