@@ -242,8 +242,8 @@ def _bits_key(tag: str) -> tuple[int, ...]:
 
 
 def bits_table(df: pd.DataFrame, dataset: str = "wikitext2") -> pd.DataFrame:
-    """Perplexity by method-weight quantizer (rows, the paper's order) and bit configuration (columns, fewest bits
-    first), the latest run of each; the FP16 perplexity in .attrs["fp"]."""
+    """Perplexity by method-weight quantizer (rows, the paper's order; those run at two bit widths or more) and bit
+    configuration (columns, fewest bits first), the latest run of each; the FP16 perplexity in .attrs["fp"]."""
     key = f"eval_ppl/{dataset}/ppl"
     runs = latest(df[df["method"] != "fp16"]) if key in df else df.iloc[0:0]
     cols = sorted(set(runs["bits"]), key=_bits_key)
@@ -251,6 +251,8 @@ def bits_table(df: pd.DataFrame, dataset: str = "wikitext2") -> pd.DataFrame:
     out = pd.DataFrame(math.nan, index=[_label(m, w) for m, w in rows], columns=cols)
     for _, r in runs.iterrows():
         out.loc[_label(r["method"], r["wquant"]), r["bits"]] = r[key]
+    out = out[out.notna().sum(axis=1) >= min(2, len(cols))]  # a method run at one bit width only is no curve
+    out.index.name = "method"
     fp = df[f"{key}_fp"].dropna() if f"{key}_fp" in df else pd.Series(dtype=float)
     out.attrs["fp"] = float(fp.iloc[-1]) if len(fp) else math.nan
     return out

@@ -256,7 +256,7 @@ def test_perplexity_against_bits_and_per_layer_mse_by_method(tmp_path):
     main_runs, bits = tmp_path / "runs", tmp_path / "bits"
     main_runs.mkdir(), bits.mkdir()
     quant = {"w4a4kv4": (4, 4, 4), "w4a16": (4, 16, 16), "w8a8": (8, 8, 8)}
-    ppl = {("rtn", "w4a4kv4"): 10938.8, ("flatquant", "w4a4kv4"): 74.9, ("rtn", "w4a16"): 40.0,
+    ppl = {("rtn", "w4a4kv4"): 10938.8, ("flatquant", "w4a4kv4"): 74.9, ("quarot", "w4a4kv4"): 502.9, ("rtn", "w4a16"): 40.0,
            ("flatquant", "w4a16"): 27.0, ("rtn", "w8a8"): 25.0, ("flatquant", "w8a8"): 24.3}
     for i, ((method, q), value) in enumerate(ppl.items()):
         w, a, kv = quant[q]
@@ -269,7 +269,7 @@ def test_perplexity_against_bits_and_per_layer_mse_by_method(tmp_path):
                 "device": "CPU (2 cores)", "start_time": i}
         (main_runs if q == "w4a4kv4" else bits).joinpath(f"{method}-{q}.json").write_text(json.dumps(blob))
     table = bits_table(pd.concat([json_frame(main_runs), json_frame(bits)], ignore_index=True))
-    assert list(table.columns) == ["w4a4kv4", "w8a8kv8", "w4a16kv16"] and list(table.index) == ["RTN", "FlatQuant-RTN"]
+    assert list(table.columns) == ["w4a4kv4", "w8a8kv8", "w4a16kv16"] and list(table.index) == ["RTN", "FlatQuant-RTN"]  # QuaRot: one width only
     assert table.loc["FlatQuant-RTN", "w4a16kv16"] == 27.0 and table.attrs["fp"] == 24.15
     paths = main(["--from-json", str(main_runs), "--bits", str(bits), "--out", str(tmp_path / "t")])
     text = (tmp_path / "t" / "ppl_bits.md").read_text()
