@@ -350,9 +350,12 @@ def caption(df: pd.DataFrame) -> str:
         return ", ".join(vals) if vals else "?"
 
     windows = one("eval.max_windows", lambda v: "all" if v in (None, "None") else f"the first {v}")
+    scored = any(c.startswith("eval_qa/") and df[c].notna().any() for c in df.columns)
+    qa = (f"QA items per task: {one('eval.qa_limit', lambda v: 'all' if v in (None, 'None') else str(v))}"
+          if scored else "no QA task scored")
     return (f"{one('model')}, {one('bits').upper()}; calibration {one('calib.nsamples')} × {one('calib.seqlen')} "
             f"tokens, {one('calib.epochs')} epochs (seed {one('seed')}); WikiText-2 test windows of "
-            f"{one('eval.seqlen')} tokens: {windows}; QA items per task: {one('eval.qa_limit', lambda v: 'all' if v in (None, 'None') else str(v))}; "
+            f"{one('eval.seqlen')} tokens: {windows}; {qa}; "
             f"run on {one('device')}.")
 
 
