@@ -1,5 +1,5 @@
 """`python run.py` end to end on a CUDA GPU, as users run it: every stage, method and weight quantizer, a `-m`
-sweep, kernels=true, offload=true, export=true (and load_quantized of the export), a killed run that resumes.
+sweep, kernels=true, offload=true, export=true (and load_quantized of the export), a killed run that resumes, one calibration split over two workers.
 
 Short schedule on the embedded default (SmolLM2-135M, fp16); on one H200 the file took 11:52 beside a
 reference-schedule calibration and six QA runs sharing the GPU. The model is
@@ -43,9 +43,9 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gpu_pipeline")
 
 
-def run_py(work: Path, *overrides: str, check: bool = True, popen: bool = False):
+def run_py(work: Path, *overrides: str, check: bool = True, popen: bool = False, artifacts: Path | None = None):
     """`python run.py <overrides>` in `work` (its own artifacts, results, token cache and MLflow store)."""
-    args = [sys.executable, str(ROOT / "run.py"), *overrides, f"artifacts_dir={work / 'artifacts'}",
+    args = [sys.executable, str(ROOT / "run.py"), *overrides, f"artifacts_dir={artifacts or work / 'artifacts'}",
             f"results_dir={work / 'results'}", f"data.cache_dir={work / 'tokens'}"]
     if not _tracking_on():
         args.append("tracking.enabled=false")
@@ -201,3 +201,19 @@ def test_killed_run_resumes_at_the_next_layer(work):
 def _seed1(store: dict) -> bool:
     """The store the seed=1 run writes (the sweep's stores hold all layers, trained with 1 epoch)."""
     return any(len(entry["report"]["epoch_losses"]) == 3 for entry in store["layers"].values())
+
+
+def test_two_workers_on_one_gpu_match_one_process(work):
+    """`-m calib.workers=2 'calib.worker=range(2)'` on one GPU, one worker after the other (a new seed: a new
+    store), against one process with the same settings: the same perplexity within 1 % (GPU training is not
+    bitwise reproducible; issue 17 asks 0.5 % at the reference schedule), one metrics file, worker 1 saving the last
+    layer and evaluating."""
+    cmd = ["method=flatquant", "seed=2", *SHORT]
+    run_py(work, *cmd, "+metrics_out=split_one.json", artifacts=work / "one_process")
+    run_py(work, "-m", *cmd, "calib.workers=2", "calib.worker=range(2)", "+metrics_out=split/")
+    one = metrics(work / "split_one.json")
+    (out,) = (work / "split").glob("*.json")
+    split = metrics(out)
+    assert split["calibrate/range_start"] == LAYERS // 2 and split["calibrate/range_trained_layers"] == LAYERS // 2
+    assert split["calibrate/resumed_layers"] == LAYERS and split["calibrate/range_fp_forward_seconds"] > 0
+    assert split[PPL] == pytest.approx(one[PPL], rel=0.01)
