@@ -1,5 +1,6 @@
 """`python run.py` end to end on a CUDA GPU, as users run it: every stage, method and weight quantizer, a `-m`
-sweep, kernels=true, offload=true, export=true (and load_quantized of the export), a killed run that resumes, one calibration split over two workers.
+sweep, kernels=true, offload=true, export=true (and load_quantized of the export), a killed run that resumes, and
+one calibration split over two workers.
 
 Short schedule on the embedded default (SmolLM2-135M, fp16); on one H200 the file took 11:52 beside a
 reference-schedule calibration and six QA runs sharing the GPU. The model is
