@@ -207,10 +207,10 @@ class LayerStore:
             raise ValueError(f"{path} does not match its checksum in the manifest: corrupt or tampered")
         return load_file(path), entry["report"]
 
-    def save(self, i: int, state: dict, report: LayerReport) -> int:
-        """Write layer i, then add it to the manifest under a lock; returns how many layers the store now holds."""
+    def save(self, i: int, state: dict, report: LayerReport) -> None:
+        """Write layer i, then add it to the manifest under a lock (last_count: the layers the store then holds)."""
         if not self.root:
-            return 0
+            return
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ class LayerStore:
             tmp = self.root / f"manifest.json.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(self.manifest, indent=1))
             tmp.replace(self.root / "manifest.json")
-            return len(self.manifest["layers"])
+            self.last_count = len(self.manifest["layers"])
 
     def _merge_disk(self) -> None:
         try:
@@ -331,7 +331,7 @@ def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, cc
         raise ValueError(f"method {method.name} with wquant={ccfg.wquant} needs calibration samples")
     inps, spare, pe = activation_buffers(model, samples, ccfg, ckpt_dir) if data else (None, None, None)
     device = torch.device(ccfg.device)
-    reports, stored, saved, fp_seconds = [], store.count(), 0, 0.0
+    reports, saved, fp_seconds = [], 0, 0.0
     bar = tqdm(range(0 if data else start, end), unit="layer",
                desc=f"calibrate {method.name} layers {start}:{end} of {len(layers)}")
     for i in bar:
@@ -349,18 +349,16 @@ def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, cc
             fp_seconds += time.time() - t0
             continue
         layers[i] = copy.deepcopy(fp)  # _quantize_layer replaces the layer it works on; the model keeps its own
-        found = store.load(i) is not None
         report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar,
                                         pack=False, merge=False)
         layers[i] = fp
-        if not found:
-            saved, stored = saved + 1, store.last_count
+        saved += not report.resumed
         if data:
             inps, spare = state.pop("_targets"), inps
         reports.append(report)
         if on_layer is not None:
             on_layer(report, state)
-    return RangeResult(reports, stored if saved else store.count(), saved, fp_seconds)
+    return RangeResult(reports, store.last_count if saved else store.count(), saved, fp_seconds)
 
 
 def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar, pack, merge=True):
@@ -390,7 +388,7 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     report.seconds = report.seconds or time.time() - t0
     state = trainable_state(qlayer)
     if saved is None:
-        store.last_count = store.save(i, state, report)
+        store.save(i, state, report)
     if merge:
         _merge(qlayer, inps, pe, ccfg)
         if pack:

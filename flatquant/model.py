@@ -93,7 +93,6 @@ def load_model(path: str, gguf_file: str | None = None, dtype: torch.dtype = tor
 
 def _finish(model, tokenizer, path: str, device):
     check_tokenizer(tokenizer, model.config, path)
-    model.config.quantization_config = None
     model.config.use_cache = False
     model.to(device).eval()
     model.requires_grad_(False)

@@ -78,8 +78,9 @@ def validate(cfg: dict) -> None:
     check_tracking_uri(cfg["tracking"]["uri"])
 
 
-UNKEYED = {"model": ("gguf_cache",)}  # settings that change where a thing is kept, not what it is
-SPLIT_KEYS = ("layers", "workers", "worker")  # which process calibrates which layers: not what they learn
+# Settings that change where or by which process a thing is made, not what it is: never part of a key. For calib:
+# where the layer inputs are kept, whether baselines' layer MSE is measured, which process trains which layers.
+UNKEYED = {"model": ("gguf_cache",), "calib": ("storage", "layer_mse", "layers", "workers", "worker")}
 
 
 def parse_layers(text) -> tuple[int, int]:
@@ -214,9 +215,9 @@ class Context:
         """The calibration store: keyed by what decides the learned transforms and clip factors only. Not by the
         weight quantizer (RTN or GPTQ is applied when a layer is merged, after training), nor by evaluation
         settings, kernels, offloading or where the layer inputs are kept: `-m wquant=rtn,gptq` trains once."""
-        d, c = self.cfg["data"], self.cfg["calib"]
+        d = self.cfg["data"]
         calib_data = {k: d.get(k, data.DEFAULT_JOIN if k == "join" else None) for k in CALIB_DATA_KEYS}
-        key = self.key("model", "method", "quant", data=calib_data, calib={k: v for k, v in c.items() if k not in ("storage", "layer_mse", *SPLIT_KEYS)})
+        key = self.key("model", "method", "quant", "calib", data=calib_data)
         return Path(self.cfg["artifacts_dir"]) / "calib" / f"{self.cfg['model']['name']}_{self.method.name}_{self.qcfg.tag}_{key}"
 
     @property
