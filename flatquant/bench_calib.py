@@ -30,7 +30,7 @@ import time
 import torch
 
 from flatquant.adapters import adapter_for
-from flatquant.calibrate import CalibConfig, _layer_io, layer_mse, train_layer
+from flatquant.calibrate import CalibConfig, _layer_io, layer_mse, split_layers, train_layer
 from flatquant.layer import QuantDecoderLayer
 from flatquant.methods import get_method, slot_inputs
 from flatquant.spec import QuantConfig
@@ -41,13 +41,16 @@ WARMUP_STEPS = 2
 def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
                       out_dir: str | None = "results/bench", nsamples: int = 128, seqlen: int = 2048,
                       batch_size: int = 4, epochs: int = 15, amp: bool = False, steps: int = 8, method=None,
-                      qcfg: QuantConfig | None = None, device="cuda") -> dict:
+                      qcfg: QuantConfig | None = None, device="cuda", n_layers: int | None = None,
+                      workers: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     """Time calibration steps of one random layer of this shape (method: a trainable flatquant.methods method,
     FlatQuant by default; qcfg: its quantizers, W4A4KV4 by default). Returns {"device", "torch", "method",
     "shape", "schedule", "steps_timed", "ms_per_step", "s_per_layer", "mse_before", "mse_after", "peak_gib",
-    "schedule_buffers_gib"} (mse_*: layer MSE on the timed samples before and after the timed steps; peak_gib: peak
-    GPU memory allocated while they ran, None on the CPU, where only the tests run it); writes
-    <out_dir>/<device name>_calibration.json."""
+    "schedule_buffers_gib", "fp_forward_s_per_layer", "split"} (mse_*: layer MSE on the timed samples before and
+    after the timed steps; peak_gib: peak GPU memory allocated while they ran, None on the CPU, where only the tests
+    run it; fp_forward_s_per_layer: one full-precision pass of the layer over the schedule's nsamples, what a worker
+    of a split calibration spends per layer before its range; split: with n_layers, split_projection for each
+    number of workers); writes <out_dir>/<device name>_calibration.json."""
     method = method or get_method("flatquant")
     if not method.trainable:
         raise ValueError(f"method {method.name} does not train: there is no calibration step to time")
@@ -78,6 +81,7 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
     if cuda:
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / steps
+    fp_pass = _time_fp_forward(layer, inps, pe, batch_size, cuda) * nsamples / len(inps)
     res = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
            "method": method.name,
            "shape": dict(hidden=hidden, intermediate=intermediate, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -87,9 +91,43 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
            "s_per_layer": per_step * math.ceil(nsamples / batch_size) * epochs,
            "mse_before": before, "mse_after": layer_mse(qlayer, inps[timed], targets[timed], pe, batch_size),
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-           "schedule_buffers_gib": 2 * 4 * nsamples * seqlen * hidden / 2**30}
+           "schedule_buffers_gib": 2 * 4 * nsamples * seqlen * hidden / 2**30,
+           "fp_forward_s_per_layer": fp_pass}
+    s_layer = res["s_per_layer"]
+    res["split"] = {w: split_projection(n_layers, w, s_layer, fp_pass) for w in workers} if n_layers else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, res["device"].replace(" ", "_") + "_calibration.json"), "w") as f:
             json.dump(res, f, indent=1)
     return res
+
+
+def _time_fp_forward(layer, inps, pe, batch_size: int, cuda: bool) -> float:
+    """Seconds of one full-precision pass of `layer` over `inps` (after one warm-up pass), as calibrate_layers
+    carries the activations through the layers before a worker's range."""
+    out = torch.empty_like(inps)
+    _layer_io(layer, inps, pe, batch_size, {}, out=out)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    _layer_io(layer, inps, pe, batch_size, {}, out=out)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def split_projection(n_layers: int, workers: int, s_per_layer: float, fp_s_per_layer: float) -> dict:
+    """Wall time of calibrating n_layers split over `workers` processes (one GPU each, calib.workers=N): worker k
+    carries the FP activations through the `start` layers before its range (flatquant.calibrate.split_layers), then
+    trains its own; the slowest worker bounds the run. One process trains all n_layers. Returns {"wall_s",
+    "one_process_s", "speedup", "fp_share" (of the slowest worker's time), "slowest_worker"}. The FP forward that
+    makes each trained layer's targets, the data loading and the final merge are the same in both and left out."""
+    times = []
+    for k in range(workers):
+        start, end = split_layers(n_layers, workers, k)
+        times.append((start * fp_s_per_layer + (end - start) * s_per_layer, start * fp_s_per_layer))
+    slowest = max(range(workers), key=lambda k: times[k][0])
+    wall, fp = times[slowest]
+    one = n_layers * s_per_layer
+    return {"wall_s": wall, "one_process_s": one, "speedup": one / wall, "fp_share": fp / wall,
+            "slowest_worker": slowest}

@@ -4,7 +4,9 @@
 (model.shape), the weights are random. Writes results/bench/<gpu>.json and .md (flatquant.kernels.bench: each linear)
 and, with bench.layer=true, results/bench/<gpu>_layer.json and .md (flatquant.kernels.bench_layer: a whole decoder layer);
 with bench.calibration=true, results/bench/<gpu>_calibration.json (flatquant.bench_calib: ms per calibration step
-of the run's method, FlatQuant unless it trains, and seconds per layer projected onto bench.calibration_schedule);
+of the run's method, FlatQuant unless it trains, seconds per layer projected onto bench.calibration_schedule, the
+full-precision pass a split calibration repeats, and the wall time of calib.workers=1/2/4/8 over model.shape's
+num_layers); bench.linears=false skips the per-linear kernels (results/bench/<gpu>.json);
 with bench.profile=true, results/bench/<gpu>_profile.json (GPU time per kernel of the fp16 and W4A4 layers).
 """
 
@@ -23,11 +25,13 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     shape = cfg["model"]["shape"]
     dims = (shape["hidden"], shape["intermediate"], shape["num_heads"], shape["num_kv_heads"], shape["head_dim"])
     bench_dir = str(Path(cfg["results_dir"]) / "bench")
-    res = bench_shapes(*dims, tuple(cfg["bench"]["token_counts"]), bench_dir)
-    out = {"bench/copy/GBs": res["copy_GBs"]}
-    for row in res["rows"]:
-        if "speedup" in row:
-            out[f"bench/{row['linear']}_{row['tokens']}/speedup"] = row["speedup"]
+    out = {}
+    if cfg["bench"].get("linears", True):
+        res = bench_shapes(*dims, tuple(cfg["bench"]["token_counts"]), bench_dir)
+        out["bench/copy/GBs"] = res["copy_GBs"]
+        for row in res["rows"]:
+            if "speedup" in row:
+                out[f"bench/{row['linear']}_{row['tokens']}/speedup"] = row["speedup"]
     if cfg["bench"].get("layer", True):
         from flatquant.kernels.bench_layer import bench_decoder_layer
 
@@ -36,7 +40,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
             if "speedup" in row:
                 out[f"bench/layer_{row['phase']}_b{row['batch']}/speedup"] = row["speedup"]
     if cfg["bench"].get("calibration", True):
-        out.update(_calibration(cfg["bench"], ctx, dims, bench_dir))
+        out.update(_calibration(cfg["bench"], ctx, dims, bench_dir, shape.get("num_layers")))
     if cfg["bench"].get("profile", False):
         from flatquant.kernels.bench_layer import profile_decoder_layer
 
@@ -45,12 +49,17 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     return out
 
 
-def _calibration(bench: dict, ctx, dims: tuple, bench_dir: str) -> dict[str, float]:
+def _calibration(bench: dict, ctx, dims: tuple, bench_dir: str, n_layers: int | None) -> dict[str, float]:
     from flatquant.bench_calib import bench_calibration
     from flatquant.methods import get_method
 
     method = ctx.method if ctx.method.trainable else get_method("flatquant")
     res = bench_calibration(*dims, bench_dir, **bench.get("calibration_schedule", {}),
-                            steps=bench.get("calibration_steps", 8), method=method, qcfg=ctx.qcfg)
-    return {"bench/calibration/ms_per_step": res["ms_per_step"], "bench/calibration/s_per_layer": res["s_per_layer"],
-            "bench/calibration/peak_gib": res["peak_gib"]}
+                            steps=bench.get("calibration_steps", 8), method=method, qcfg=ctx.qcfg, n_layers=n_layers)
+    out = {"bench/calibration/ms_per_step": res["ms_per_step"], "bench/calibration/s_per_layer": res["s_per_layer"],
+           "bench/calibration/peak_gib": res["peak_gib"],
+           "bench/calibration/fp_forward_s_per_layer": res["fp_forward_s_per_layer"]}
+    for workers, proj in (res["split"] or {}).items():
+        out[f"bench/calibration/split{workers}/wall_s"] = proj["wall_s"]
+        out[f"bench/calibration/split{workers}/speedup"] = proj["speedup"]
+    return out

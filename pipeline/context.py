@@ -78,9 +78,10 @@ def validate(cfg: dict) -> None:
     check_tracking_uri(cfg["tracking"]["uri"])
 
 
-# Settings that change where or by which process a thing is made, not what it is: never part of a key. For calib:
-# where the layer inputs are kept, whether baselines' layer MSE is measured, which process trains which layers.
-UNKEYED = {"model": ("gguf_cache",), "calib": ("storage", "layer_mse", "layers", "workers", "worker")}
+# Settings that change where or by which process a thing is made, not what it is: never part of a key. For model:
+# where the GGUF cache is, the shape stage=bench times; for calib: where the layer inputs are kept, whether
+# baselines' layer MSE is measured, which process trains which layers.
+UNKEYED = {"model": ("gguf_cache", "shape"), "calib": ("storage", "layer_mse", "layers", "workers", "worker")}
 
 
 def parse_layers(text) -> tuple[int, int]:

@@ -148,8 +148,24 @@ def test_calibration_timing_projects_steps_onto_the_schedule(tmp_path):
     assert res["ms_per_step"] > 0 and res["s_per_layer"] == pytest.approx(res["ms_per_step"] / 1000 * 5 * 3)
     assert res["peak_gib"] is None and 0 < res["mse_before"] < float("inf") and 0 < res["mse_after"] < float("inf")
     assert json.loads((tmp_path / "cpu_calibration.json").read_text())["steps_timed"] == 2
+    assert res["fp_forward_s_per_layer"] > 0 and res["split"] is None
+    res = bench_calibration(64, 96, 4, 2, 16, None, nsamples=9, seqlen=16, batch_size=2, epochs=3, steps=2,
+                            device="cpu", n_layers=5, workers=(1, 2))
+    assert res["split"][1]["speedup"] == 1 and res["split"][1]["fp_share"] == 0
+    assert res["split"][2]["wall_s"] == pytest.approx(2 * res["fp_forward_s_per_layer"] + 3 * res["s_per_layer"])
     with pytest.raises(ValueError, match="does not train"):
         bench_calibration(64, 96, 4, 2, 16, None, method=get_method("rtn"), device="cpu")
+
+
+def test_split_projection_is_bound_by_the_slowest_worker():
+    """Worker k of a split carries the FP activations through the layers before its range, then trains its own:
+    4 layers over 2 workers at 10 s a layer and 1 s an FP pass: worker 0 takes 20 s, worker 1 2 + 20 = 22 s."""
+    from flatquant.bench_calib import split_projection
+
+    got = split_projection(4, 2, 10.0, 1.0)
+    assert got == pytest.approx({"wall_s": 22.0, "one_process_s": 40.0, "speedup": 40 / 22, "fp_share": 2 / 22,
+                                 "slowest_worker": 1})
+    assert split_projection(30, 8, 20.0, 0.1)["slowest_worker"] == 7  # sizes 3 or 4: the last has the most FP passes
 
 
 @pytest.mark.parametrize("method", ["rtn", "quarot"])

@@ -166,6 +166,9 @@ def test_bench_stage(work):
     ms = m["bench/calibration/ms_per_step"]
     assert 1 < ms < 5000 and m["bench/calibration/s_per_layer"] == pytest.approx(ms / 1000 * 32 * 15)
     assert 0 < m["bench/calibration/peak_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+    # the FP pass a split repeats is cheaper than a layer's training, so 8 workers over 30 layers beat one process
+    assert 0 < m["bench/calibration/fp_forward_s_per_layer"] < m["bench/calibration/s_per_layer"]
+    assert 1 < m["bench/calibration/split8/speedup"] <= 30 / 4
     (calib,) = (work / "results" / "bench").glob("*_calibration.json")
     cal = json.loads(calib.read_text())
     assert cal["steps_timed"] == 4 and cal["method"] == "flatquant"
