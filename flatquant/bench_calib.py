@@ -81,6 +81,7 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
     if cuda:
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / steps
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None  # of the timed steps alone
     fp_pass = _time_fp_forward(layer, inps, pe, batch_size, cuda) * nsamples / len(inps)
     res = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
            "method": method.name,
@@ -90,7 +91,7 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
            "steps_timed": steps, "ms_per_step": 1000 * per_step,
            "s_per_layer": per_step * math.ceil(nsamples / batch_size) * epochs,
            "mse_before": before, "mse_after": layer_mse(qlayer, inps[timed], targets[timed], pe, batch_size),
-           "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+           "peak_gib": peak_gib,
            "schedule_buffers_gib": 2 * 4 * nsamples * seqlen * hidden / 2**30,
            "fp_forward_s_per_layer": fp_pass}
     s_layer = res["s_per_layer"]
@@ -103,10 +104,10 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
 
 
 def _time_fp_forward(layer, inps, pe, batch_size: int, cuda: bool) -> float:
-    """Seconds of one full-precision pass of `layer` over `inps` (after one warm-up pass), as calibrate_layers
-    carries the activations through the layers before a worker's range."""
+    """Seconds of one full-precision pass of `layer` over `inps`, as calibrate_layers carries the activations
+    through the layers before a worker's range (the pass that made the targets, on the same layer and inputs, was
+    its warm-up)."""
     out = torch.empty_like(inps)
-    _layer_io(layer, inps, pe, batch_size, {}, out=out)
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()

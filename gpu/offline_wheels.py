@@ -34,10 +34,11 @@ def closure(top: list[str], have: set[str], python: str) -> dict[str, str]:
     env = {"python_version": python, "python_full_version": python + ".0", "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
            "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
-    seen, out, stack = set(), {}, [norm(t) for t in top]
+    wanted = {norm(t) for t in top}
+    seen, out, stack = set(), {}, list(wanted)
     while stack:
         name = stack.pop()
-        if name in seen or (name in have and name not in top):
+        if name in seen or (name in have and name not in wanted):
             continue
         seen.add(name)
         dist = metadata.distribution(name)  # raises PackageNotFoundError: install it here first
