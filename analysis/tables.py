@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.flat import flatten
+from flatquant.flat import flatten
 
 KEYS = ["model", "method", "bits", "wquant"]
 MISSING = "—"

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -64,6 +64,23 @@ class CalibConfig:
             raise ValueError(f"calib.storage must be one of {STORAGES}, got {self.storage!r}")
         if self.wquant not in ("rtn", "gptq"):
             raise ValueError(f"wquant must be rtn or gptq, got {self.wquant!r}")
+
+    # keys of a calib config group that choose the samples and which process trains which layers: read by the
+    # pipeline (samples, split), never by the training of a layer
+    SAMPLE_AND_SPLIT_KEYS = ("nsamples", "seqlen", "layers", "workers", "worker")
+
+    @classmethod
+    def from_group(cls, calib: dict, gptq: dict | None = None, **run) -> "CalibConfig":
+        """From a config's calib group (and its gptq group, as gptq_<key>), with run-level fields (seed, device,
+        wquant) given by name; keys the group may hold for the pipeline (SAMPLE_AND_SPLIT_KEYS) are left out, any
+        other unknown key is a ValueError naming it."""
+        known = {f.name for f in fields(cls)}
+        picked = {k: v for k, v in calib.items() if k not in cls.SAMPLE_AND_SPLIT_KEYS}
+        picked.update({f"gptq_{k}": v for k, v in (gptq or {}).items()})
+        unknown = sorted(set(picked) - known)
+        if unknown:
+            raise ValueError(f"unknown calib/gptq keys {unknown}; known: {sorted(known - set(run))}")
+        return cls(**picked, **run)
 
     def needs_data(self, method) -> bool:
         """Whether layer inputs must be propagated: training, activation statistics, GPTQ Hessians or layer_mse."""
@@ -373,7 +390,7 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     if ccfg.needs_data(method):
         targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, slot_inputs(parts), out=spare)
     gen = torch.Generator().manual_seed(ccfg.seed * 100003 + i)
-    qcfg_layer = qcfg if getattr(method, "learnable_clip", False) else _no_clip(qcfg)
+    qcfg_layer = qcfg if method.learnable_clip else _no_clip(qcfg)
     qlayer = QuantDecoderLayer(parts, qcfg_layer, method.transforms(parts, stats, gen)).to(device)
     report = LayerReport(i)
     saved = store.load(i)

@@ -8,8 +8,10 @@ Layout of the folder: config.json and the tokenizer (as transformers writes them
 method, bits, the shard names and the sha256 of every other file in the folder), and model-0000k.safetensors
 shards. Each merged decoder layer is stored as its state (norms with the scales folded in, transform parameters,
 LAC clips) with every quantized weight replaced by `<name>.codes`, `<name>.scale` and `<name>.zero`; codes are
-stored by `pack_codes`: 4-bit ones two per uint8 (low nibble first, as code − qmin, the layout the W4A4 kernels
-read), wider ones unpacked in the narrowest signed integer dtype that holds them. Everything outside the layers
+stored by `pack_codes`: 4-bit ones two per uint8 in offset binary (nibble = code − qmin, low nibble = even
+column; `flatquant.packing.pack_int4_offset`), wider ones unpacked in the narrowest signed integer dtype that holds
+them. The W4A4 kernels read two's-complement nibbles instead (`pack_int4_twos`), so this is not their layout:
+`QuantDecoderLayer.use_kernels` re-packs a loaded layer's integer codes into it. Everything outside the layers
 (embeddings, final norm, head) is stored as is. Nothing is pickled.
 
 load_quantized verifies every checksum and refuses files the manifest does not list, then checks config.json

@@ -339,8 +339,8 @@ class QuantDecoderLayer(nn.Module):
         """Run the four linear groups (qkv, o, up+gate, down) as QuantLinear: one fused kernel for the online
         transform and per-token 4-bit quantization, one W4A4 GEMM (flatquant/kernels/). The float and packed weights are
         dropped (the kernels hold the only copy). Attention and the K/V quantizers stay in PyTorch."""
-        from flatquant.kernels.kron_quant import kron_factors, pack_int4 as pack_signed
         from flatquant.kernels.qlinear import QuantLinear
+        from flatquant.packing import kron_dims, pack_int4_twos as pack_signed
 
         why = self.kernel_support()
         if why:
@@ -361,7 +361,7 @@ class QuantDecoderLayer(nn.Module):
             elif self.t(slot) is not None and self.t(slot).left is not None:
                 L, R = self.t(slot).matrices(False)
             else:
-                L, R = (torch.eye(k) for k in kron_factors(codes.shape[1]))
+                L, R = (torch.eye(k) for k in kron_dims(codes.shape[1], allow_prime=True))
             clip = self.aq[slot].clip()
             act_clip = (1.0 if clip is None else float(clip)) * spec.clip_ratio
             layer = QuantLinear(codes.shape[1], codes.shape[0], act_clip, spec.sym, L.shape[0], True, bias is not None)

@@ -5,25 +5,55 @@ Usage:
     transforms = method.transforms(parts, stats, generator)    # slot → KronTransform | None
     if method.trainable: ...                                    # block-wise calibration
 
-A new method is one class with @register("name") and one conf/method/<name>.yaml; the pipeline never
-branches on method names.
+A new method is one class that subclasses Method, sets its four flags (trainable, quantizes, needs_stats,
+learnable_clip) and carries @register("name"), plus one conf/method/<name>.yaml; the pipeline never branches
+on method names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from flatquant.adapters import LayerParts
 from flatquant.hadamard import has_hadamard, orthogonal_or_hadamard, random_hadamard
-from flatquant.transforms import KronTransform, kron_dims
+from flatquant.packing import kron_dims
+from flatquant.transforms import KronTransform
 
-METHODS: dict[str, type] = {}
+
+class Method:
+    """What every registered method declares; the flags are left unset here so that no subclass can forget one."""
+
+    trainable: ClassVar[bool]  # block-wise calibration trains the layer's transforms (and clipping)
+    quantizes: ClassVar[bool]  # weights and activations are quantized at all (False: the FP16 reference)
+    needs_stats: ClassVar[bool]  # transforms() reads per-slot activation statistics of the calibration data
+    learnable_clip: ClassVar[bool]  # the quantizers keep the config's learnable clipping (lwc/lac); False: both off
+
+    def check_sizes(self, hidden: int, inter: int, head_dim: int) -> None:
+        """Raise before any work when the transforms cannot handle these sizes; any size is fine by default."""
+
+    def transforms(self, parts: LayerParts, stats: dict[str, torch.Tensor], generator) -> dict:
+        """slot → KronTransform (a slot left out gets none) for one layer; stats: slot → (n,) max |x|."""
+        raise NotImplementedError(f"{type(self).__name__} does not define transforms()")
+
+
+FLAGS = tuple(Method.__annotations__)  # the four flags Method declares, which register checks
+
+METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
+    """Class decorator: add a Method subclass that sets all four FLAGS to bools to METHODS under `name`."""
+
     def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"method {name!r}: {cls!r} does not subclass flatquant.methods.Method")
+        for flag in FLAGS:
+            value = getattr(cls, flag, None)  # Method leaves the flags unset: only cls or its other parents set them
+            if not isinstance(value, bool):
+                raise TypeError(f"method {name!r}: {cls.__name__} must set {flag} to True or False, got {value!r}")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -31,12 +61,10 @@ def register(name: str):
     return wrap
 
 
-def check_model(method, config) -> None:
+def check_model(method: Method, config) -> None:
     """Fail before any work when the method cannot handle this architecture's sizes."""
-    check = getattr(method, "check_sizes", None)
-    if check is not None:
-        heads = config.num_attention_heads
-        check(config.hidden_size, config.intermediate_size, getattr(config, "head_dim", None) or config.hidden_size // heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    method.check_sizes(config.hidden_size, config.intermediate_size, head_dim)
 
 
 def get_method(name: str, **options):
@@ -65,12 +93,13 @@ def slot_inputs(parts: LayerParts) -> dict[str, torch.nn.Linear]:
 
 @register("fp16")
 @dataclass
-class FP16:
+class FP16(Method):
     """No quantization at all: the reference row of every table."""
 
     trainable = False
     quantizes = False
     needs_stats = False
+    learnable_clip = False
 
     def transforms(self, parts, stats, generator):
         return {}
@@ -78,7 +107,7 @@ class FP16:
 
 @register("rtn")
 @dataclass
-class RTN:
+class RTN(Method):
     """Plain round-to-nearest on the untransformed model, no learnable clipping."""
 
     trainable = False
@@ -92,7 +121,7 @@ class RTN:
 
 @register("flatquant")
 @dataclass
-class FlatQuant:
+class FlatQuant(Method):
     """Learnable Kronecker affine transforms at every linear group + LWC/LAC (arXiv 2410.09426).
 
     add_diag starts each per-channel scale SmoothQuant-style from the layer's calibration statistics
@@ -135,7 +164,7 @@ class FlatQuant:
 
 @register("smoothquant")
 @dataclass
-class SmoothQuant:
+class SmoothQuant(Method):
     """Per-channel scales d = max|x|^α / max|w|^(1-α) folded into the norms (Xiao et al. 2023).
 
     As in the SmoothQuant LLaMA recipe, the q/k/v and up/gate inputs are smoothed; `down: true` also
@@ -175,7 +204,7 @@ def rotation(n: int, seed: int, scale: torch.Tensor | None = None) -> KronTransf
 
 @register("quarot")
 @dataclass
-class QuaRot:
+class QuaRot(Method):
     """Fixed randomised Hadamard rotations (Ashkboos et al. 2024), no training.
 
     RMSNorm's γ is fused into the following linears (the `scale` of the qkv and up/gate slots), so the

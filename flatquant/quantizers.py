@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flatquant.packing import pack_int4_offset, unpack_int4_offset
+
 GRANULARITIES = ("token", "channel", "group", "head", "tensor")
 
 
@@ -153,22 +155,10 @@ class Quantizer(nn.Module):
         return f"{self.spec}, learnable_clip={self.clip_logit is not None}"
 
 
-def pack_int4(codes: torch.Tensor, qmin: int) -> torch.Tensor:
-    """(rows, cols) integer codes in [qmin, qmin + 15], cols even → (rows, cols // 2) uint8 (offset binary,
-    low nibble = even column)."""
-    u = (codes.to(torch.int16) - qmin).to(torch.uint8)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor, qmin: int) -> torch.Tensor:
-    """Inverse of pack_int4: (rows, cols // 2) uint8 → (rows, cols) int16 codes."""
-    lo, hi = (packed & 0xF).to(torch.int16), (packed >> 4).to(torch.int16)
-    return torch.stack((lo, hi), dim=-1).flatten(-2) + qmin
-
-
 def code_dtype(spec: QuantSpec) -> torch.dtype:
     """The narrowest signed integer dtype that holds every code in [qmin, qmax]: int8 up to 8-bit symmetric or
-    7-bit asymmetric, int16 up to 16 / 15 bits, else int32. Signed, so that uint8 always means pack_int4."""
+    7-bit asymmetric, int16 up to 16 / 15 bits, else int32. Signed, so that uint8 always means
+    pack_int4_offset."""
     for dtype in (torch.int8, torch.int16):
         info = torch.iinfo(dtype)
         if info.min <= spec.qmin and spec.qmax <= info.max:
@@ -177,13 +167,14 @@ def code_dtype(spec: QuantSpec) -> torch.dtype:
 
 
 def pack_codes(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """How integer codes (rows, cols) in [qmin, qmax] are stored: two per byte (pack_int4, uint8) when 4-bit with
-    even cols, else unpacked in `code_dtype(spec)`. Codes outside the spec's range raise instead of wrapping."""
+    """How integer codes (rows, cols) in [qmin, qmax] are stored: two per byte (pack_int4_offset, uint8) when
+    4-bit with even cols, else unpacked in `code_dtype(spec)`. Codes outside the spec's range raise instead of
+    wrapping."""
     lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (spec.qmin, spec.qmin)
     if lo < spec.qmin or hi > spec.qmax:
         raise ValueError(f"codes span [{lo}, {hi}], outside [{spec.qmin}, {spec.qmax}] of {spec.bits}-bit sym={spec.sym}")
     if spec.bits == 4 and codes.shape[1] % 2 == 0:
-        return pack_int4(codes, spec.qmin)
+        return pack_int4_offset(codes, spec.qmin)
     return codes.to(code_dtype(spec)).contiguous()
 
 
@@ -192,7 +183,7 @@ def unpack_codes(stored: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if stored.dtype == torch.uint8:
         if spec.bits != 4:
             raise ValueError(f"uint8 codes are two 4-bit codes per byte, but the spec is {spec.bits}-bit")
-        return unpack_int4(stored, spec.qmin).to(torch.int32)
+        return unpack_int4_offset(stored, spec.qmin).to(torch.int32)
     return stored.to(torch.int32)
 
 

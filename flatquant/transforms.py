@@ -13,30 +13,12 @@ an (n1, n2) matrix X in row-major order, x·(L ⊗ R) is Lᵀ·X·R: two small m
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-
-def kron_dims(n: int) -> tuple[int, int]:
-    """Factor n = n1·n2 with n1 ≤ n2 as close to √n as possible (4096 → 64×64, 14336 → 112×128).
-
-    Raises ValueError when n has no factor pair other than 1·n (a prime size), since a Kronecker
-    transform would then be one dense n×n matrix.
-    """
-    if n < 1:
-        raise ValueError(f"transform size must be positive, got {n}")
-    for n1 in range(math.isqrt(n), 0, -1):
-        if n % n1 == 0:
-            if n1 == 1 and n > 3:
-                raise ValueError(
-                    f"size {n} is prime: it has no Kronecker factorisation n1 x n2 with both factors > 1; "
-                    "set the factors explicitly or use a dense transform"
-                )
-            return n1, n // n1
-    raise AssertionError("unreachable")
+from flatquant.packing import kron_dims
 
 
 def kron_apply(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:

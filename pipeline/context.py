@@ -102,12 +102,7 @@ class Context:
         self.qcfg = QuantConfig.from_dict(dict(cfg["quant"]))
         options = {k: v for k, v in cfg["method"].items() if k != "name"}
         self.method = get_method(cfg["method"]["name"], **options)
-        calib = cfg["calib"]
-        self.ccfg = CalibConfig(epochs=calib["epochs"], batch_size=calib["batch_size"], lr=calib["lr"],
-                                clip_lr_mult=calib["clip_lr_mult"], seed=cfg["seed"], device=self.device,
-                                amp=calib["amp"], storage=calib.get("storage", "auto"), wquant=cfg["wquant"], gptq_blocksize=cfg["gptq"]["blocksize"],
-                                gptq_percdamp=cfg["gptq"]["percdamp"], gptq_act_order=cfg["gptq"]["act_order"],
-                                layer_mse=bool(calib.get("layer_mse", False)))
+        self.ccfg = CalibConfig.from_group(cfg["calib"], cfg["gptq"], seed=cfg["seed"], device=self.device, wquant=cfg["wquant"])
         if cfg["stage"] != "bench":  # the benchmark needs only the model's shapes
             resolve_path(cfg["model"]["path"], cfg["model"].get("gguf_file"))  # a bad path fails before any run opens
         dtype = cfg["model"]["dtype"]

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flatquant.flat import flatten
 from pipeline import bench, calibrate, eval_ppl, eval_qa, export, prepare_data
 from pipeline.context import Context
-from pipeline.flat import flatten
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)

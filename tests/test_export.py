@@ -11,7 +11,6 @@ from conftest import random_llama
 from flatquant.calibrate import CalibConfig, quantize_model
 from flatquant.evaluate import perplexity
 from flatquant.export import FORMAT, export, load_quantized
-from flatquant.quantizers import pack_int4, unpack_int4
 from flatquant.methods import get_method
 from flatquant.spec import QuantConfig
 
@@ -26,14 +25,6 @@ def _quantized(tokenizer, method, wquant="rtn", qcfg=None):
     samples = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
     quantize_model(model, samples, get_method(method), qcfg or QuantConfig(), CalibConfig(epochs=1, batch_size=2, wquant=wquant))
     return model
-
-
-def test_pack_unpack_int4_round_trip():
-    for qmin in (-8, 0):
-        codes = torch.randint(qmin, qmin + 16, (5, 12))
-        packed = pack_int4(codes, qmin)
-        assert packed.dtype == torch.uint8 and packed.shape == (5, 6)
-        assert torch.equal(unpack_int4(packed, qmin), codes.to(torch.int16))
 
 
 @pytest.mark.parametrize("method,wquant,group", [("flatquant", "rtn", 0), ("quarot", "gptq", 0), ("smoothquant", "rtn", 32)])

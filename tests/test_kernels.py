@@ -21,9 +21,10 @@ if not torch.cuda.is_available():
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
-from flatquant.kernels import QuantLinear, kron_factors, kron_quant, pack_int4, unpack_int4
+from flatquant.kernels import QuantLinear, kron_quant
 from flatquant.kernels.bench import check_gemm, check_kron_quant, check_qlinear, packed_ok
 from flatquant.kernels.kron_quant import HAS_TRITON, use_triton
+from flatquant.packing import unpack_int4_twos
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Another test module may have imported triton (torch does on some paths) before TRITON_INTERPRET was set:
@@ -82,7 +83,7 @@ def test_kron_quant_strided_rows_and_identity():
     q, _, _ = kron_quant(x.to(DEVICE), torch.eye(n1), torch.eye(n2), 1.0, True)
     v = x.float() / (x.float().abs().amax(1, keepdim=True) / 7)
     expect = torch.clamp(torch.round(v), -8, 7)
-    differ = unpack_int4(q.cpu(), True) != expect.int()
+    differ = unpack_int4_twos(q.cpu(), True) != expect.int()
     # the GPU divides approximately (a few ulp): only values on a rounding boundary may go the other way
     assert not differ[((v - v.floor()) - 0.5).abs() > 1e-5].any()
 
@@ -245,17 +246,6 @@ def test_silu_mul_matches_pytorch():
         assert ((out.float() - ref.float()).abs() <= 2 * ulp * ref.float().abs() + 1e-6).all()
 
 
-def test_pack_unpack_roundtrip_and_factors():
-    q = torch.randint(-8, 8, (5, 14))
-    assert torch.equal(unpack_int4(pack_int4(q), True), q.int())
-    u = torch.randint(0, 16, (5, 14))
-    assert torch.equal(unpack_int4(pack_int4(u), False), u.int())
-    assert pack_int4(torch.tensor([[1, 2]]))[0, 0] == 0x21  # low nibble = even column
-    expect = {4096: (64, 64), 5120: (64, 80), 8192: (64, 128), 11008: (86, 128), 13824: (108, 128),
-              14336: (112, 128), 28672: (128, 224), 576: (24, 24), 1536: (32, 48)}
-    assert {n: kron_factors(n) for n in expect} == expect
-
-
 def test_packed_ok_rejects_real_mismatches():
     base = dict(n=10000, mismatch=0, unexplained=0, max_level_diff=0)
     assert packed_ok(base)
@@ -331,7 +321,7 @@ def test_kernel_groups_are_not_less_accurate_than_fake_quant():
             case = (str(dt), slot)
             assert torch.isfinite(kernel).all(), case
             assert _rel(kernel, f64) <= 1.10 * _rel(fq, f64), (case, _rel(kernel, f64), _rel(fq, f64))
-            assert float((unpack_int4(q, ql.act_sym) != unpack_int4(qr, ql.act_sym)).float().mean()) < 1e-3, case
+            assert float((unpack_int4_twos(q, ql.act_sym) != unpack_int4_twos(qr, ql.act_sym)).float().mean()) < 1e-3, case
             assert _rel(s, sr) < 1e-4, (case, _rel(s, sr))
 
 

@@ -237,3 +237,20 @@ def test_metrics_out_folder_names_the_file_after_the_run(tiny_llama_dir, tmp_pat
     stages = {k for k in blob["metrics"] if k.startswith("time/")}
     assert {"time/prepare_data_seconds", "time/eval_ppl_baseline_seconds", "time/calibrate_seconds", "time/eval_ppl_seconds"} <= stages
     assert sum(blob["metrics"][k] for k in stages) <= blob["metrics"]["run/wall_seconds"]
+
+
+@pytest.mark.parametrize("calib", ["reference", "quick"])
+def test_calib_config_is_built_from_its_group(calib, tmp_path):
+    """CalibConfig.from_group takes every training key of the calib group (and the gptq group) by name: the result
+    equals the one written out field by field, a store key is the same, and an unknown key is refused by name."""
+    from flatquant.calibrate import CalibConfig
+
+    cfg = make_cfg([f"calib={calib}", "wquant=gptq", "gptq.blocksize=64", "seed=3"], tmp_path)
+    c, g = cfg["calib"], cfg["gptq"]
+    built = CalibConfig.from_group(c, g, seed=3, device="cpu", wquant="gptq")
+    by_hand = CalibConfig(epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"], clip_lr_mult=c["clip_lr_mult"],
+                          seed=3, device="cpu", amp=c["amp"], storage=c["storage"], wquant="gptq", gptq_blocksize=64,
+                          gptq_percdamp=g["percdamp"], gptq_act_order=g["act_order"], layer_mse=c["layer_mse"])
+    assert built == by_hand
+    with pytest.raises(ValueError, match="unknown calib/gptq keys \\['epoch'\\]"):
+        CalibConfig.from_group({**c, "epoch": 3}, g, seed=3, device="cpu", wquant="gptq")

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from flatquant.transforms import KronTransform, kron_apply, kron_dims
+from flatquant.packing import kron_dims
+from flatquant.transforms import KronTransform, kron_apply
 
 
 @pytest.mark.parametrize("n,dims", [(4096, (64, 64)), (14336, (112, 128)), (11008, (86, 128)), (576, (24, 24)), (1536, (32, 48))])

@@ -7,19 +7,21 @@ Names are imported lazily (PEP 562): importing the package imports nothing (no t
 (Triton fixes compiled vs interpreted mode when it is imported). The package lived at the top level as
 ``kernels`` until it was moved here: that name belongs to Hugging Face's kernel-hub library, which transformers
 probes for with ``import kernels``.
+
+Packing (the two's-complement nibbles the kernels read and write) and the Kronecker factorisation live in
+``flatquant.packing``.
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "HAS_TRITON": "kron_quant", "kron_factors": "kron_quant", "kron_quant": "kron_quant",
-    "kron_quant_ref": "kron_quant", "pack_int4": "kron_quant", "unpack_int4": "kron_quant",
+    "HAS_TRITON": "kron_quant", "kron_quant": "kron_quant", "kron_quant_ref": "kron_quant",
     "QuantLinear": "qlinear", "merge_kron_into_weight": "qlinear", "quantize_weight_rtn": "qlinear",
     "w4a4_gemm": "w4a4_gemm", "w4a4_gemm_ref": "w4a4_gemm", "weight_sums": "w4a4_gemm",
 }
 __all__ = [  # noqa: RUF022 (grouped by module, as _EXPORTS)
-    "HAS_TRITON", "kron_factors", "kron_quant", "kron_quant_ref", "pack_int4", "unpack_int4",
+    "HAS_TRITON", "kron_quant", "kron_quant_ref",
     "QuantLinear", "merge_kron_into_weight", "quantize_weight_rtn",
     "w4a4_gemm", "w4a4_gemm_ref", "weight_sums",
 ]

@@ -26,7 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .kron_quant import HAS_TRITON, kron_factors, kron_quant, kron_quant_ref, pack_int4, unpack_int4
+from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
+
+from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref
 from .qlinear import QuantLinear
 from .w4a4_gemm import w4a4_gemm, w4a4_gemm_ref, weight_sums
 
@@ -48,10 +50,10 @@ def layer_linears(hidden: int, intermediate: int, num_heads: int, num_kv_heads: 
     """name → (in, out, (n1, n2)) for the four W4A4 linears of a LLaMA decoder layer. The o_proj
     transform acts on (heads, head_dim), as FlatQuant's heads×heads transform does."""
     return {
-        "qkv": (hidden, (num_heads + 2 * num_kv_heads) * head_dim, kron_factors(hidden)),
+        "qkv": (hidden, (num_heads + 2 * num_kv_heads) * head_dim, kron_dims(hidden, allow_prime=True)),
         "o": (num_heads * head_dim, hidden, (num_heads, head_dim)),
-        "up_gate": (hidden, 2 * intermediate, kron_factors(hidden)),
-        "down": (intermediate, hidden, kron_factors(intermediate)),
+        "up_gate": (hidden, 2 * intermediate, kron_dims(hidden, allow_prime=True)),
+        "down": (intermediate, hidden, kron_dims(intermediate, allow_prime=True)),
     }
 
 
@@ -187,7 +189,7 @@ def markdown_table(res: dict) -> str:
 
 def _compare_packed(q: torch.Tensor, qr: torch.Tensor, v: torch.Tensor, signed: bool) -> dict:
     """Mismatches between packed outputs; 'unexplained' ones are not within 1e-3 of a rounding boundary."""
-    a, b = unpack_int4(q.cpu(), signed), unpack_int4(qr.cpu(), signed)
+    a, b = unpack_int4_twos(q.cpu(), signed), unpack_int4_twos(qr.cpu(), signed)
     mism = a != b
     near = ((v - v.floor()) - 0.5).abs() < 1e-3
     return dict(n=a.numel(), mismatch=int(mism.sum()), unexplained=int((mism & ~near).sum()),
@@ -229,8 +231,8 @@ def check_gemm(M: int, N: int, K: int, asym: bool, bias: bool, device: str = "cu
                out_dtype=torch.float16, config: dict | None = None) -> dict:
     """w4a4_gemm on fresh random packed data against the float64 reference; output poisoned with NaN."""
     lo, hi = (0, 16) if asym else (-8, 8)
-    qa = pack_int4(torch.randint(lo, hi, (M, K))).to(device)
-    qw = pack_int4(torch.randint(-8, 8, (N, K))).to(device)
+    qa = pack_int4_twos(torch.randint(lo, hi, (M, K))).to(device)
+    qw = pack_int4_twos(torch.randint(-8, 8, (N, K))).to(device)
     sa = (torch.rand(M) + 0.1).to(device)
     sw = (torch.rand(N) * 1e-2 + 1e-3).to(device)
     za = torch.randint(0, 16, (M,)).float().to(device) if asym else None
@@ -246,7 +248,7 @@ def check_gemm(M: int, N: int, K: int, asym: bool, bias: bool, device: str = "cu
 
 def check_qlinear(M: int, K: int, N: int, sym: bool, device: str = "cuda") -> dict:
     """QuantLinear's kernel path against its own fp32 torch path on the same module."""
-    n1, n2 = kron_factors(K)
+    n1, n2 = kron_dims(K, allow_prime=True)
     w = torch.randn(N, K) * 0.02
     layer = QuantLinear.from_float(w, L=_rand_factor(n1, "cpu").float(), R=_rand_factor(n2, "cpu").float(),
                                    act_clip=0.95, act_sym=sym, bias=torch.randn(N) * 0.1).to(device)

@@ -7,8 +7,9 @@ Usage::
 
 For every token the row x (length n1*n2) is viewed as X_t (n1, n2) row-major and transformed to
 Y = Lᵀ·X_t·R, which equals x·(L⊗R) flattened. Y is quantized per token to 4 bits and packed two values per
-byte (low nibble = even column). One kernel reads x once and writes 4 bits per value, so the transform
-costs two small tensor-core products per token instead of a pass over device memory for each step.
+byte as two's-complement nibbles (low nibble = even column; ``flatquant.packing.pack_int4_twos``). One
+kernel reads x once and writes 4 bits per value, so the transform costs two small tensor-core products per
+token instead of a pass over device memory for each step.
 
 Numerics (the kernel and ``kron_quant_ref`` agree on them): T = X_t·R accumulates in fp32 and is rounded
 to x's dtype (as any tensor-core pipeline of two products does); Y = Lᵀ·T accumulates in fp32; the
@@ -21,10 +22,11 @@ A token whose scale would be 0 gets scale 1 (all its q are then 0, or zero for a
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
+
+from flatquant.packing import pack_int4_twos
 
 try:
     import triton
@@ -53,15 +55,6 @@ def use_triton(t: torch.Tensor) -> bool:
     if not HAS_TRITON:
         return False
     return t.device.type == "cpu" if JIT_INTERPRETED else t.is_cuda
-
-
-def kron_factors(n: int) -> tuple[int, int]:
-    """(n1, n2) with n1·n2 = n, n1 ≤ n2 and n1 the largest divisor ≤ √n (FlatQuant's decomposition):
-    4096 → (64, 64), 5120 → (64, 80), 11008 → (86, 128), 14336 → (112, 128), 28672 → (128, 224)."""
-    n1 = math.isqrt(n)
-    while n % n1:
-        n1 -= 1
-    return n1, n // n1
 
 
 if HAS_TRITON:
@@ -308,19 +301,6 @@ def kron_transform_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
     return (L.float().T @ t).reshape(x.shape[0], n1 * n2)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(rows, k) integers in [-8, 15] → (rows, k/2) uint8, low nibble = even column."""
-    q = q.to(torch.int32) & 15
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
-    """(rows, k/2) uint8 → (rows, k) int32, sign-extending nibbles when ``signed``."""
-    p = p.to(torch.int32)
-    q = torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
-    return torch.where(q > 7, q - 16, q) if signed else q
-
-
 def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 1.0, sym: bool = True,
                    intermediate_dtype: torch.dtype | None = "input", return_float: bool = False):
     """Plain-PyTorch reference of ``kron_quant`` (same outputs).
@@ -332,7 +312,7 @@ def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: floa
     inter = x.dtype if intermediate_dtype == "input" else intermediate_dtype
     y = kron_transform_ref(x, L, R, inter)
     q, scale, zero = quantize_per_token_ref(y, clip, sym)
-    out = (pack_int4(q), scale, zero)
+    out = (pack_int4_twos(q), scale, zero)
     if return_float:
         v = y / scale[:, None] + (0.0 if zero is None else zero[:, None])
         return out + (v,)

@@ -17,15 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kron_quant import (
-    kron_factors,
-    kron_quant,
-    kron_transform_ref,
-    pack_int4,
-    quantize_per_token_ref,
-    unpack_int4,
-    use_triton,
-)
+from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
+
+from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, use_triton
 from .w4a4_gemm import w4a4_gemm
 
 
@@ -63,7 +57,7 @@ class QuantLinear(nn.Module):
             raise ValueError("in_features must be even to pack two 4-bit values per byte")
         self.in_features, self.out_features = in_features, out_features
         self.act_clip, self.act_sym, self.has_kron = float(act_clip), bool(act_sym), has_kron
-        n1, n2 = (n1, in_features // n1) if n1 else kron_factors(in_features)
+        n1, n2 = (n1, in_features // n1) if n1 else kron_dims(in_features, allow_prime=True)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("wscale", torch.ones(out_features))
         self.register_buffer("wsum", torch.zeros(out_features, dtype=torch.int32))
@@ -86,7 +80,7 @@ class QuantLinear(nn.Module):
         n1 = L.shape[0] if L is not None else None
         layer = cls(in_features, out_features, act_clip, act_sym, n1, L is not None, bias is not None)
         q, scale = quantize_weight_rtn(weight)
-        layer.qweight.copy_(pack_int4(q))
+        layer.qweight.copy_(pack_int4_twos(q))
         layer.wscale.copy_(scale)
         layer.wsum.copy_(q.sum(dim=1, dtype=torch.int32))
         if L is not None:
@@ -119,7 +113,7 @@ class QuantLinear(nn.Module):
         y = kron_transform_ref(x, self.L, self.R) if self.has_kron else x.float()
         q, s, z = quantize_per_token_ref(y, self.act_clip, self.act_sym)
         a = (q.float() - (0.0 if z is None else z[:, None])) * s[:, None]
-        w = unpack_int4(self.qweight, signed=True).float() * self.wscale[:, None]
+        w = unpack_int4_twos(self.qweight, signed=True).float() * self.wscale[:, None]
         out = a @ w.T
         if self.bias is not None:
             out = out + self.bias.float()

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .kron_quant import HAS_TRITON, unpack_int4, use_triton
+from flatquant.packing import unpack_int4_twos
+
+from .kron_quant import HAS_TRITON, use_triton
 
 if HAS_TRITON:
     import triton
@@ -126,7 +128,7 @@ def pick_config(M: int, N: int, KH: int, cuda: bool = True) -> dict:
 
 def weight_sums(qw: torch.Tensor) -> torch.Tensor:
     """Σ_k q_w per output channel. qw: (out, k/2) uint8 packed signed → (out,) int32."""
-    return unpack_int4(qw, signed=True).sum(dim=1, dtype=torch.int32)
+    return unpack_int4_twos(qw, signed=True).sum(dim=1, dtype=torch.int32)
 
 
 def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
@@ -179,8 +181,8 @@ def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
 
     Same arguments as ``w4a4_gemm``; returns (tokens, out) ``out_dtype``.
     """
-    a = unpack_int4(qa, signed=za is None).double()
-    w = unpack_int4(qw, signed=True).double()
+    a = unpack_int4_twos(qa, signed=za is None).double()
+    w = unpack_int4_twos(qw, signed=True).double()
     if za is not None:
         a = a - za.double()[:, None]
     y = (a @ w.T) * sa.double()[:, None] * sw.double()[None, :]
