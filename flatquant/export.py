@@ -220,7 +220,11 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
         parts = adapter.parts(layers[i], model.config)
         stats = {slot: torch.ones(lin.weight.shape[1]) for slot, lin in slot_inputs(parts).items()}  # overwritten on load
         transforms = method.transforms(parts, stats, torch.Generator().manual_seed(0))
-        layer = QuantDecoderLayer(parts, qcfg, transforms)
+        # built on the device it runs on, so that load_merged freezes the transforms there, as the run did: float64
+        # on the CPU and on a GPU differ in the last bits, and 1-ulp changes of the frozen float32 matrices flip
+        # 4-bit activation codes (one H200, a 1-epoch fp16 model: frozen on the CPU, 540 matrices differed and
+        # perplexity was 97.77 against the run's 100.37; frozen on the GPU, every tensor and logit was equal)
+        layer = QuantDecoderLayer(parts, qcfg, transforms).to(device)
         state, qparams = _layer_state(i, tensors, qcfg)
         layer.load_merged(state)
         layer.weight_qparams = qparams
