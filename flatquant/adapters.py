@@ -81,6 +81,23 @@ class LayerParts:
     num_kv_heads: int
     head_dim: int
 
+    def slot_inputs(self) -> dict[str, nn.Linear]:
+        """The leader linear of each slotted group (SLOT_LINEARS): its input is the slot's activation (for
+        statistics and sizes)."""
+        return {slot: self.linears[names[0]] for slot, names in SLOT_LINEARS.items()}
+
+
+# The topology of every supported decoder layer, written once. GROUPS: the linears that read one quantized
+# activation (what the kernels run as one GEMM); the first of each is its leader, which observes that input (GPTQ
+# Hessians). SLOTS: where a method may put a transform — qkv, upgate and down on those groups' inputs, heads over the
+# head axis before o_proj, v merged into v_proj and o_proj, k on K after RoPE.
+GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",), "upgate": ("gate", "up"), "down": ("down",)}
+SLOTS = ("qkv", "upgate", "down", "heads", "v", "k")
+SLOT_LINEARS = {g: names for g, names in GROUPS.items() if g in SLOTS}  # the groups whose input has a slot of its own
+INPUT_GROUP = {n: g for g, names in GROUPS.items() for n in names}  # linear → the group whose activation it reads
+LINEAR_INPUT = {n: g for n, g in INPUT_GROUP.items() if g in SLOT_LINEARS}  # linear → the slot on its input
+GROUP_LEADER = {names[0] for names in GROUPS.values()}
+
 
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama"),

@@ -32,7 +32,7 @@ import torch
 from flatquant.adapters import adapter_for
 from flatquant.calibrate import CalibConfig, _layer_io, layer_mse, split_layers, train_layer
 from flatquant.layer import QuantDecoderLayer
-from flatquant.methods import get_method, slot_inputs
+from flatquant.methods import get_method
 from flatquant.spec import QuantConfig
 
 WARMUP_STEPS = 2
@@ -67,7 +67,7 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
     gen = torch.Generator(device).manual_seed(0)
     inps = torch.randn((WARMUP_STEPS + steps) * batch_size, seqlen, hidden, device=device, generator=gen)
     pe = tuple(t.float() for t in rotary(inps[:1], torch.arange(seqlen, device=device).unsqueeze(0)))
-    targets, stats = _layer_io(layer, inps, pe, batch_size, slot_inputs(parts))
+    targets, stats = _layer_io(layer, inps, pe, batch_size, parts.slot_inputs())
     qlayer = QuantDecoderLayer(parts, qcfg or QuantConfig(), method.transforms(parts, stats, torch.Generator().manual_seed(0)))
     qlayer = qlayer.to(device)
     warm, timed = slice(0, WARMUP_STEPS * batch_size), slice(WARMUP_STEPS * batch_size, None)

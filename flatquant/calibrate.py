@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
 from flatquant.lazy import materialize
-from flatquant.methods import slot_inputs
 from flatquant.placement import STORAGES, WORKSPACE_PER_LAYER_BYTE, choose_storage, empty_buffer, to_device
 from flatquant.spec import QuantConfig
 
@@ -388,7 +387,7 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     parts = adapter.parts(layer, model.config)
     stats, targets = {}, None
     if ccfg.needs_data(method):
-        targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, slot_inputs(parts), out=spare)
+        targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, parts.slot_inputs(), out=spare)
     gen = torch.Generator().manual_seed(ccfg.seed * 100003 + i)
     qcfg_layer = qcfg if method.learnable_clip else _no_clip(qcfg)
     qlayer = QuantDecoderLayer(parts, qcfg_layer, method.transforms(parts, stats, gen)).to(device)

@@ -30,7 +30,7 @@ import torch
 
 from flatquant.adapters import adapter_for
 from flatquant.layer import QuantDecoderLayer
-from flatquant.methods import get_method, slot_inputs
+from flatquant.methods import get_method
 from flatquant.quantizers import dequantize_codes, pack_codes, unpack_codes
 from flatquant.spec import QuantConfig
 
@@ -218,7 +218,7 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
     layers = adapter.layers(model)
     for i in range(meta["num_layers"]):
         parts = adapter.parts(layers[i], model.config)
-        stats = {slot: torch.ones(lin.weight.shape[1]) for slot, lin in slot_inputs(parts).items()}  # overwritten on load
+        stats = {slot: torch.ones(lin.weight.shape[1]) for slot, lin in parts.slot_inputs().items()}  # overwritten on load
         transforms = method.transforms(parts, stats, torch.Generator().manual_seed(0))
         # built on the device it runs on, so that load_merged freezes the transforms there, as the run did: float64
         # on the CPU and on a GPU differ in the last bits, and 1-ulp changes of the frozen float32 matrices flip

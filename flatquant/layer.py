@@ -28,17 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatquant.adapters import LayerParts
+from flatquant.adapters import GROUP_LEADER, GROUPS, INPUT_GROUP, LINEAR_INPUT, SLOTS, LayerParts
 from flatquant.gptq import HessianAccumulator, gptq_quantize, rtn_fit_qdq
 from flatquant.quantizers import Quantizer, dequantize_codes, pack_codes, quantize, unpack_codes
 from flatquant.spec import QuantConfig
 from flatquant.transforms import KronTransform, cached_matrices, kron_apply
-
-SLOTS = ("qkv", "upgate", "down", "heads", "v", "k")
-LINEAR_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "upgate", "up": "upgate", "down": "down"}
-INPUT_GROUP = {**LINEAR_INPUT, "o": "o"}  # linears that read the same quantized activation
-GROUP_LEADER = {"q", "o", "gate", "down"}  # the first linear of each input group observes its input
-GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "upgate": ("gate", "up"), "down": ("down",)}  # same quantized input
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from flatquant.adapters import LayerParts
+from flatquant.adapters import SLOT_LINEARS, LayerParts
 from flatquant.hadamard import has_hadamard, orthogonal_or_hadamard, random_hadamard
 from flatquant.packing import kron_dims
 from flatquant.transforms import KronTransform
@@ -81,14 +81,6 @@ def smooth_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -
 def input_absmax(parts: LayerParts, names: tuple[str, ...]) -> torch.Tensor:
     """Per-input-channel max |W| over the rows of the linears that share one input."""
     return torch.cat([parts.linears[n].weight.detach().float().abs() for n in names]).amax(dim=0)
-
-
-SLOT_LINEARS = {"qkv": ("q", "k", "v"), "upgate": ("gate", "up"), "down": ("down",)}
-
-
-def slot_inputs(parts: LayerParts) -> dict[str, torch.nn.Linear]:
-    """One linear per slot whose input is the slot's activation (for statistics and sizes)."""
-    return {slot: parts.linears[names[0]] for slot, names in SLOT_LINEARS.items()}
 
 
 @register("fp16")

@@ -314,3 +314,15 @@ def test_short_calibration_lowers_layer_mse(family):
     for r in reports:
         assert r.fallback == "" and r.final_loss < r.init_loss, r
     assert abs(merged_mse - reports[0].final_loss) <= 1e-3 * reports[0].final_loss
+
+
+def test_layer_topology_is_written_once_and_reads_as_the_layer_does():
+    """The group/slot tables every module reads (flatquant.adapters), against the layer spelled out by hand."""
+    from flatquant.adapters import GROUP_LEADER, GROUPS, INPUT_GROUP, LINEAR_INPUT, SLOT_LINEARS, SLOTS
+
+    assert GROUPS == {"qkv": ("q", "k", "v"), "o": ("o",), "upgate": ("gate", "up"), "down": ("down",)}
+    assert SLOT_LINEARS == {"qkv": ("q", "k", "v"), "upgate": ("gate", "up"), "down": ("down",)}
+    assert LINEAR_INPUT == {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "upgate", "up": "upgate", "down": "down"}
+    assert INPUT_GROUP == {**LINEAR_INPUT, "o": "o"} and GROUP_LEADER == {"q", "o", "gate", "down"}
+    assert set(SLOTS) == {"qkv", "upgate", "down", "heads", "v", "k"}
+    assert sorted(n for names in GROUPS.values() for n in names) == sorted(("q", "k", "v", "o", "gate", "up", "down"))

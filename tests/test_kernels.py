@@ -301,7 +301,7 @@ def test_kernel_groups_are_not_less_accurate_than_fake_quant():
 
     from flatquant.kernels.bench_layer import build_layers
     from flatquant.kernels.kron_quant import kron_quant_ref
-    from flatquant.layer import GROUPS
+    from flatquant.adapters import GROUPS
 
     _, real, fake, _ = build_layers(128, 192, 4, 2, 32)  # Kronecker factors 8×16 (qkv, upgate), 12×16 (down), heads 4×32
     torch.manual_seed(0)

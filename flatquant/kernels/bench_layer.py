@@ -57,12 +57,12 @@ def build_layers(hidden: int, intermediate: int, num_heads: int, num_kv_heads: i
 
     from flatquant.adapters import adapter_for
     from flatquant.layer import QuantDecoderLayer
-    from flatquant.methods import get_method, slot_inputs
+    from flatquant.methods import get_method
     from flatquant.spec import QuantConfig
 
     cfg, fp, rotary = random_decoder_layer(hidden, intermediate, num_heads, num_kv_heads, head_dim, device)
     parts = adapter_for(cfg).parts(fp, cfg)
-    stats = {slot: torch.ones(lin.weight.shape[1], device=device) for slot, lin in slot_inputs(parts).items()}
+    stats = {slot: torch.ones(lin.weight.shape[1], device=device) for slot, lin in parts.slot_inputs().items()}
     transforms = get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0))
     fake = QuantDecoderLayer(parts, QuantConfig(), transforms).to(device)
     fake.merge()
