@@ -57,7 +57,7 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
     if min(nsamples, seqlen, batch_size, epochs, steps) < 1:
         raise ValueError(f"calibration timing needs nsamples, seqlen, batch_size, epochs and steps >= 1, got "
                          f"{dict(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, epochs=epochs, steps=steps)}")
-    from flatquant.kernels.bench_layer import random_decoder_layer
+    from flatquant.bench_layer import random_decoder_layer
 
     device = torch.device(device)
     cuda = device.type == "cuda"

@@ -2,7 +2,7 @@
 
 `python run.py stage=bench model=llama3_8b` needs no checkpoint: the shapes come from conf/model/*.yaml
 (model.shape), the weights are random. Writes results/bench/<gpu>.json and .md (flatquant.kernels.bench: each linear)
-and, with bench.layer=true, results/bench/<gpu>_layer.json and .md (flatquant.kernels.bench_layer: a whole decoder layer);
+and, with bench.layer=true, results/bench/<gpu>_layer.json and .md (flatquant.bench_layer: a whole decoder layer);
 with bench.calibration=true, results/bench/<gpu>_calibration.json (flatquant.bench_calib: ms per calibration step
 of the run's method, FlatQuant unless it trains, seconds per layer projected onto bench.calibration_schedule, the
 full-precision pass a split calibration repeats, and the wall time of calib.workers=1/2/4/8 over model.shape's
@@ -33,7 +33,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
             if "speedup" in row:
                 out[f"bench/{row['linear']}_{row['tokens']}/speedup"] = row["speedup"]
     if cfg["bench"].get("layer", True):
-        from flatquant.kernels.bench_layer import bench_decoder_layer
+        from flatquant.bench_layer import bench_decoder_layer
 
         layer = bench_decoder_layer(*dims, bench_dir)
         for row in layer["rows"]:
@@ -42,7 +42,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     if cfg["bench"].get("calibration", True):
         out.update(_calibration(cfg["bench"], ctx, dims, bench_dir, shape.get("num_layers")))
     if cfg["bench"].get("profile", False):
-        from flatquant.kernels.bench_layer import profile_decoder_layer
+        from flatquant.bench_layer import profile_decoder_layer
 
         prof = profile_decoder_layer(*dims, bench_dir)
         out.update({f"bench/profile_{name}/gpu_ms": r["gpu_ms_total"] for name, r in prof["runs"].items()})

@@ -299,7 +299,7 @@ def test_kernel_groups_are_not_less_accurate_than_fake_quant():
     5e-6 (allowed: 1e-3 and 1e-4)."""
     import torch.nn.functional as F
 
-    from flatquant.kernels.bench_layer import build_layers
+    from flatquant.bench_layer import build_layers
     from flatquant.kernels.kron_quant import kron_quant_ref
     from flatquant.adapters import GROUPS
 

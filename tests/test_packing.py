@@ -100,3 +100,14 @@ def test_packing_is_a_leaf_module():
     imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "math", "torch"}, imported
+
+
+def test_kernels_import_only_the_leaf():
+    """flatquant/kernels reads packing (and the quantizers, for a fallback's reference), never the layer, the
+    methods or the calibration: the layer swaps kernels in, not the other way round."""
+    kernels = Path(flatquant.packing.__file__).parent / "kernels"
+    for path in sorted(kernels.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        core = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+                and node.level == 0 and node.module.startswith("flatquant.") and not node.module.startswith("flatquant.kernels")}
+        assert core <= {"flatquant.packing", "flatquant.quantizers"}, (path.name, core)

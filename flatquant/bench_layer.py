@@ -3,10 +3,10 @@ profile where its GPU time goes.
 
 Usage::
 
-    python -m flatquant.kernels.bench_layer --shape 4096,14336,32,8,128 --out results/bench
+    python -m flatquant.bench_layer --shape 4096,14336,32,8,128 --out results/bench
     python run.py stage=bench model=llama3_8b bench.profile=true       # both, through the pipeline
 
-    from flatquant.kernels.bench_layer import bench_decoder_layer, profile_decoder_layer
+    from flatquant.bench_layer import bench_decoder_layer, profile_decoder_layer
     res = bench_decoder_layer(4096, 14336, 32, 8, 128)
     prof = profile_decoder_layer(4096, 14336, 32, 8, 128)   # results/bench/<gpu>_profile.json
 
