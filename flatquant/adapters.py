@@ -65,6 +65,7 @@ class Adapter:
             num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
+            layer_idx=getattr(get(self.q.rpartition(".")[0]), "layer_idx", None),
         )
 
 
@@ -80,6 +81,7 @@ class LayerParts:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    layer_idx: int | None = None  # the attention's index into a KV cache (transformers' layer_idx)
 
     def slot_inputs(self) -> dict[str, nn.Linear]:
         """The leader linear of each slotted group (SLOT_LINEARS): its input is the slot's activation (for

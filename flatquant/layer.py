@@ -71,6 +71,7 @@ class QuantDecoderLayer(nn.Module):
         if unknown:
             raise ValueError(f"unknown transform slots {sorted(unknown)}; known: {SLOTS}")
         self.num_heads, self.num_kv_heads, self.head_dim = parts.num_heads, parts.num_kv_heads, parts.head_dim
+        self.layer_idx = parts.layer_idx  # where this layer's K/V go in a transformers Cache (generation)
         self.eps1, self.eps2 = _norm_eps(parts.input_norm), _norm_eps(parts.post_norm)
         self.qcfg = qcfg
         self.merged = False
@@ -163,7 +164,11 @@ class QuantDecoderLayer(nn.Module):
         t = self.t(slot)
         return x if t is None else t.apply(x)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, past_key_values=None,
+                **kwargs):
+        """cache (past_key_values in older transformers): a transformers Cache that keeps this layer's quantized K
+        (after RoPE and its transform) and V across generation steps; None evaluates the sequence on its own."""
+        cache = cache if cache is not None else past_key_values
         with cached_matrices(self.transforms.values(), enabled=not self.merged):
             fake = self.kernels is None
             w = self.weights() if fake else None
@@ -183,7 +188,7 @@ class QuantDecoderLayer(nn.Module):
                 return [lin(x, n) for n in GROUPS[slot]]
 
             h = rms_norm(hidden_states, self.norm_weight("qkv", dtype), self.eps1)
-            attn = self._attention(*group("qkv", h), position_embeddings, attention_mask)
+            attn = self._attention(*group("qkv", h), position_embeddings, attention_mask, cache)
             hidden_states = hidden_states + group("o", attn)[0]
             h = rms_norm(hidden_states, self.norm_weight("upgate", dtype), self.eps2)
             if fake:
@@ -196,9 +201,10 @@ class QuantDecoderLayer(nn.Module):
                 m = silu_mul(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
             return hidden_states + group("down", m)[0]
 
-    def _attention(self, q, k, v, position_embeddings, attention_mask):
+    def _attention(self, q, k, v, position_embeddings, attention_mask, cache=None):
         """q: (b, s, heads·hd), k/v: (b, s, kv_heads·hd) → attention output (b, s, heads·hd), before o_proj's
-        head transform and quantizer."""
+        head transform and quantizer. With a cache, the quantized K/V of these s tokens are appended to it and the
+        queries attend to everything it holds (the s new tokens being the last ones)."""
         b, s, _ = q.shape
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
@@ -211,9 +217,17 @@ class QuantDecoderLayer(nn.Module):
         k = self._kv_quant(self.kq, k.reshape(b, s, -1)).view(b, s, self.num_kv_heads, self.head_dim)
         v = self._kv_quant(self.vq, v).view(b, s, self.num_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            if self.layer_idx is None:
+                raise ValueError("a KV cache needs the layer's index (LayerParts.layer_idx), which this layer lacks")
+            k, v = cache.update(k, v, self.layer_idx)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
+        causal = mask is None and s > 1
+        if causal and k.shape[2] > s:  # new tokens after cached ones: causal from the bottom right, not the top left
+            mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - s)
+            causal = False
         # grouped-query attention without copying K/V per query head
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
