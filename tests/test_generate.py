@@ -68,3 +68,19 @@ def test_bad_requests_are_refused(smollm2):
     model, tok = smollm2
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(model, tok, ["x"], max_new_tokens=0)
+
+
+def test_kernel_and_fake_quant_models_generate_the_same_tokens():
+    """use_kernels() (the W4A4 Triton kernels; the interpreter on a CPU) against fake quantization, both through
+    model.generate with the cache: the same greedy tokens for a fixed prompt."""
+    import copy
+
+    pytest.importorskip("triton")
+    model = _quantized("flatquant")
+    real = copy.deepcopy(model)
+    for layer in real.model.layers:
+        layer.use_kernels()
+    prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kw), real.generate(prompt, **kw))
