@@ -1,0 +1,562 @@
+"""Kernels of a real 4-bit K/V cache: packed cache writes and decode attention over the packed codes.
+
+Usage::
+
+    from flatquant.kernels.kv_cache import decode_attention, kv_quant_pack, rope_k_quant_pack
+    vc, vs, vz = kv_quant_pack(v, clip=0.95)                        # v: (B, Hkv, T, D) → packed V cache
+    kc, ks, kz = rope_k_quant_pack(k, cos, sin, tk, clip=0.95)      # k before RoPE → RoPE, ·Tk, packed K cache
+    o = decode_attention(q, kc, ks, kz, vc, vs, vz, lengths)        # q: (B, Hq, D), newest token per sequence
+
+Today the model quantizes K and V and dequantizes them at once (``QuantDecoderLayer._kv_quant``); these kernels
+store the codes instead (4 + 64/D bits per value, 4.5 at D = 128: half a byte per value plus an fp32 scale and
+zero per row of D) and attend over them.
+
+Cache format, per (batch, kv head, token) row of D values: asymmetric 4-bit codes, exactly
+``flatquant.quantizers.quantize(x, QuantSpec(4, False, "head", D, clip_ratio=clip))`` computed in fp32:
+scale = max((clip·max(x, 0) − clip·min(x, 0)) / 15, 1e-8), zero = round(−clip·min(x, 0) / scale),
+code = clamp(round(x / scale) + zero, 0, 15), rounding half to even; value = (code − zero)·scale.
+codes: (B, H, T, D/2) uint8, two codes per byte, low nibble = even column (``flatquant.packing.pack_int4_offset``
+with qmin 0, which for codes 0..15 is the same byte as two's complement); scale, zero: (B, H, T) fp32.
+Divisions are correctly rounded (div_rn on the GPU) and the products that must not fuse into an FMA are written
+as mul_rn, so codes and scales equal PyTorch's CPU quantizer bit for bit.
+
+Numerics of ``rope_k_quant_pack`` (the reference does the same): RoPE is held in k's dtype, computed as the layer
+does, k·cos + rotate_half(k)·sin with cos, sin cast to k's dtype and each product and the sum rounded to it. PyTorch
+computes each 16-bit op in fp32 and rounds the result; the kernel does the same (a product of two 16-bit values is
+exact in fp32), so the RoPE values are equal bit for bit. The product y = rope(k)·Tk takes Tk in fp32, accumulates
+in fp32 and is held in fp32 up to the quantizer: it is not rounded to k's dtype. (The layer's fake-quant path today
+casts Tk to k's dtype and rounds the product to it, which costs accuracy; once it moves to this cache the two
+differ by such roundings.) Only the order of the fp32 sum differs from PyTorch's matmul, so a code can differ
+from the reference's only where y/scale sits within a few ulp of a rounding boundary.
+
+``decode_attention`` is flash decoding: each program takes one kv head of one sequence (all its Hq/Hkv query
+heads at once, so grouped-query attention reads K/V once) over a chunk of the sequence, dequantizes K/V tiles in
+registers, runs an online softmax in fp32 and accumulates P·V in fp32; a second kernel merges the chunks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flatquant.packing import pack_int4_offset, unpack_int4_offset
+
+from .kron_quant import HAS_TRITON, _sm_count, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: x + M − M rounds fp32 |x| < 2^22 half to even
+
+    @triton.jit
+    def _div(a, b, EXACT: tl.constexpr):
+        if EXACT:
+            return tl.math.div_rn(a, b)
+        return a / b  # the interpreter divides exactly already
+
+    @triton.jit
+    def _mul(a, b, EXACT: tl.constexpr):
+        """a·b rounded on its own: on the GPU mul_rn, which LLVM and ptxas never contract into an FMA."""
+        if EXACT:
+            return libdevice.mul_rn(a, b)
+        return a * b
+
+    @triton.jit
+    def _rne_bf16(v):
+        """fp32 v rounded to the nearest bf16 (ties to even), as fp32: the interpreter truncates fp32 → bf16, so
+        it is done by hand there (as kron_quant does)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_like(v, like, BF16_RNE: tl.constexpr):
+        """fp32 v rounded to like's dtype (nearest even), returned as fp32."""
+        if BF16_RNE:
+            return _rne_bf16(v)
+        return v.to(like.dtype).to(tl.float32)
+
+    @triton.jit
+    def _rope_cols(x_ptr, cos_ptr, sin_ptr, xrow, rrow, live, cc, D, ROPE: tl.constexpr, EXACT: tl.constexpr,
+                   BF16_RNE: tl.constexpr):
+        """Columns cc of the rows at xrow as fp32 (ROWS, len(cc)); with ROPE, k·cos + rotate_half(k)·sin
+        (rotate_half(k) = [−k₂, k₁]) with each product and the sum rounded to k's dtype, as PyTorch computes it."""
+        half = D // 2
+        mask = live[:, None] & (cc < D)[None, :]
+        x = tl.load(x_ptr + xrow[:, None] + cc[None, :], mask=mask, other=0.0)
+        y = x.to(tl.float32)
+        if ROPE:
+            partner = tl.where(cc < half, cc + half, cc - half)
+            xp = tl.load(x_ptr + xrow[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+            rot = tl.where((cc < half)[None, :], -xp, xp)
+            c = tl.load(cos_ptr + rrow[:, None] + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + rrow[:, None] + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = _round_like(_round_like(_mul(y, c, EXACT), x, BF16_RNE)
+                            + _round_like(_mul(rot, s, EXACT), x, BF16_RNE), x, BF16_RNE)
+        return y
+
+    @triton.jit
+    def _kv_pack_kernel(
+        x_ptr, cos_ptr, sin_ptr, t_ptr, c_ptr, scale_ptr, zero_ptr,
+        n_rows, H, T, D, clip,
+        sxb, sxh, sxt, srb, srt, scb, sch, sct, ssb, ssh, sst,
+        BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
+        TRANSFORM: tl.constexpr, EXACT: tl.constexpr, BF16_RNE: tl.constexpr,
+    ):
+        """Persistent over blocks of ROWS (b, h, t) rows: [RoPE →] [·Tk →] quantize each row of D, pack.
+        With TRANSFORM, y = Σ_k rope(x)[:, k-chunk]·Tk[k-chunk, :] over chunks of BLOCK_K columns (fp32 FMA
+        products; the whole 128-deep product at once needs more registers than a thread has and spills)."""
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        jh = tl.arange(0, BLOCK_D // 2)
+        for blk in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+            rows = blk * ROWS + tl.arange(0, ROWS)
+            live = rows < n_rows
+            t = (rows % T).to(tl.int64)
+            h = ((rows // T) % H).to(tl.int64)
+            b = (rows // T // H).to(tl.int64)
+            xrow, rrow = b * sxb + h * sxh + t * sxt, b * srb + t * srt
+            if TRANSFORM:
+                y = tl.zeros((ROWS, BLOCK_D), tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    a = _rope_cols(x_ptr, cos_ptr, sin_ptr, xrow, rrow, live, kk, D, ROPE, EXACT, BF16_RNE)
+                    tk = tl.load(t_ptr + kk[:, None] * D + cols[None, :], mask=(kk < D)[:, None] & cmask[None, :],
+                                 other=0.0)
+                    y = tl.dot(a, tk, y, input_precision="ieee")
+            else:
+                y = _rope_cols(x_ptr, cos_ptr, sin_ptr, xrow, rrow, live, cols, D, ROPE, EXACT, BF16_RNE)
+            mask = live[:, None] & cmask[None, :]
+            hi = tl.maximum(tl.max(tl.where(mask, y, -float("inf")), axis=1), 0.0)
+            lo = tl.minimum(tl.min(tl.where(mask, y, float("inf")), axis=1), 0.0)
+            hi, lo = _mul(hi, clip, EXACT), _mul(lo, clip, EXACT)
+            scale = tl.maximum(_div(hi - lo, 15.0, EXACT), 1e-8)
+            zero = (_div(-lo, scale, EXACT) + _ROUND_MAGIC) - _ROUND_MAGIC
+            v = (_div(y, scale[:, None], EXACT) + _ROUND_MAGIC) - _ROUND_MAGIC + zero[:, None]
+            v = tl.minimum(tl.maximum(v, 0.0), 15.0).to(tl.int32)
+            even, odd = tl.split(tl.reshape(v, (ROWS, BLOCK_D // 2, 2)))
+            crow = c_ptr + b * scb + h * sch + t * sct
+            tl.store(crow[:, None] + jh[None, :], (even | (odd << 4)).to(tl.uint8),
+                     mask=live[:, None] & (jh < D // 2)[None, :])
+            srow = b * ssb + h * ssh + t * sst
+            tl.store(scale_ptr + srow, scale, mask=live)
+            tl.store(zero_ptr + srow, zero, mask=live)
+
+    @triton.jit
+    def _dequant_tile(c_ptr, s_ptr, z_ptr, c_off, s_off, nmask, j, jmask):
+        """Packed rows at offsets c_off (BLOCK_N,) → their even and odd columns (BLOCK_N, BLOCK_DH) as
+        (code − zero)·scale in fp32, scale and zero at offsets s_off. Masked tokens read nothing and give 0."""
+        codes = tl.load(c_ptr + c_off[:, None] + j[None, :], mask=nmask[:, None] & jmask[None, :], other=0)
+        scale = tl.load(s_ptr + s_off, mask=nmask, other=0.0)
+        zero = tl.load(z_ptr + s_off, mask=nmask, other=0.0)
+        even = ((codes & 15).to(tl.float32) - zero[:, None]) * scale[:, None]
+        odd = ((codes >> 4).to(tl.float32) - zero[:, None]) * scale[:, None]
+        return even, odd
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, m_ptr, l_ptr,
+        Hkv, G, D, Tmax, chunk, n_splits, sm_scale,
+        sqb, sqh, scb, sch, sct, ssb, ssh, sst, sob, soh,
+        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, SPLIT: tl.constexpr,
+        BF16_RNE: tl.constexpr,
+    ):
+        """Program (split s, b·Hkv + h): the G query heads of kv head h over tokens [s·chunk, min(s·chunk + chunk,
+        length_b)). Columns stay split into even and odd halves (the two nibbles of a byte), q is read so too.
+        SPLIT: writes the unnormalised partial (acc, max m, sum l) for _decode_merge_kernel, or nothing when the
+        chunk starts past the length; else (one split) the normalised output, 0 for length 0."""
+        s_id = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hkv
+        h = bh % Hkv
+        length = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), Tmax)  # never read outside the cache
+        start = s_id * chunk
+        end = tl.minimum(start + chunk, length)
+        g = tl.arange(0, BLOCK_G)
+        gmask = g < G
+        j = tl.arange(0, BLOCK_DH)
+        jmask = j < D // 2
+        hq = h * G + g
+        qmask = gmask[:, None] & jmask[None, :]
+        q_off = b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + 2 * j[None, :]
+        q_even = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
+        q_odd = tl.load(q_ptr + q_off + 1, mask=qmask, other=0.0).to(tl.float32)
+        c_base = b.to(tl.int64) * scb + h.to(tl.int64) * sch
+        s_base = b.to(tl.int64) * ssb + h.to(tl.int64) * ssh
+        m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        acc_even = tl.zeros((BLOCK_G, BLOCK_DH), tl.float32)
+        acc_odd = tl.zeros((BLOCK_G, BLOCK_DH), tl.float32)
+        for n0 in range(start, end, BLOCK_N):  # every block holds ≥ 1 valid token: m_new is finite
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            nl = n.to(tl.int64)
+            k_even, k_odd = _dequant_tile(kc_ptr, ks_ptr, kz_ptr, c_base + nl * sct, s_base + nl * sst, nmask, j, jmask)
+            sc = tl.sum(q_even[:, None, :] * k_even[None, :, :] + q_odd[:, None, :] * k_odd[None, :, :], axis=2)
+            sc = tl.where(nmask[None, :], sc * sm_scale, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_even, v_odd = _dequant_tile(vc_ptr, vs_ptr, vz_ptr, c_base + nl * sct, s_base + nl * sst, nmask, j, jmask)
+            acc_even = acc_even * alpha[:, None] + tl.sum(p[:, :, None] * v_even[None, :, :], axis=1)
+            acc_odd = acc_odd * alpha[:, None] + tl.sum(p[:, :, None] * v_odd[None, :, :], axis=1)
+            m_i = m_new
+        if SPLIT:
+            row = (b * (Hkv * G) + hq).to(tl.int64) * n_splits + s_id
+            wmask = gmask & (g * 0 + start < length)  # (a scalar mask in & trips the interpreter)
+            o_off = row[:, None] * D + 2 * j[None, :]
+            tl.store(o_ptr + o_off, acc_even, mask=wmask[:, None] & jmask[None, :])
+            tl.store(o_ptr + o_off + 1, acc_odd, mask=wmask[:, None] & jmask[None, :])
+            tl.store(m_ptr + row, m_i, mask=wmask)
+            tl.store(l_ptr + row, l_i, mask=wmask)
+        else:
+            den = tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            out_even, out_odd = acc_even / den, acc_odd / den
+            if BF16_RNE:
+                out_even, out_odd = _rne_bf16(out_even), _rne_bf16(out_odd)
+            o_off = b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + 2 * j[None, :]
+            tl.store(o_ptr + o_off, out_even.to(o_ptr.dtype.element_ty), mask=qmask)
+            tl.store(o_ptr + o_off + 1, out_odd.to(o_ptr.dtype.element_ty), mask=qmask)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        w_ptr, m_ptr, l_ptr, len_ptr, o_ptr,
+        Hq, D, Tmax, chunk, n_splits,
+        sob, soh,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BF16_RNE: tl.constexpr,
+    ):
+        """Program b·Hq + hq: Σ_s e^(m_s − M)·acc_s / Σ_s e^(m_s − M)·l_s over the cdiv(length, chunk) partials
+        that _decode_split_kernel wrote (the others are never read); 0 for length 0."""
+        pid = tl.program_id(0)
+        b = pid // Hq
+        hq = pid % Hq
+        length = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), Tmax)
+        sp = tl.arange(0, BLOCK_S)
+        smask = sp < (length + chunk - 1) // chunk
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        row = pid.to(tl.int64) * n_splits + sp
+        m = tl.load(m_ptr + row, mask=smask, other=-float("inf"))
+        l = tl.load(l_ptr + row, mask=smask, other=0.0)
+        acc = tl.load(w_ptr + row[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.exp(m - tl.where(m_max > -float("inf"), m_max, 0.0))  # 0 for unread partials, no ∞ − ∞
+        den = tl.sum(l * w, axis=0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
+        if BF16_RNE:
+            out = _rne_bf16(out)
+        tl.store(o_ptr + b.to(tl.int64) * sob + hq.to(tl.int64) * soh + d, out.to(o_ptr.dtype.element_ty), mask=dmask)
+
+
+MAX_SPLITS = 64  # partials per sequence and head: bounds the merge kernel's tile and the fp32 workspace
+
+
+# ---- references --------------------------------------------------------------------------------------------
+
+
+def kv_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """codes (B, H, T, D/2) uint8, scale / zero (B, H, T) fp32 → (code − zero)·scale, (B, H, T, D) fp32."""
+    B, H, T, Dh = codes.shape
+    c = unpack_int4_offset(codes.reshape(-1, Dh), 0).view(B, H, T, 2 * Dh).float()
+    return (c - zero.float()[..., None]) * scale.float()[..., None]
+
+
+def kv_quant_pack_ref(x: torch.Tensor, clip: float = 1.0):
+    """PyTorch reference of ``kv_quant_pack``: flatquant.quantizers.quantize per (b, h, t) row in fp32, packed."""
+    from flatquant.quantizers import QuantSpec, quantize
+
+    B, H, T, D = _check_rows(x, "x")
+    q, scale, zero = quantize(x.float(), QuantSpec(4, False, "head", D, clip_ratio=clip))
+    codes = pack_int4_offset(q.reshape(-1, D), 0).view(B, H, T, D // 2)
+    return codes, scale.reshape(B, H, T), zero.reshape(B, H, T)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x₁, x₂] → [−x₂, x₁]: flatquant.layer.rotate_half, restated because the kernels do not import the layer
+    (tests/test_packing.py::test_kernels_import_only_the_leaf)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_k_quant_pack_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tk: torch.Tensor | None = None,
+                          clip: float = 1.0):
+    """PyTorch reference of ``rope_k_quant_pack``, from QuantDecoderLayer._attention's formulas: RoPE in k's dtype,
+    then ·tk in fp32 (held in fp32), then ``kv_quant_pack_ref``."""
+    return kv_quant_pack_ref(rope_k_transform_ref(k, cos, sin, tk), clip)
+
+
+def rope_k_transform_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         tk: torch.Tensor | None = None) -> torch.Tensor:
+    """y = rope(k)·tk, (B, H, T, D) fp32: the value ``rope_k_quant_pack`` quantizes (for boundary-aware tests).
+    RoPE is QuantDecoderLayer._attention's formula in k's dtype (tests/test_kv_cache.py checks it against the layer)."""
+    _check_rows(k, "k")
+    cos, sin = (_rope_table(t, k).unsqueeze(1) for t in (cos, sin))  # (B or 1, 1, T, D) in k's dtype
+    y = (k * cos + _rotate_half(k) * sin).float()
+    return y if tk is None else y @ tk.to(device=y.device, dtype=torch.float32)
+
+
+def decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, sm_scale=None,
+                         dtype: torch.dtype = torch.float64, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """PyTorch reference of ``decode_attention``: dequantize (fp32, as the kernel), then softmax(q·Kᵀ·sm_scale)·V
+    in ``dtype`` over the first lengths[b] tokens, without copying K/V per query head. Positions ≥ length are
+    zeroed before use, so whatever they hold does not matter; a sequence of length 0 gives 0. Returned in
+    ``out_dtype`` (default q's dtype; tests take float64)."""
+    B, Hq, D, Hkv, Tmax = _check_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths)
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    valid = torch.arange(Tmax, device=q.device)[None, :] < lengths.to(q.device).long()[:, None]  # (B, Tmax)
+    k = torch.where(valid[:, None, :, None], kv_dequant(k_codes, k_scale, k_zero), 0.0).to(dtype)
+    v = torch.where(valid[:, None, :, None], kv_dequant(v_codes, v_scale, v_zero), 0.0).to(dtype)
+    s = torch.einsum("bkgd,bktd->bkgt", q.to(dtype).view(B, Hkv, Hq // Hkv, D), k) * sm_scale
+    p = torch.softmax(s.masked_fill(~valid[:, None, None, :], -math.inf), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bkgt,bktd->bkgd", p, v).reshape(B, Hq, D).to(out_dtype or q.dtype)
+
+
+# ---- checking wrappers ---------------------------------------------------------------------------------------
+
+
+def _check_rows(x: torch.Tensor, name: str) -> tuple[int, int, int, int]:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name} must be fp16/bf16/fp32, got {x.dtype}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"head_dim must be even (two codes per byte, rotate_half), got {x.shape[-1]}")
+    return tuple(x.shape)
+
+
+def _rope_table(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """cos or sin, (T, D) or (B | 1, T, D) → (B | 1, T, D) in k's dtype and device (what the layer multiplies by)."""
+    B, _, T, D = k.shape
+    t = t.unsqueeze(0) if t.dim() == 2 else t
+    if t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (T, D):
+        raise ValueError(f"cos/sin must be ({T}, {D}) or ({B}, {T}, {D}), got {tuple(t.shape)}")
+    return t.to(device=k.device, dtype=k.dtype)
+
+
+def _check_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths):
+    if q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be (batch, heads, head_dim) fp16/bf16/fp32, got {tuple(q.shape)} {q.dtype}")
+    B, Hq, D = q.shape
+    if k_codes.dim() != 4 or k_codes.dtype != torch.uint8 or k_codes.shape[0] != B or k_codes.shape[3] * 2 != D:
+        raise ValueError(f"k_codes must be ({B}, Hkv, Tmax, {D // 2}) uint8, "
+                         f"got {tuple(k_codes.shape)} {k_codes.dtype}")
+    Hkv, Tmax = k_codes.shape[1], k_codes.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if v_codes.shape != k_codes.shape or v_codes.dtype != torch.uint8:
+        raise ValueError(f"v_codes must match k_codes {tuple(k_codes.shape)}, got {tuple(v_codes.shape)}")
+    for name, t in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
+        if tuple(t.shape) != (B, Hkv, Tmax) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be ({B}, {Hkv}, {Tmax}) fp32, got {tuple(t.shape)} {t.dtype}")
+    if tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must be ({B},), got {tuple(lengths.shape)}")
+    return B, Hq, D, Hkv, Tmax
+
+
+def _pack_out(x: torch.Tensor, out):
+    B, H, T, D = x.shape
+    if out is None:
+        return (torch.empty(B, H, T, D // 2, dtype=torch.uint8, device=x.device),
+                torch.empty(B, H, T, dtype=torch.float32, device=x.device),
+                torch.empty(B, H, T, dtype=torch.float32, device=x.device))
+    codes, scale, zero = out
+    if tuple(codes.shape) != (B, H, T, D // 2) or codes.dtype != torch.uint8 or codes.stride(-1) != 1:
+        raise ValueError(f"out codes must be ({B}, {H}, {T}, {D // 2}) uint8 with unit last stride")
+    if tuple(scale.shape) != (B, H, T) or scale.dtype != torch.float32 or zero.shape != scale.shape \
+            or zero.dtype != torch.float32 or zero.stride() != scale.stride():
+        raise ValueError(f"out scale / zero must be ({B}, {H}, {T}) fp32 with equal strides")
+    return codes, scale, zero
+
+
+def _pack_config(n_rows: int, transform: bool, device: torch.device, config: dict | None) -> dict:
+    """Launch settings of _kv_pack_kernel. With a transform: 64 rows per step (Tk, 64 KB in fp32 at D = 128, is
+    re-read from L2 once per step) once there are enough rows to fill the GPU, else 16 (decode: more programs);
+    16-deep K chunks and 8 warps (triton 3.6, sm_90, D = 128: ≤ 128 registers, no spills, 17–53 KB of shared
+    memory). Without one: 32 rows, 8 warps (64–76 registers, 2 KB)."""
+    if transform:
+        many = device.type == "cuda" and n_rows >= 64 * _sm_count(device)
+        cfg = {"rows": 64 if many else 16, "block_k": 16, "num_warps": 8}
+    else:
+        cfg = {"rows": 32, "block_k": 16, "num_warps": 8}  # 4 warps: 80–128 registers, bf16 spilled 8 bytes
+    return {**cfg, **(config or {})}
+
+
+def _launch_pack(x, cos, sin, tk, clip, out, config=None):
+    """One _kv_pack_kernel launch: quantize (and RoPE / transform when cos / tk are given) x into out."""
+    B, H, T, D = x.shape
+    codes, scale, zero = out
+    n_rows = B * H * T
+    if n_rows == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rope = cos is not None
+    if rope:
+        cos, sin = _rope_table(cos, x), _rope_table(sin, x)
+        if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+            cos, sin = cos.contiguous(), sin.contiguous()
+        srb, srt = (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)
+    else:
+        cos = sin = x
+        srb = srt = 0
+    if tk is not None:
+        if tuple(tk.shape) != (D, D):
+            raise ValueError(f"tk must be ({D}, {D}), got {tuple(tk.shape)}")
+        tk = tk.to(device=x.device, dtype=torch.float32).contiguous()
+    cfg = _pack_config(n_rows, tk is not None, x.device, config)
+    blocks = triton.cdiv(n_rows, cfg["rows"])
+    grid = (min(blocks, 4 * _sm_count(x.device) if x.is_cuda else 4),)  # persistent over row blocks
+    _kv_pack_kernel[grid](
+        x, cos, sin, x if tk is None else tk, codes, scale, zero,
+        n_rows, H, T, D, float(clip),
+        *x.stride()[:3], srb, srt, *codes.stride()[:3], *scale.stride(),
+        BLOCK_D=max(16, triton.next_power_of_2(D)), ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], ROPE=rope,
+        TRANSFORM=tk is not None, EXACT=x.is_cuda, BF16_RNE=not x.is_cuda and x.dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"],
+    )
+    return codes, scale, zero
+
+
+def kv_quant_pack(x: torch.Tensor, clip: float = 1.0, out=None, config: dict | None = None):
+    """Quantize and pack a V (or already transformed K) block for the cache: one read, a 4 + 64/D-bit write.
+
+    x: (B, H, T, D) fp16/bf16/fp32 (any strides, last dim contiguous), D even; clip: LAC clip ratio in (0, 1].
+    out: optional (codes, scale, zero) to write into, e.g. a slice cache[:, :, p:p + T] of a preallocated cache.
+    config: optional launch settings {"rows", "block_k", "num_warps"} (defaults: ``_pack_config``).
+    Returns codes (B, H, T, D/2) uint8, scale (B, H, T) fp32, zero (B, H, T) fp32 (integer-valued, 0..15);
+    equal to ``kv_quant_pack_ref`` bit for bit. Falls back to it where Triton cannot run.
+    """
+    _check_rows(x, "x")
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    out = _pack_out(x, out)
+    if not use_triton(x):
+        return _copy_into(out, kv_quant_pack_ref(x, clip))
+    return _launch_pack(x, None, None, None, clip, out, config)
+
+
+def rope_k_quant_pack(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tk: torch.Tensor | None = None,
+                      clip: float = 1.0, out=None, config: dict | None = None):
+    """The fused write of the K cache: RoPE, the learned K transform and the 4-bit quantizer in one kernel.
+
+    k: (B, H, T, D) fp16/bf16/fp32 before RoPE (any strides, last dim contiguous); cos, sin: (T, D) or (B, T, D),
+    as transformers' rotary embedding returns them (cast to k's dtype, as the layer does); tk: (D, D), used in
+    fp32 (the caller multiplies q by Tk⁻ᵀ), or None for no transform; clip, out, config: as ``kv_quant_pack``.
+    RoPE is rounded to k's dtype and y = rope(k)·tk held in fp32 before quantization (module docstring).
+    Returns (codes, scale, zero) as ``kv_quant_pack``. Codes equal ``rope_k_quant_pack_ref``'s except where
+    y/scale lies within ~1e-6 of a rounding boundary (the fp32 sums of the product run in another order).
+    Falls back to the reference where Triton cannot run.
+    """
+    _check_rows(k, "k")
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    out = _pack_out(k, out)
+    if not use_triton(k):
+        return _copy_into(out, rope_k_quant_pack_ref(k, cos, sin, tk, clip))
+    return _launch_pack(k, cos, sin, tk, clip, out, config)
+
+
+def _copy_into(out, res):
+    for o, r in zip(out, res):
+        o.copy_(r)
+    return out
+
+
+def _decode_config(G: int, D: int, config: dict | None) -> dict:
+    """Tiles of _decode_split_kernel: all G query heads of a kv head, BLOCK_N tokens per step so that the
+    (G, BLOCK_N, D/2) products hold ≤ 4096 values (triton 3.6, sm_90, 8 warps: ≤ 128 registers, no spills for
+    G ≤ 4 at D ≤ 128; G = 8 spills 4 bytes)."""
+    block_g, block_dh = triton.next_power_of_2(G), max(16, triton.next_power_of_2(D // 2))
+    cfg = {"block_n": max(16, min(64, 4096 // (block_g * block_dh))), "chunk": None, "num_warps": 8,
+           **(config or {})}
+    return {**cfg, "block_g": block_g, "block_dh": block_dh}
+
+
+def _decode_chunk(B: int, Hkv: int, Tmax: int, block_n: int, device: torch.device, chunk: int | None) -> int:
+    """Tokens per program: enough programs to fill the GPU (≈ 4 per SM over B·Hkv sequence-heads), at least 128
+    tokens each (so a partial, 4·D·G bytes, stays small next to the ≥ 18 KB of cache a program reads), at most
+    MAX_SPLITS partials per sequence-head; a multiple of block_n. Set from the capacity Tmax, not from lengths,
+    which live on the device (reading them would synchronise and break CUDA graphs)."""
+    if chunk is None:
+        programs = 4 * _sm_count(device) if device.type == "cuda" else 8
+        chunk = max(128, triton.cdiv(Tmax, triton.cdiv(programs, B * Hkv)))
+    chunk = max(chunk, triton.cdiv(Tmax, MAX_SPLITS), 1)
+    return triton.cdiv(chunk, block_n) * block_n
+
+
+def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, sm_scale=None, out=None,
+                     config: dict | None = None) -> torch.Tensor:
+    """Attention of one new query per sequence over a packed 4-bit K/V cache (flash decoding).
+
+    q: (B, Hq, D) fp16/bf16/fp32 (already RoPE'd and multiplied by Tk⁻ᵀ); k_codes, v_codes: (B, Hkv, Tmax, D/2)
+    uint8 and k_scale, k_zero, v_scale, v_zero: (B, Hkv, Tmax) fp32, as ``kv_quant_pack`` writes them, Hq a
+    multiple of Hkv (grouped-query attention: query head i reads kv head i // (Hq / Hkv)); lengths: (B,) int valid
+    tokens per sequence (positions ≥ length are never read; 0 gives 0; clamped to [0, Tmax] on the device, as the
+    reference's mask does, so that no value of lengths reads outside the cache); sm_scale: default 1/√D;
+    out: optional (B, Hq, D) buffer in q's dtype, last dim contiguous; config: {"block_n", "chunk", "num_warps"}.
+    Returns (B, Hq, D) in q's dtype. K/V are dequantized exactly as ``kv_dequant``; scores, softmax and P·V run in
+    fp32. When the sequence is split (Tmax > chunk) a second kernel merges the partials. Falls back to
+    ``decode_attention_ref`` where Triton cannot run.
+    """
+    B, Hq, D, Hkv, Tmax = _check_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths)
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (B, Hq, D) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be ({B}, {Hq}, {D}) {q.dtype} with unit last stride")
+    if not use_triton(q):
+        return out.copy_(decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, sm_scale))
+    if B == 0 or Hq == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k_codes.stride() != v_codes.stride() or k_codes.stride(-1) != 1:
+        k_codes, v_codes = k_codes.contiguous(), v_codes.contiguous()
+    scales = (k_scale, k_zero, v_scale, v_zero)
+    if any(t.stride() != k_scale.stride() for t in scales):
+        scales = tuple(t.contiguous() for t in scales)
+    lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    G = Hq // Hkv
+    cfg = _decode_config(G, D, config)
+    block_g, block_dh, block_n = cfg["block_g"], cfg["block_dh"], cfg["block_n"]
+    chunk = _decode_chunk(B, Hkv, Tmax, block_n, q.device, cfg["chunk"])
+    n_splits = triton.cdiv(max(Tmax, 1), chunk)
+    split = n_splits > 1
+    if split:
+        work = torch.empty(B, Hq, n_splits, D, dtype=torch.float32, device=q.device)
+        m = torch.empty(B, Hq, n_splits, dtype=torch.float32, device=q.device)
+        l_sum = torch.empty_like(m)
+    else:
+        work, m, l_sum = out, out, out
+    bf16_rne = not q.is_cuda and q.dtype == torch.bfloat16
+    _decode_split_kernel[(n_splits, B * Hkv)](
+        q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3], lengths, work, m, l_sum,
+        Hkv, G, D, Tmax, chunk, n_splits, sm_scale,
+        q.stride(0), q.stride(1), *k_codes.stride()[:3], *scales[0].stride(), out.stride(0), out.stride(1),
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DH=block_dh, SPLIT=split, BF16_RNE=bf16_rne,
+        num_warps=cfg["num_warps"],
+    )
+    if split:
+        _decode_merge_kernel[(B * Hq,)](
+            work, m, l_sum, lengths, out, Hq, D, Tmax, chunk, n_splits, out.stride(0), out.stride(1),
+            BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=max(16, triton.next_power_of_2(D)), BF16_RNE=bf16_rne,
+            num_warps=4,
+        )
+    return out
+
+
+def bench_decode_attention(B: int = 1, Hq: int = 32, Hkv: int = 8, T: int = 8192, D: int = 128,
+                           dtype: torch.dtype = torch.float16) -> dict:
+    """GPU time of ``decode_attention`` (CUDA-graph replay, median) and the cache bandwidth it reaches."""
+    import triton.testing
+
+    x = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
+    kc, ks, kz = kv_quant_pack(x)
+    vc, vs, vz = kv_quant_pack(x.flip(2))
+    q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)
+    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    o = torch.empty_like(q)
+    ms = triton.testing.do_bench_cudagraph(lambda: decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, out=o))
+    cache_bytes = 2 * (kc.numel() + 8 * ks.numel())
+    return {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "us": 1e3 * ms, "cache_GBps": cache_bytes / ms / 1e6}

@@ -1,0 +1,330 @@
+"""4-bit K/V cache kernels (flatquant/kernels/kv_cache.py) against their PyTorch references, on irregular shapes.
+
+Without CUDA the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set here before triton is imported
+(as in tests/test_kernels.py); if triton was imported earlier in this process, the interpreter tests run again in a
+subprocess (test_interpreter_tests_in_subprocess). References always run on the CPU for the packed writes (the
+kernels divide correctly rounded, as PyTorch's CPU kernels do; its CUDA kernels divide by a scalar as a·(1/b)).
+"""
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "flatquant.kernels.kv_cache" in sys.modules:
+        importlib.reload(sys.modules["flatquant.kernels.kv_cache"])
+
+from flatquant.kernels.kron_quant import HAS_TRITON, use_triton
+from flatquant.kernels.kv_cache import (decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack,
+                                        kv_quant_pack_ref, rope_k_quant_pack, rope_k_quant_pack_ref,
+                                        rope_k_transform_ref)
+from flatquant.packing import unpack_int4_offset
+from flatquant.quantizers import QuantSpec, fake_quant
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_RERUN = (HAS_TRITON and DEVICE == "cpu" and not use_triton(torch.empty(0))
+          and os.environ.get("FQ_KERNEL_TESTS_SUBPROCESS") != "1")
+needs_triton = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                  reason="run in a subprocess: triton was imported before TRITON_INTERPRET"
+                                  if _RERUN else "triton missing")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+N_INTERPRETER_TESTS = 55  # the tests that need triton (at least these pass in the subprocess)
+
+
+def _rows(B, H, T, D, dtype, seed, device=DEVICE):
+    """(B, H, T, D) with outlier channels, row scales over two decades, rows of zeros and constant rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, T, D, generator=g) * (1 + 9 * (torch.rand(D, generator=g) < 0.05))
+    x = x * torch.rand(B, H, T, 1, generator=g).mul(8).exp2().div(16)
+    x[0, 0, 0] = 0.0
+    x[-1, -1, T // 2] = 1.75
+    x[0, -1, -1] = -0.3
+    return x.to(device=device, dtype=dtype)
+
+
+def _rope_tables(B, T, D, per_batch, seed):
+    """cos, sin as transformers' LLaMA rotary embedding gives them: (B, T, D) at per-sequence positions, or (T, D)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    if per_batch:
+        start = torch.randint(0, 3000, (B, 1), generator=torch.Generator().manual_seed(seed))
+        pos = (start + torch.arange(T)).float()
+    else:
+        pos = torch.arange(T).float()
+    emb = torch.cat([pos[..., None] * inv_freq] * 2, dim=-1)
+    return emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+
+
+def _strided(x):
+    """The same values as a (B, T, H, D) tensor transposed to (B, H, T, D), the layout the qkv output gives."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _assert_pack_equal(out, ref):
+    for name, a, r in zip(("codes", "scale", "zero"), out, ref):
+        assert torch.equal(a.cpu(), r.cpu()), (name, int((a.cpu() != r.cpu()).sum()))
+
+
+def _assert_codes_near(out, ref, y, clip, rel=2e-6, max_frac=1e-4):
+    """Codes and zero points equal the reference's, or differ by one only where the reference's fp32 value (y/scale
+    for a code, −clip·min(y, 0)/scale for a zero) lies within rel·max(1, |value|) of a rounding boundary: the kernel
+    sums the fp32 product rope(k)·tk in another order, which moves y and scale by a few ulp (measured in the
+    interpreter, 2×8×512 rows of 128: ≤ 2 codes in 1e6 differ, ≤ 9.5e-7 from the boundary, where one ulp of a value
+    near 15 is 9.5e-7, so the bound is relative; scales ≤ 6.7e-7 apart). Scales agree to rel."""
+    (ca, sa, za), (cr, sr, zr) = [tuple(t.cpu() for t in o) for o in (out, ref)]
+    y = y.cpu()
+    D = y.shape[-1]
+    assert float(((sa - sr).abs() / sr).max()) <= rel
+    dist = lambda u: ((u - u.floor()) - 0.5).abs()  # noqa: E731
+    near = lambda u: dist(u) < rel * u.abs().clamp(min=1)  # noqa: E731
+    zflip = za != zr
+    assert ((za - zr).abs() <= 1).all()
+    assert not (zflip & ~near(-(y.amin(-1).clamp(max=0) * clip) / sr)).any()
+    qa, qr = (unpack_int4_offset(c.reshape(-1, D // 2), 0).view(y.shape).int() for c in (ca, cr))
+    diff = qa != qr
+    assert int((qa - qr).abs().max()) <= 1
+    assert not (diff & ~near(y / sr[..., None]) & ~zflip[..., None]).any(), int(diff.sum())
+    assert float(diff.float().mean()) <= max_frac
+
+
+# ---- kv_quant_pack ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,clip", [(64, 1.0), (128, 0.9), (80, 0.95)])
+def test_kv_quant_pack_equals_fake_quant(dtype, D, clip):
+    """Codes, scales and zeros equal the reference bit for bit, and dequantizing gives fake_quant's values exactly."""
+    x = _strided(_rows(2, 3, 21, D, dtype, seed=D))
+    out = kv_quant_pack(x, clip)
+    ref = kv_quant_pack_ref(x.cpu(), clip)
+    _assert_pack_equal(out, ref)
+    assert out[0].shape == (2, 3, 21, D // 2) and out[0].dtype == torch.uint8 and out[1].shape == (2, 3, 21)
+    spec = QuantSpec(bits=4, sym=False, granularity="head", group_size=D, clip_ratio=clip)
+    deq = kv_dequant(*(t.cpu() for t in out))
+    assert torch.equal(deq, fake_quant(x.cpu().float(), spec))
+    assert torch.equal(deq.to(dtype), fake_quant(x.cpu(), spec))
+    assert torch.equal(deq[0, 0, 0], torch.zeros(D))  # the row of zeros
+
+
+@needs_triton
+def test_kv_quant_pack_writes_exactly_its_slice_of_a_cache():
+    """Written into cache[:, :, p:p+T]: every byte and scale of the slice is written (two poisons), nothing else."""
+    B, H, Tmax, D, p, T = 2, 3, 40, 64, 9, 13
+    x = _rows(B, H, T, D, torch.float16, seed=5)
+    ref = kv_quant_pack_ref(x.cpu(), 0.9)
+    for poison in (0x00, 0xFF):
+        cache = (torch.full((B, H, Tmax, D // 2), poison, dtype=torch.uint8, device=DEVICE),
+                 torch.full((B, H, Tmax), math.nan, device=DEVICE), torch.full((B, H, Tmax), math.nan, device=DEVICE))
+        kv_quant_pack(x, 0.9, out=tuple(t[:, :, p:p + T] for t in cache))
+        _assert_pack_equal([t[:, :, p:p + T] for t in cache], ref)
+        assert (cache[0][:, :, :p] == poison).all() and (cache[0][:, :, p + T:] == poison).all()
+        assert cache[1][:, :, :p].isnan().all() and cache[2][:, :, p + T:].isnan().all()
+
+
+# ---- rope_k_quant_pack -----------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_rope_k_quant_pack_without_transform_is_exact(dtype, per_batch):
+    """RoPE alone: the kernel's fp32 arithmetic, rounded per op, equals PyTorch's ops in k's dtype bit for bit."""
+    B, H, T, D = 3, 2, 19, 64
+    k = _strided(_rows(B, H, T, D, dtype, seed=7))
+    cos, sin = _rope_tables(B, T, D, per_batch, seed=1)
+    _assert_pack_equal(rope_k_quant_pack(k, cos, sin, None, 0.95),
+                       rope_k_quant_pack_ref(k.cpu(), cos.cpu(), sin.cpu(), None, 0.95))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,per_batch,config", [(64, False, None), (128, True, None),
+                                                (128, False, {"rows": 64}), (96, True, {"rows": 32})])
+def test_rope_k_quant_pack_with_transform(dtype, D, per_batch, config):
+    """RoPE then ·Tk (fp32): codes equal the reference's but for values on a rounding boundary."""
+    B, H, T = 2, 3, 23
+    k = _strided(_rows(B, H, T, D, dtype, seed=D + 1))
+    cos, sin = _rope_tables(B, T, D, per_batch, seed=2)
+    tk = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(D)))[0]
+    tk = (tk * 1.3).float().to(DEVICE)
+    out = rope_k_quant_pack(k, cos, sin, tk, 0.9, config=config)
+    ref = rope_k_quant_pack_ref(k.cpu(), cos.cpu(), sin.cpu(), tk.cpu(), 0.9)
+    _assert_codes_near(out, ref, rope_k_transform_ref(k.cpu(), cos.cpu(), sin.cpu(), tk.cpu()), 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rope_reference_is_the_layers_formula(dtype):
+    """The reference's RoPE is QuantDecoderLayer._attention's (its rotate_half, cos/sin cast to k's dtype), bit for
+    bit; the kernels cannot import the layer, so the reference restates rotate_half."""
+    from flatquant.layer import rotate_half
+
+    B, H, T, D = 2, 3, 11, 64
+    k = _rows(B, H, T, D, dtype, seed=4, device="cpu")
+    cos, sin = (t.cpu() for t in _rope_tables(B, T, D, True, seed=4))
+    c, s = (t.unsqueeze(1).to(dtype) for t in (cos, sin))
+    assert torch.equal(rope_k_transform_ref(k, cos, sin), (k * c + rotate_half(k) * s).float())
+
+
+@needs_triton
+def test_rope_k_quant_pack_casts_tables_and_transform():
+    """fp32 cos/sin are cast to k's dtype (as the layer does), an fp64 tk to fp32; shapes are checked."""
+    B, H, T, D = 1, 2, 17, 64
+    k = _rows(B, H, T, D, torch.float16, seed=3)
+    cos, sin = _rope_tables(B, T, D, True, seed=3)
+    tk = torch.eye(D, dtype=torch.float64, device=DEVICE)
+    _assert_codes_near(rope_k_quant_pack(k, cos, sin, tk), rope_k_quant_pack_ref(k.cpu(), cos.cpu(), sin.cpu()),
+                       rope_k_transform_ref(k.cpu(), cos.cpu(), sin.cpu()), 1.0)
+    with pytest.raises(ValueError):
+        rope_k_quant_pack(k, cos[:, :-1], sin[:, :-1])
+    with pytest.raises(ValueError):
+        rope_k_quant_pack(k, cos, sin, tk[:-1])
+
+
+# ---- decode_attention ------------------------------------------------------------------------------------------
+
+
+def _cache(B, Hkv, Tmax, D, lengths, seed, device=DEVICE):
+    """Packed K/V caches with garbage past each length: random bytes, NaN scales and zeros."""
+    k = _rows(B, Hkv, Tmax, D, torch.float32, seed, device)
+    v = _rows(B, Hkv, Tmax, D, torch.float32, seed + 1, device)
+    kc, ks, kz = kv_quant_pack(k)
+    vc, vs, vz = kv_quant_pack(v)
+    g = torch.Generator().manual_seed(seed)
+    for b, n in enumerate(lengths):
+        for c in (kc, vc):
+            c[b, :, n:] = torch.randint(0, 256, c[b, :, n:].shape, generator=g, dtype=torch.uint8).to(device)
+        for s in (ks, kz, vs, vz):
+            s[b, :, n:] = math.nan
+    return kc, ks, kz, vc, vs, vz
+
+
+def _check_decode(q, cache, lengths, config=None):
+    """Output (NaN-poisoned buffer) within fp32 rounding of the float64 reference; returns the max error."""
+    out = torch.full_like(q, math.nan)
+    decode_attention(q, *cache, lengths, out=out, config=config)
+    ref = decode_attention_ref(q, *cache, lengths, out_dtype=torch.float64)
+    assert not out.isnan().any(), "output elements left unwritten"
+    vmax = max(float(kv_dequant(*(t[b:b + 1, :, :n] for t in cache[3:])).abs().max())
+               for b, n in enumerate(lengths.tolist()) if n > 0)
+    half_ulp = {torch.float32: 0.0, torch.float16: 2**-11, torch.bfloat16: 2**-8}[q.dtype]
+    err = (out.double() - ref).abs()
+    # fp32: scores, exp and sums each in fp32 (≈ 1e-7 relative); 1e-5·max|V| leaves ≈ 10× margin for the GPU's
+    # approximate exp; plus the rounding of the output to q's dtype
+    tol = 1e-5 * vmax + half_ulp * ref.abs()
+    assert (err <= tol).all(), float((err - tol).max())
+    return float(err.max())
+
+
+@needs_triton
+@pytest.mark.parametrize("B,lengths", [(1, [93]), (3, [1, 100, 47]), (5, [17, 1, 64, 100, 5])])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_attention_matches_reference(B, lengths, D, Hq, Hkv, dtype):
+    """Split over chunks of 32 tokens (blocks of 16: lengths 1, 5, 17, 47, 93 end inside a block or a chunk) with the
+    merge kernel, and in one pass (chunk ≥ Tmax): both within fp32 rounding of the float64 reference."""
+    Tmax = 100
+    lengths_t = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    cache = _cache(B, Hkv, Tmax, D, lengths, seed=B + D + Hq)
+    q = torch.randn(B, Hq, D, generator=torch.Generator().manual_seed(B * D)).to(device=DEVICE, dtype=dtype)
+    _check_decode(q, cache, lengths_t, {"chunk": 32, "block_n": 16})
+    _check_decode(q, cache, lengths_t, {"chunk": 128})
+
+
+@needs_triton
+def test_decode_attention_bf16_strided_q_and_odd_lengths():
+    """bf16 q read through a strided view; a sequence of length 0 gives zeros and a length past the capacity
+    attends over the whole cache (both clamped as the reference's mask does), in both paths."""
+    B, Hq, Hkv, D, Tmax = 4, 4, 1, 64, 40
+    lengths = torch.tensor([40, 0, 3, 999], dtype=torch.int32, device=DEVICE)
+    cache = _cache(B, Hkv, Tmax, D, lengths.tolist(), seed=9)
+    q = torch.randn(B, 2 * Hq, D, device=DEVICE).to(torch.bfloat16)[:, ::2]
+    for config in ({"chunk": 16}, None):
+        _check_decode(q, cache, lengths, config)
+        assert (decode_attention(q, *cache, lengths, config=config)[1] == 0).all()
+
+
+@needs_triton
+def test_decode_attention_checks_shapes():
+    cache = _cache(2, 2, 8, 64, [8, 8], seed=1)
+    lengths = torch.tensor([8, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError):  # 3 query heads over 2 kv heads
+        decode_attention(torch.randn(2, 3, 64, device=DEVICE), *cache, lengths)
+    with pytest.raises(ValueError):  # head_dim 32 against codes of 64
+        decode_attention(torch.randn(2, 4, 32, device=DEVICE), *cache, lengths)
+
+
+def test_fallbacks_equal_references_without_triton():
+    """Without triton every entry point runs its reference (and writes into out=)."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from flatquant.kernels import kv_cache as kv\n"
+            "assert not kv.HAS_TRITON\n"
+            "x = torch.randn(2, 2, 9, 64).half()\n"
+            "r = kv.kv_quant_pack_ref(x, 0.9)\n"
+            "out = tuple(torch.empty_like(t) for t in r)\n"
+            "assert all(torch.equal(a, b) for a, b in zip(kv.kv_quant_pack(x, 0.9, out=out), r))\n"
+            "cos, sin, tk = torch.randn(9, 64), torch.randn(9, 64), torch.randn(64, 64)\n"
+            "r = kv.rope_k_quant_pack_ref(x, cos, sin, tk)\n"
+            "assert all(torch.equal(a, b) for a, b in zip(kv.rope_k_quant_pack(x, cos, sin, tk), r))\n"
+            "c = kv.kv_quant_pack(x) + kv.kv_quant_pack(x.flip(2))\n"
+            "q, n = torch.randn(2, 4, 64).half(), torch.tensor([9, 4], dtype=torch.int32)\n"
+            "o = torch.full_like(q, float('nan'))\n"
+            "kv.decode_attention(q, *c, n, out=o)\n"
+            "assert torch.equal(o, kv.decode_attention_ref(q, *c, n))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---- GPU, model shapes (LLaMA-3-8B: D = 128, 32 query heads, 8 kv heads) -------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_kv_cache_writes_gpu_model_shapes(dtype):
+    """Prefill (2 × 4099 tokens) and decode (64 sequences × 1 token) writes against the CPU references."""
+    for B, T in ((2, 4099), (64, 1)):
+        x = _strided(_rows(B, 8, T, 128, dtype, seed=T))
+        _assert_pack_equal(kv_quant_pack(x, 0.95), kv_quant_pack_ref(x.cpu(), 0.95))
+        cos, sin = _rope_tables(B, T, 128, True, seed=T)
+        _assert_pack_equal(rope_k_quant_pack(x, cos, sin, None, 0.95),
+                           rope_k_quant_pack_ref(x.cpu(), cos.cpu(), sin.cpu(), None, 0.95))
+        tk = torch.linalg.qr(torch.randn(128, 128, dtype=torch.float64))[0].float().cuda()
+        _assert_codes_near(rope_k_quant_pack(x, cos, sin, tk, 0.95),
+                           rope_k_quant_pack_ref(x.cpu(), cos.cpu(), sin.cpu(), tk.cpu(), 0.95),
+                           rope_k_transform_ref(x.cpu(), cos.cpu(), sin.cpu(), tk.cpu()), 0.95)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lengths", [[8192], [1, 8191, 4097, 300], [5000] * 16])
+def test_decode_attention_gpu_model_shapes(dtype, lengths):
+    """The default split (on 132 SMs: 64 chunks of 128 tokens for one sequence, 17 of 496 for four, 5 of 1648 for
+    sixteen) and a forced single pass, against the float64 reference, with the CPU run's tolerance."""
+    B, Tmax = len(lengths), 8192
+    cache = _cache(B, 8, Tmax, 128, lengths, seed=B)
+    q = torch.randn(B, 32, 128, device="cuda").to(dtype)
+    n = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    _check_decode(q, cache, n)
+    _check_decode(q, cache, n, {"chunk": Tmax})
+
+
+@pytest.mark.skipif(not _RERUN, reason="the interpreter tests ran in this process")
+def test_interpreter_tests_in_subprocess():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", FQ_KERNEL_TESTS_SUBPROCESS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stdout[-3000:]
+    passed = int(r.stdout.split(" passed")[0].split()[-1])
+    assert passed >= N_INTERPRETER_TESTS, r.stdout[-500:]
