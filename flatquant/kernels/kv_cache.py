@@ -48,13 +48,7 @@ if HAS_TRITON:
     import triton.language as tl
     from triton.language.extra import libdevice
 
-    _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: x + M − M rounds fp32 |x| < 2^22 half to even
-
-    @triton.jit
-    def _div(a, b, EXACT: tl.constexpr):
-        if EXACT:
-            return tl.math.div_rn(a, b)
-        return a / b  # the interpreter divides exactly already
+    from .fused import _ROUND_MAGIC, _div  # x + M − M rounds fp32 half to even; correctly rounded division
 
     @triton.jit
     def _mul(a, b, EXACT: tl.constexpr):
