@@ -31,6 +31,7 @@ from torch import nn
 from flatquant.adapters import GROUP_LEADER, GROUPS, INPUT_GROUP, LINEAR_INPUT, SLOTS, LayerParts
 from flatquant.gptq import HessianAccumulator, gptq_quantize, rtn_fit_qdq
 from flatquant.quantizers import Quantizer, dequantize_codes, pack_codes, quantize, unpack_codes
+from flatquant.rope import rotate_half
 from flatquant.spec import QuantConfig
 from flatquant.transforms import KronTransform, cached_matrices, kron_apply
 
@@ -41,11 +42,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _norm_eps(norm: nn.Module) -> float:

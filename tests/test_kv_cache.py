@@ -160,9 +160,9 @@ def test_rope_k_quant_pack_with_transform(dtype, D, per_batch, config):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rope_reference_is_the_layers_formula(dtype):
-    """The reference's RoPE is QuantDecoderLayer._attention's (its rotate_half, cos/sin cast to k's dtype), bit for
-    bit; the kernels cannot import the layer, so the reference restates rotate_half."""
-    from flatquant.layer import rotate_half
+    """The reference's RoPE is QuantDecoderLayer._attention's (flatquant.rope.rotate_half, cos/sin cast to k's
+    dtype), bit for bit."""
+    from flatquant.rope import rotate_half
 
     B, H, T, D = 2, 3, 11, 64
     k = _rows(B, H, T, D, dtype, seed=4, device="cpu")

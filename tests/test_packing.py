@@ -103,11 +103,11 @@ def test_packing_is_a_leaf_module():
 
 
 def test_kernels_import_only_the_leaf():
-    """flatquant/kernels reads packing (and the quantizers, for a fallback's reference), never the layer, the
+    """flatquant/kernels reads packing and rope (and the quantizers, for a fallback's reference), never the layer, the
     methods or the calibration: the layer swaps kernels in, not the other way round."""
     kernels = Path(flatquant.packing.__file__).parent / "kernels"
     for path in sorted(kernels.glob("*.py")):
         tree = ast.parse(path.read_text())
         core = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
                 and node.level == 0 and node.module.startswith("flatquant.") and not node.module.startswith("flatquant.kernels")}
-        assert core <= {"flatquant.packing", "flatquant.quantizers"}, (path.name, core)
+        assert core <= {"flatquant.packing", "flatquant.quantizers", "flatquant.rope"}, (path.name, core)

@@ -40,6 +40,7 @@ import math
 import torch
 
 from flatquant.packing import pack_int4_offset, unpack_int4_offset
+from flatquant.rope import rotate_half
 
 from .kron_quant import HAS_TRITON, _sm_count, use_triton
 
@@ -268,13 +269,6 @@ def kv_quant_pack_ref(x: torch.Tensor, clip: float = 1.0):
     return codes, scale.reshape(B, H, T), zero.reshape(B, H, T)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x₁, x₂] → [−x₂, x₁]: flatquant.layer.rotate_half, restated because the kernels do not import the layer
-    (tests/test_packing.py::test_kernels_import_only_the_leaf)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rope_k_quant_pack_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tk: torch.Tensor | None = None,
                           clip: float = 1.0):
     """PyTorch reference of ``rope_k_quant_pack``, from QuantDecoderLayer._attention's formulas: RoPE in k's dtype,
@@ -288,7 +282,7 @@ def rope_k_transform_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     RoPE is QuantDecoderLayer._attention's formula in k's dtype (tests/test_kv_cache.py checks it against the layer)."""
     _check_rows(k, "k")
     cos, sin = (_rope_table(t, k).unsqueeze(1) for t in (cos, sin))  # (B or 1, 1, T, D) in k's dtype
-    y = (k * cos + _rotate_half(k) * sin).float()
+    y = (k * cos + rotate_half(k) * sin).float()
     return y if tk is None else y @ tk.to(device=y.device, dtype=torch.float32)
 
 
