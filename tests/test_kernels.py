@@ -6,7 +6,6 @@ else. Without triton the kernel tests skip and the PyTorch paths are still teste
 """
 import importlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -23,19 +22,9 @@ if not torch.cuda.is_available():
 
 from flatquant.kernels import QuantLinear, kron_quant
 from flatquant.kernels.bench import check_gemm, check_kron_quant, check_qlinear, packed_ok
-from flatquant.kernels.kron_quant import HAS_TRITON, use_triton
 from flatquant.packing import unpack_int4_twos
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Another test module may have imported triton (torch does on some paths) before TRITON_INTERPRET was set:
-# then the interpreter tests run again in a fresh process (test_interpreter_tests_in_subprocess).
-_RERUN = (HAS_TRITON and DEVICE == "cpu" and not use_triton(torch.empty(0))
-          and os.environ.get("FQ_KERNEL_TESTS_SUBPROCESS") != "1")
-needs_triton = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
-                                  reason="run in a subprocess: triton was imported before TRITON_INTERPRET"
-                                  if _RERUN else "triton missing")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
+                            run_without_triton)
 
 
 def _assert_check(r: dict):
@@ -254,16 +243,12 @@ def test_packed_ok_rejects_real_mismatches():
 
 
 def test_import_and_fallback_without_triton():
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch\n"
+    code = ("import torch\n"
             "from flatquant import kernels\n"
             "assert not kernels.HAS_TRITON\n"
             "l = kernels.QuantLinear.from_float(torch.randn(16, 64), L=torch.eye(8), R=torch.eye(8))\n"
             "assert l(torch.randn(3, 64).half()).shape == (3, 16)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
-                       check=False)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_without_triton(code, timeout=120)
 
 
 @gpu
@@ -325,11 +310,7 @@ def test_kernel_groups_are_not_less_accurate_than_fake_quant():
             assert _rel(s, sr) < 1e-4, (case, _rel(s, sr))
 
 
-@pytest.mark.skipif(not _RERUN, reason="the interpreter tests ran in this process")
+@needs_rerun
 def test_interpreter_tests_in_subprocess():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", FQ_KERNEL_TESTS_SUBPROCESS="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert "20 passed" in r.stdout or int(r.stdout.split(" passed")[0].split()[-1]) >= 20, r.stdout[-500:]
+    stdout = rerun_under_interpreter(__file__, timeout=600)
+    assert "20 passed" in stdout or int(stdout.split(" passed")[0].split()[-1]) >= 20, stdout[-500:]

@@ -8,7 +8,6 @@ kernels divide correctly rounded, as PyTorch's CPU kernels do; its CUDA kernels 
 import importlib
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,21 +18,14 @@ if not torch.cuda.is_available():
     if "flatquant.kernels.kv_cache" in sys.modules:
         importlib.reload(sys.modules["flatquant.kernels.kv_cache"])
 
-from flatquant.kernels.kron_quant import HAS_TRITON, use_triton
 from flatquant.kernels.kv_cache import (decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack,
                                         kv_quant_pack_ref, rope_k_quant_pack, rope_k_quant_pack_ref,
                                         rope_k_transform_ref)
 from flatquant.packing import unpack_int4_offset
 from flatquant.quantizers import QuantSpec, fake_quant
+from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
+                            run_without_triton)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_RERUN = (HAS_TRITON and DEVICE == "cpu" and not use_triton(torch.empty(0))
-          and os.environ.get("FQ_KERNEL_TESTS_SUBPROCESS") != "1")
-needs_triton = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
-                                  reason="run in a subprocess: triton was imported before TRITON_INTERPRET"
-                                  if _RERUN else "triton missing")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 N_INTERPRETER_TESTS = 55  # the tests that need triton (at least these pass in the subprocess)
 
 
@@ -262,8 +254,7 @@ def test_decode_attention_checks_shapes():
 
 def test_fallbacks_equal_references_without_triton():
     """Without triton every entry point runs its reference (and writes into out=)."""
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch\n"
+    code = ("import torch\n"
             "from flatquant.kernels import kv_cache as kv\n"
             "assert not kv.HAS_TRITON\n"
             "x = torch.randn(2, 2, 9, 64).half()\n"
@@ -278,10 +269,7 @@ def test_fallbacks_equal_references_without_triton():
             "o = torch.full_like(q, float('nan'))\n"
             "kv.decode_attention(q, *c, n, out=o)\n"
             "assert torch.equal(o, kv.decode_attention_ref(q, *c, n))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
-                       check=False)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_without_triton(code, timeout=300)
 
 
 # ---- GPU, model shapes (LLaMA-3-8B: D = 128, 32 query heads, 8 kv heads) -------------------------------------
@@ -319,12 +307,8 @@ def test_decode_attention_gpu_model_shapes(dtype, lengths):
     _check_decode(q, cache, n, {"chunk": Tmax})
 
 
-@pytest.mark.skipif(not _RERUN, reason="the interpreter tests ran in this process")
+@needs_rerun
 def test_interpreter_tests_in_subprocess():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", FQ_KERNEL_TESTS_SUBPROCESS="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert r.returncode == 0, r.stdout[-3000:]
-    passed = int(r.stdout.split(" passed")[0].split()[-1])
-    assert passed >= N_INTERPRETER_TESTS, r.stdout[-500:]
+    stdout = rerun_under_interpreter(__file__, timeout=900)
+    passed = int(stdout.split(" passed")[0].split()[-1])
+    assert passed >= N_INTERPRETER_TESTS, stdout[-500:]

@@ -254,9 +254,11 @@ MAX_SPLITS = 64  # partials per sequence and head: bounds the merge kernel's til
 
 def kv_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """codes (B, H, T, D/2) uint8, scale / zero (B, H, T) fp32 → (code − zero)·scale, (B, H, T, D) fp32."""
+    from flatquant.quantizers import dequantize_codes
+
     B, H, T, Dh = codes.shape
-    c = unpack_int4_offset(codes.reshape(-1, Dh), 0).view(B, H, T, 2 * Dh).float()
-    return (c - zero.float()[..., None]) * scale.float()[..., None]
+    c = unpack_int4_offset(codes.reshape(-1, Dh), 0)
+    return dequantize_codes(c, scale.float().reshape(-1), zero.float().reshape(-1)).view(B, H, T, 2 * Dh)
 
 
 def kv_quant_pack_ref(x: torch.Tensor, clip: float = 1.0):
