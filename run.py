@@ -1,7 +1,8 @@
 """Entry point: compose conf/ with Hydra and run one tracked job (or a sweep with -m).
 
     python run.py                                   # the whole job on the embedded default, on the CPU
-    python run.py model=llama3_8b quant=w4a4kv4     # a real model (set model.path or its env variable)
+    python run.py experiment=paper model=llama3_8b quant=w4a4kv4   # a real model at the paper's schedule (set
+                                                                   # model.path or its env variable)
     python run.py -m method=rtn,flatquant           # one MLflow run per combination
     python run.py -m hydra/launcher=joblib method=rtn,quarot,flatquant   # one worker per GPU
 """
@@ -24,6 +25,11 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and hc.launcher._target_.endswith("JoblibLauncher"):
         claim_gpu()  # joblib workers are long-lived processes: each keeps one GPU (pipeline/gpu.py says why)
+    choices = hc.runtime.choices
+    if choices.get("calib") == "quick" and choices.get("model") != "smollm2" and cfg.stage != "bench":
+        log.warning("calib=quick (experiment=%s) on model=%s: the CPU-sized schedule of the embedded default (%d x %d "
+                    "calibration tokens, %d epochs); experiment=paper runs the paper's", choices.get("experiment"),
+                    choices.get("model"), cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.epochs)
     try:
         metrics = execute(OmegaConf.to_container(cfg, resolve=True))
     except Exception:

@@ -99,6 +99,7 @@ SLOT_LINEARS = {g: names for g, names in GROUPS.items() if g in SLOTS}  # the gr
 INPUT_GROUP = {n: g for g, names in GROUPS.items() for n in names}  # linear → the group whose activation it reads
 LINEAR_INPUT = {n: g for n, g in INPUT_GROUP.items() if g in SLOT_LINEARS}  # linear → the slot on its input
 GROUP_LEADER = {names[0] for names in GROUPS.values()}
+GROUP_TRANSFORM = {"qkv": "qkv", "o": "heads", "upgate": "upgate", "down": "down"}  # group → the slot run online on its input
 
 
 ADAPTERS: dict[str, Adapter] = {

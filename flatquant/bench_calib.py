@@ -8,7 +8,7 @@ Usage::
     res = bench_calibration(4096, 14336, 32, 8, 128)              # LLaMA-3-8B shape, reference schedule
     res["ms_per_step"], res["s_per_layer"]                        # results/bench/<gpu>_calibration.json
 
-A step is one step of flatquant.calibrate.train_layer: forward of the QuantDecoderLayer on `batch_size` ×
+A step is one step of flatquant.calibrate.train_layer: forward of the CalibLayer on `batch_size` ×
 `seqlen` tokens, MSE to the full-precision layer's outputs, backward, AdamW. `steps` of them are timed with CUDA
 synchronisation after a warm-up of WARMUP_STEPS (autotuning, allocator); s_per_layer projects the time per step
 onto the schedule, ceil(nsamples / batch_size) steps per epoch × epochs (the reference schedule, 128 × 2048 tokens
@@ -31,7 +31,7 @@ import torch
 
 from flatquant.adapters import adapter_for
 from flatquant.calibrate import CalibConfig, _layer_io, layer_mse, split_layers, train_layer
-from flatquant.layer import QuantDecoderLayer
+from flatquant.layer import CalibLayer
 from flatquant.methods import get_method
 from flatquant.spec import QuantConfig
 
@@ -68,7 +68,7 @@ def bench_calibration(hidden: int, intermediate: int, num_heads: int, num_kv_hea
     inps = torch.randn((WARMUP_STEPS + steps) * batch_size, seqlen, hidden, device=device, generator=gen)
     pe = tuple(t.float() for t in rotary(inps[:1], torch.arange(seqlen, device=device).unsqueeze(0)))
     targets, stats = _layer_io(layer, inps, pe, batch_size, parts.slot_inputs())
-    qlayer = QuantDecoderLayer(parts, qcfg or QuantConfig(), method.transforms(parts, stats, torch.Generator().manual_seed(0)))
+    qlayer = CalibLayer(parts, qcfg or QuantConfig(), method.transforms(parts, stats, torch.Generator().manual_seed(0)))
     qlayer = qlayer.to(device)
     warm, timed = slice(0, WARMUP_STEPS * batch_size), slice(WARMUP_STEPS * batch_size, None)
     before = layer_mse(qlayer, inps[timed], targets[timed], pe, batch_size)

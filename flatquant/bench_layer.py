@@ -1,4 +1,4 @@
-"""Time a whole decoder layer in real W4A4 (QuantDecoderLayer on the kernels) against the fp16 layer, and
+"""Time a whole decoder layer in real W4A4 (QuantLayer on the kernels) against the fp16 layer, and
 profile where its GPU time goes.
 
 Usage::
@@ -52,11 +52,12 @@ def random_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_
 
 
 def build_layers(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, device="cuda"):
-    """(fp16 transformers layer, W4A4 QuantDecoderLayer on the kernels, its fake-quant twin, rotary module)."""
+    """(fp16 transformers layer, W4A4 QuantLayer on the kernels, its fake-quant twin, rotary module)."""
     import copy
 
     from flatquant.adapters import adapter_for
-    from flatquant.layer import QuantDecoderLayer
+    from flatquant.convert import convert
+    from flatquant.layer import CalibLayer
     from flatquant.methods import get_method
     from flatquant.spec import QuantConfig
 
@@ -64,9 +65,7 @@ def build_layers(hidden: int, intermediate: int, num_heads: int, num_kv_heads: i
     parts = adapter_for(cfg).parts(fp, cfg)
     stats = {slot: torch.ones(lin.weight.shape[1], device=device) for slot, lin in parts.slot_inputs().items()}
     transforms = get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0))
-    fake = QuantDecoderLayer(parts, QuantConfig(), transforms).to(device)
-    fake.merge()
-    fake.pack()
+    fake = convert(CalibLayer(parts, QuantConfig(), transforms).to(device), "rtn")
     real = copy.deepcopy(fake)
     real.use_kernels()
     return fp.half(), real, fake, rotary

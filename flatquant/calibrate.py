@@ -5,9 +5,10 @@ Usage:
                             ckpt_dir="artifacts/calib/<key>", on_layer=print)
 
 For layer i: the full-precision layer maps its inputs X_i to targets Y_i (and activation statistics for
-the diagonal-scale start are taken on the way); a QuantDecoderLayer is built around the same weights,
+the diagonal-scale start are taken on the way); a CalibLayer is built around the same weights,
 its transform and clip parameters are trained to minimise MSE(Y_i, layer_q(X_i)) (paper §3.3: AdamW,
-cosine decay, clip factors at 10× the learning rate), then merged and swapped into the model, and
+cosine decay, clip factors at 10× the learning rate), then converted (flatquant.convert: merged, weights
+quantized by RTN or GPTQ, packed) and the QuantLayer swapped into the model, and
 X_{i+1} = Y_i. Only the layer being calibrated is on the GPU: a model whose layers are in CPU memory
 (flatquant.offload) gets each quantized layer back there, its weights packed to 4-bit codes. Each finished layer's parameters are saved at once (safetensors + manifest), so a killed
 run resumes at the next layer; a NaN loss retries the layer at a tenth of the learning rate, then falls
@@ -32,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from flatquant.adapters import adapter_for
-from flatquant.layer import QuantDecoderLayer
+from flatquant.convert import GPTQOptions, convert
+from flatquant.layer import CalibLayer
 from flatquant.lazy import materialize
 from flatquant.placement import STORAGES, WORKSPACE_PER_LAYER_BYTE, choose_storage, empty_buffer, to_device
 from flatquant.spec import QuantConfig
@@ -122,7 +124,7 @@ def _layer_io(layer, inps, pe, batch_size, stat_names: dict[str, torch.nn.Module
     return outs, stats
 
 
-def _param_groups(qlayer: QuantDecoderLayer, ccfg: CalibConfig):
+def _param_groups(qlayer: CalibLayer, ccfg: CalibConfig):
     clips = [p for n, p in qlayer.named_parameters() if n.endswith("clip_logit") and p.requires_grad]
     rest = [p for n, p in qlayer.named_parameters() if not n.endswith("clip_logit") and p.requires_grad]
     return [{"params": rest, "lr": ccfg.lr}, {"params": clips, "lr": ccfg.lr * ccfg.clip_lr_mult}]
@@ -170,7 +172,7 @@ def train_layer(qlayer, inps, targets, pe, ccfg: CalibConfig, lr: float, progres
     return losses
 
 
-def trainable_state(qlayer: QuantDecoderLayer) -> dict[str, torch.Tensor]:
+def trainable_state(qlayer: CalibLayer) -> dict[str, torch.Tensor]:
     """What calibration learned (transforms, their fixed starts, clip logits): enough to rebuild the layer."""
     return {k: v.detach().cpu().contiguous() for k, v in qlayer.state_dict().items() if k.startswith(("transforms.", "wq.", "aq."))}
 
@@ -292,10 +294,9 @@ def quantize_model(
     ccfg: CalibConfig,
     ckpt_dir: str | Path | None = None,
     on_layer: Callable[[LayerReport, dict], None] | None = None,
-    pack: bool = True,
 ) -> list[LayerReport]:
-    """Replace every decoder layer of `model` (in place) by its calibrated, merged QuantDecoderLayer
-    (pack=True: quantized weights kept as 4-bit codes, see QuantDecoderLayer.pack)."""
+    """Replace every decoder layer of `model` (in place) by its calibrated QuantLayer (flatquant.quant_layer:
+    quantized weights kept as integer codes, 4-bit ones two per byte)."""
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     store = LayerStore(ckpt_dir, store_key(method, qcfg, ccfg, samples))
@@ -306,7 +307,7 @@ def quantize_model(
     reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method.name}", unit="layer")
     for i in bar:
-        report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar, pack)
+        report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar)
         if ccfg.needs_data(method):
             inps, spare = state.pop("_targets"), inps  # this layer's targets are the next one's inputs
         reports.append(report)
@@ -366,7 +367,7 @@ def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, cc
             continue
         layers[i] = copy.deepcopy(fp)  # _quantize_layer replaces the layer it works on; the model keeps its own
         report, state = _quantize_layer(model, adapter, layers, i, (inps, spare), pe, method, qcfg, ccfg, store, bar,
-                                        pack=False, merge=False)
+                                        convert_layer=False)
         layers[i] = fp
         saved += not report.resumed
         if data:
@@ -377,7 +378,7 @@ def calibrate_layers(model, samples: torch.Tensor, method, qcfg: QuantConfig, cc
     return RangeResult(reports, store.last_count if saved else store.count(), saved, fp_seconds)
 
 
-def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar, pack, merge=True):
+def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, store, bar, convert_layer=True):
     t0 = time.time()
     inps, spare = buffers
     device = torch.device(ccfg.device)
@@ -390,7 +391,7 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
         targets, stats = _layer_io(layer, inps, pe, ccfg.batch_size, parts.slot_inputs(), out=spare)
     gen = torch.Generator().manual_seed(ccfg.seed * 100003 + i)
     qcfg_layer = qcfg if method.learnable_clip else _no_clip(qcfg)
-    qlayer = QuantDecoderLayer(parts, qcfg_layer, method.transforms(parts, stats, gen)).to(device)
+    qlayer = CalibLayer(parts, qcfg_layer, method.transforms(parts, stats, gen)).to(device)
     report = LayerReport(i)
     saved = store.load(i)
     if saved is not None:
@@ -405,28 +406,19 @@ def _quantize_layer(model, adapter, layers, i, buffers, pe, method, qcfg, ccfg, 
     state = trainable_state(qlayer)
     if saved is None:
         store.save(i, state, report)
-    if merge:
-        _merge(qlayer, inps, pe, ccfg)
-        if pack:
-            qlayer.pack()  # 4-bit codes instead of float32 weights where the weights are quantized
-    layers[i] = qlayer.to(home)
+    if convert_layer:
+        layers[i] = _convert(qlayer, inps, pe, ccfg).to(home)
     if targets is not None:
         state["_targets"] = targets
     return report, state
 
 
-def _merge(qlayer: QuantDecoderLayer, inps, pe, ccfg: CalibConfig) -> None:
-    """Merge, quantizing the weights by RTN, or by GPTQ on Hessians of the merged layer's linear inputs."""
-    if ccfg.wquant == "rtn":
-        qlayer.merge()
-        return
-    qlayer.merge(quantize_weights=False)
-    qlayer.observers = {}
-    with torch.no_grad():
-        for i in range(0, len(inps), ccfg.batch_size):
-            qlayer(to_device(inps[i : i + ccfg.batch_size], pe[0].device), position_embeddings=pe)
-    hessians, qlayer.observers = qlayer.observers, None
-    qlayer.gptq_weights(hessians, ccfg.gptq_blocksize, ccfg.gptq_percdamp, ccfg.gptq_act_order)
+def _convert(qlayer: CalibLayer, inps, pe, ccfg: CalibConfig):
+    """The layer's QuantLayer, its weights quantized by RTN, or by GPTQ on Hessians of the merged layer's inputs."""
+    batches = (to_device(inps[i : i + ccfg.batch_size], pe[0].device) for i in range(0, len(inps), ccfg.batch_size)) \
+        if ccfg.wquant == "gptq" else ()
+    gptq = GPTQOptions(ccfg.gptq_blocksize, ccfg.gptq_percdamp, ccfg.gptq_act_order)
+    return convert(qlayer, ccfg.wquant, batches, pe, gptq)
 
 
 def _no_clip(qcfg: QuantConfig) -> QuantConfig:

@@ -6,12 +6,13 @@ Usage:
 
 Layout of the folder: config.json and the tokenizer (as transformers writes them), quant_config.json (format,
 method, bits, the shard names and the sha256 of every other file in the folder), and model-0000k.safetensors
-shards. Each merged decoder layer is stored as its state (norms with the scales folded in, transform parameters,
-LAC clips) with every quantized weight replaced by `<name>.codes`, `<name>.scale` and `<name>.zero`; codes are
-stored by `pack_codes`: 4-bit ones two per uint8 in offset binary (nibble = code − qmin, low nibble = even
-column; `flatquant.packing.pack_int4_offset`), wider ones unpacked in the narrowest signed integer dtype that holds
-them. The W4A4 kernels read two's-complement nibbles instead (`pack_int4_twos`), so this is not their layout:
-`QuantDecoderLayer.use_kernels` re-packs a loaded layer's integer codes into it. Everything outside the layers
+shards. Each decoder layer is stored as its QuantLayer's state_dict (flatquant/quant_layer.py) under
+`layers.<i>.`: the norms with the scales folded in, the online transforms' parameters, the LAC clips and, for each
+linear, `<group>.linears.<name>.codes`, `.scale`, `.zero` (and `.bias`), or `.weight` where it has no codes.
+Codes are stored by `pack_codes`: 4-bit ones two per uint8 in offset binary (nibble = code − qmin, low nibble =
+even column; `flatquant.packing.pack_int4_offset`), wider ones unpacked in the narrowest signed integer dtype that
+holds them. The W4A4 kernels read two's-complement nibbles instead (`pack_int4_twos`), so this is not their
+layout: `QuantLayer.use_kernels` re-packs a loaded layer's codes into it. Everything outside the layers
 (embeddings, final norm, head) is stored as is. Nothing is pickled.
 
 load_quantized verifies every checksum and refuses files the manifest does not list, then checks config.json
@@ -28,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from flatquant.adapters import adapter_for
-from flatquant.layer import QuantDecoderLayer
+from flatquant.adapters import INPUT_GROUP, adapter_for
 from flatquant.methods import get_method
-from flatquant.quantizers import dequantize_codes, pack_codes, unpack_codes
+from flatquant.quant_layer import QuantLayer
 from flatquant.spec import QuantConfig
 
-FORMAT = "flatquant-checkpoint-v2"  # v2: codes wider than int8 (any bit width), every file checksummed
+# v3: each layer is a QuantLayer's state_dict (linear groups); v2 (w_<name>.codes beside the calibration layer's
+# state) was written before flatquant/quant_layer.py existed and is refused with a request to export again
+FORMAT = "flatquant-checkpoint-v3"
 MANIFEST = "quant_config.json"
 SHARD_BYTES = 2 * 1024**3
 
@@ -47,33 +49,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _layer_tensors(i: int, layer: QuantDecoderLayer) -> dict[str, torch.Tensor]:
-    spec = layer.qcfg.weight_spec()
-    out = {}
-    for key, value in layer.state_dict().items():
-        if key.startswith(("w_", "c_", "s_", "z_")) and key[2:] in layer.wq:
-            continue  # weights are written below, as codes when quantized (stored or packed in the layer)
-        if value is not None:
-            out[f"layers.{i}.{key}"] = value
-    for name in layer.wq:
-        key = f"w_{name}"
-        if spec.enabled:
-            codes, scale, zero = layer.weight_codes(name)
-            out[f"layers.{i}.{key}.codes"] = pack_codes(codes, spec)
-            out[f"layers.{i}.{key}.scale"], out[f"layers.{i}.{key}.zero"] = scale.float(), zero.float()
-        else:
-            out[f"layers.{i}.{key}"] = getattr(layer, key)
-    return out
+def _layer_tensors(i: int, layer: QuantLayer) -> dict[str, torch.Tensor]:
+    return {f"layers.{i}.{k}": v for k, v in layer.state_dict().items()}
 
 
 def export(model, tokenizer, path: str | Path, method: dict) -> Path:
-    """Write the quantized `model` (every decoder layer a merged QuantDecoderLayer) to the folder `path`."""
+    """Write the quantized `model` (every decoder layer a QuantLayer, not swapped for the kernels) to the folder
+    `path`."""
     from safetensors.torch import save_file
 
     adapter, path = adapter_for(model), Path(path)
     layers = adapter.layers(model)
-    if not all(isinstance(layer, QuantDecoderLayer) and layer.merged for layer in layers):
-        raise ValueError("export needs a quantized model: every decoder layer a merged QuantDecoderLayer")
+    if not all(isinstance(layer, QuantLayer) for layer in layers):
+        raise ValueError("export needs a quantized model: every decoder layer a QuantLayer (flatquant.quant_layer)")
+    if any(layer.on_kernels for layer in layers):
+        raise ValueError("export the model before use_kernels(): the kernels hold their own weight layout")
     path.mkdir(parents=True, exist_ok=True)
     prefix = adapter.layers_path + "."
     tensors = {f"base.{k}": v for k, v in model.state_dict().items() if not k.startswith(prefix)}
@@ -134,8 +124,8 @@ def _read_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _rows(tensors: dict, i: int, name: str) -> int | None:
     """Output features of linear `name` in stored layer i (from its scale when quantized); None when absent."""
-    key = f"layers.{i}.w_{name}"
-    found = tensors.get(key + ".scale", tensors.get(key))
+    key = f"layers.{i}.{INPUT_GROUP[name]}.linears.{name}"
+    found = tensors.get(key + ".scale", tensors.get(key + ".weight"))
     return None if found is None else found.shape[0]
 
 
@@ -170,26 +160,14 @@ def _check_config(path: Path, config, meta: dict, tensors: dict) -> None:
         raise ValueError(f"{path}/config.json does not match the stored tensors: " + "; ".join(wrong.values()))
 
 
-def _layer_state(i: int, tensors: dict, qcfg: QuantConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """The layer's state_dict with dequantized weights, and {linear: (scale, zero)} of its quantized weights."""
-    spec, prefix, state, qparams = qcfg.weight_spec(), f"layers.{i}.", {}, {}
-    for key, value in tensors.items():
-        if not key.startswith(prefix):
-            continue
-        key = key[len(prefix):]
-        if key.endswith(".codes"):
-            base = key[: -len(".codes")]
-            scale, zero = tensors[prefix + base + ".scale"], tensors[prefix + base + ".zero"]
-            state[base] = dequantize_codes(unpack_codes(value, spec), scale, zero)
-            qparams[base[2:]] = (scale, zero)
-        elif not key.endswith((".scale", ".zero")):
-            state[key] = value
-    return state, qparams
+def _layer_state(i: int, tensors: dict) -> dict[str, torch.Tensor]:
+    prefix = f"layers.{i}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_quantized(path: str | Path, device="cpu", expect_method: str | None = None, expect_quant: dict | None = None):
-    """Rebuild (model, tokenizer) from an exported folder: fake-quant layers with the exact stored weights, kept
-    packed (as integer codes) as calibration left them; call `layer.use_kernels()` on each to run them in real W4A4.
+    """Rebuild (model, tokenizer) from an exported folder: QuantLayers with the exact stored weights, kept as integer
+    codes as calibration left them; call `layer.use_kernels()` on each to run them in real W4A4.
 
     expect_method / expect_quant: refuse a checkpoint of another method or bit width (ValueError naming both).
     """
@@ -220,16 +198,10 @@ def load_quantized(path: str | Path, device="cpu", expect_method: str | None = N
         parts = adapter.parts(layers[i], model.config)
         stats = {slot: torch.ones(lin.weight.shape[1]) for slot, lin in parts.slot_inputs().items()}  # overwritten on load
         transforms = method.transforms(parts, stats, torch.Generator().manual_seed(0))
-        # built on the device it runs on, so that load_merged freezes the transforms there, as the run did: float64
-        # on the CPU and on a GPU differ in the last bits, and 1-ulp changes of the frozen float32 matrices flip
-        # 4-bit activation codes (one H200, a 1-epoch fp16 model: frozen on the CPU, 540 matrices differed and
-        # perplexity was 97.77 against the run's 100.37; frozen on the GPU, every tensor and logit was equal)
-        layer = QuantDecoderLayer(parts, qcfg, transforms).to(device)
-        state, qparams = _layer_state(i, tensors, qcfg)
-        layer.load_merged(state)
-        layer.weight_qparams = qparams
-        layer.pack()  # back to integer codes in memory, ready for use_kernels() at 4 bits
-        layers[i] = layer
+        # frozen on the device it runs on, as the run froze them (QuantLayer.from_state; one H200, a 1-epoch fp16
+        # model: frozen on the CPU, 540 matrices differed and perplexity was 97.77 against the run's 100.37; frozen on
+        # the GPU, every tensor and logit was equal)
+        layers[i] = QuantLayer.from_state(parts, qcfg, transforms, _layer_state(i, tensors), device)
     model.config.use_cache = False
     model.to(device).eval().requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(path)

@@ -3,7 +3,7 @@
 Usage:
     texts = generate(model, tokenizer, ["The capital of Germany is"], max_new_tokens=8)   # greedy
 
-`model.generate` runs as for any transformers model, with a DynamicCache: each QuantDecoderLayer puts its
+`model.generate` runs as for any transformers model, with a DynamicCache: each QuantLayer puts its
 quantized K (after RoPE and its learned transform) and quantized V into the cache and attends to what the cache
 holds, so a generated token is the one a full forward over the whole sequence would pick (tests/test_generate.py).
 The cache keeps those values dequantized, in the model's dtype; a packed 4-bit cache is not built yet.

@@ -11,12 +11,12 @@ Both encodings put two codes in a byte, the even column in the low nibble, and d
 
 - offset binary: nibble = code − qmin, so any range [qmin, qmin + 15] fits (qmin = −8 symmetric, 0 asymmetric)
   and the reader must know qmin. `quantizers.pack_codes` / `unpack_codes` use it for the 4-bit weight codes
-  of packed layers (`QuantDecoderLayer.pack`) and of exported checkpoints (`flatquant.export`): changing it
+  of a QuantLayer's weights (`quant_layer.QuantWeight`) and of exported checkpoints (`flatquant.export`): changing it
   changes the bytes on disk.
 - two's complement: nibble = code & 15, the low four bits of the integer itself; signed readers sign-extend
   (8..15 → −8..−1), unsigned ones read 0..15. The Triton kernels use it (flatquant/kernels/): `kron_quant`
   writes activations this way, `w4a4_gemm` and `QuantLinear` read activations and weights so;
-  `QuantDecoderLayer.use_kernels` re-packs the offset-binary weight codes into it.
+  `QuantLinear.from_group` re-packs the offset-binary weight codes into it.
 
 For symmetric codes (qmin = −8) the two differ by XOR 0x88 per byte: code + 8 ≡ (code & 15) + 8 (mod 16), and
 adding 8 mod 16 flips only bit 3 of each nibble. For asymmetric codes (qmin = 0) they are the same bytes.

@@ -15,7 +15,7 @@ import torch
 from flatquant import data
 from flatquant.calibrate import CalibConfig, split_layers
 from flatquant.adapters import adapter_for
-from flatquant.layer import QuantDecoderLayer, kernel_unsupported
+from flatquant.quant_layer import QuantLayer, kernel_unsupported
 from flatquant.methods import check_model, get_method
 from flatquant.model import load_model, resolve_path
 from flatquant.lazy import load_lazy
@@ -164,7 +164,7 @@ class Context:
         model = self.model
         if self.cfg.get("kernels", False):
             layers = adapter_for(model).layers(model)
-            todo = [layer for layer in layers if isinstance(layer, QuantDecoderLayer) and layer.kernels is None]
+            todo = [layer for layer in layers if isinstance(layer, QuantLayer) and not layer.on_kernels]
             for layer in todo:
                 layer.use_kernels()
             if todo:

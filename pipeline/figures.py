@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flatquant.adapters import adapter_for
-from flatquant.layer import QuantDecoderLayer, rms_norm
+from flatquant.quant_layer import QuantLayer, rms_norm
 from flatquant.methods import input_absmax, rotation, smooth_scale
 
 
@@ -29,7 +29,7 @@ def calibration_figures(reports, out_dir: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def flatness_figure(fp_layer, qlayer: QuantDecoderLayer, config, x: torch.Tensor, out_dir: Path, method: str = "flatquant") -> Path:
+def flatness_figure(fp_layer, qlayer: QuantLayer, config, x: torch.Tensor, out_dir: Path, method: str = "flatquant") -> Path:
     """x: (tokens, hidden) float32 input of layer 0; fp_layer the full-precision layer, qlayer its merged version by
     `method`, whose own transform is the curve labelled "<method> (this run)"."""
     from analysis.plots import flatness_plot
@@ -39,14 +39,14 @@ def flatness_figure(fp_layer, qlayer: QuantDecoderLayer, config, x: torch.Tensor
     w = torch.cat([parts.linears[n].weight.float() for n in ("q", "k", "v")])
     d = smooth_scale(h.abs().amax(0), input_absmax(parts, ("q", "k", "v")), 0.5)
     rot = rotation(h.shape[-1], seed=0).to(h.device)
-    t = qlayer.t("qkv")
+    t = qlayer.qkv.online
     acts = {"original": h, "smoothquant": h / d, "hadamard": rot.apply(h)}
     weights = {"original": w, "smoothquant": w * d, "hadamard": rot.apply(w, inv_t=True)}
     if t is not None:
         from analysis.tables import PRETTY
 
         own = f"{PRETTY.get(method, method)} (this run)"
-        acts[own] = t.apply(rms_norm(x, qlayer.norm1, qlayer.eps1))
+        acts[own] = qlayer.qkv.transform(rms_norm(x, qlayer.norm1, qlayer.eps1))
         w = qlayer.weights()
         weights[own] = torch.cat([w["q"], w["k"], w["v"]])
     return flatness_plot(acts, weights, out_dir, title="layer 0 q/k/v input: flatness")

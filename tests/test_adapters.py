@@ -1,4 +1,4 @@
-"""Model-family adapters: each supported family's decoder layer is reproduced exactly by QuantDecoderLayer.
+"""Model-family adapters: each supported family's decoder layer is reproduced exactly by CalibLayer and QuantLayer.
 
 Every family (LLaMA-2 MHA, LLaMA-3 GQA with llama3 RoPE scaling, Mistral with a sliding window, Qwen2 with
 q/k/v biases, Qwen3 with q_norm/k_norm and head_dim != hidden/heads) is built as a tiny random model from
@@ -6,7 +6,7 @@ transformers' config classes, with random norm weights, biases and well-scaled l
 branch of the layer matters. With 16-bit quantizers the quantized layer must equal the HF layer:
 
     no transforms                        rel < 1e-5
-    random FlatQuant transforms          rel < 1e-4, before and after merge()
+    random FlatQuant transforms          rel < 1e-4, before and after convert()
     whole model, every layer merged      rel < 1e-4 on the logits (sdpa and eager masks)
 
 and one 4-bit calibration step must run and not make the layer MSE worse. Layer errors are measured
@@ -33,7 +33,9 @@ from transformers import (
 
 from flatquant.adapters import ADAPTERS, adapter_for
 from flatquant.calibrate import CalibConfig, layer_inputs, layer_mse, quantize_model
-from flatquant.layer import QuantDecoderLayer
+from flatquant.convert import convert
+from flatquant.layer import CalibLayer
+from flatquant.quant_layer import QuantLayer
 from flatquant.methods import get_method
 from flatquant.spec import QuantConfig
 
@@ -117,11 +119,10 @@ def random_flatquant(parts, seed: int = 0, noise: float = 0.1) -> dict:
     return transforms
 
 
-def quant_layer(parts, transforms: dict, merge: bool = False) -> QuantDecoderLayer:
-    q = QuantDecoderLayer(parts, Q16, transforms).eval()
-    if merge:
-        q.merge()
-    return q
+def quant_layer(parts, transforms: dict, merge: bool = False):
+    """The calibration layer, or with merge=True its converted QuantLayer."""
+    q = CalibLayer(parts, Q16, transforms).eval()
+    return convert(q) if merge else q
 
 
 def run_layer(qlayer, x, pe) -> torch.Tensor:
@@ -195,10 +196,9 @@ def test_layer_with_random_transforms_matches_hf(family):
     qlayer = quant_layer(parts, transforms)
     out = run_layer(qlayer, x, pe)
     # the transforms really are far from identity: the (x·P) seen by the qkv quantizer differs from x
-    assert rel(qlayer._online("qkv", x), x) > 0.1
+    assert rel(qlayer.online("qkv", x), x) > 0.1
     assert rel(out, y, y - x) < 1e-4, f"unmerged: max |Δ| = {(out - y).abs().max():.3g}"
-    qlayer.merge()
-    merged = run_layer(qlayer, x, pe)
+    merged = run_layer(convert(qlayer), x, pe)
     assert rel(merged, y, y - x) < 1e-4, f"merged: max |Δ| = {(merged - y).abs().max():.3g}"
 
 
@@ -208,8 +208,7 @@ def test_each_slot_alone_matches_hf(slot):
     parts, x, pe, y = layer_case(build("qwen3"))
     qlayer = quant_layer(parts, {slot: random_flatquant(parts)[slot]})
     assert rel(run_layer(qlayer, x, pe), y, y - x) < 1e-4
-    qlayer.merge()
-    assert rel(run_layer(qlayer, x, pe), y, y - x) < 1e-4
+    assert rel(run_layer(convert(qlayer), x, pe), y, y - x) < 1e-4
 
 
 def test_llama_attention_bias():
@@ -218,8 +217,7 @@ def test_llama_attention_bias():
     assert parts.linears["o"].bias is not None
     qlayer = quant_layer(parts, random_flatquant(parts))
     assert rel(run_layer(qlayer, x, pe), y, y - x) < 1e-4
-    qlayer.merge()
-    assert rel(run_layer(qlayer, x, pe), y, y - x) < 1e-4
+    assert rel(run_layer(convert(qlayer), x, pe), y, y - x) < 1e-4
 
 
 def test_llama_mlp_bias_with_down_diag():
@@ -227,8 +225,7 @@ def test_llama_mlp_bias_with_down_diag():
     parts, x, pe, y = layer_case(build("llama3-gqa", mlp_bias=True))
     qlayer = quant_layer(parts, {"down": random_flatquant(parts)["down"]})
     assert rel(run_layer(qlayer, x, pe), y, y - x) < 1e-4
-    qlayer.merge()
-    assert rel(run_layer(qlayer, x, pe), y, y - x) < 1e-4
+    assert rel(run_layer(convert(qlayer), x, pe), y, y - x) < 1e-4
 
 
 # ---- 4. whole model --------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ def test_whole_model_with_merged_layers_matches_hf(family, attn):
     """Every decoder layer swapped for a merged, randomly transformed 16-bit layer; logits unchanged.
 
     The model builds the causal (for Mistral: sliding-window, window 8 < SEQ) mask itself, so this also
-    checks that QuantDecoderLayer honours the 4-D masks that eager and sdpa pass.
+    checks that QuantLayer honours the 4-D masks that eager and sdpa pass.
     """
     model = build(family, attn)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
@@ -252,7 +249,7 @@ def test_whole_model_with_merged_layers_matches_hf(family, attn):
         layers[i] = quant_layer(parts, random_flatquant(parts, seed=10 + i), merge=True)
     with torch.no_grad():
         out = qmodel(ids).logits
-    assert all(isinstance(l, QuantDecoderLayer) and l.merged for l in layers)
+    assert all(isinstance(l, QuantLayer) for l in layers)
     assert rel(out, ref) < 1e-4, f"max |Δlogit| = {(out - ref).abs().max():.3g}"
 
 
@@ -268,10 +265,10 @@ def test_mistral_sliding_window_is_active():
 
 # ---- 5. calibration --------------------------------------------------------------------------------
 def calibrate(family: str, epochs: int):
-    """quantize_model on a fresh model with (2, SEQ) random ids → (model, reports, layer-0 merged MSE).
+    """quantize_model on a fresh model with (2, SEQ) random ids → (model, reports, layer-0 converted MSE).
 
-    The layer-0 MSE is recomputed on the merged layer against the FP layer's outputs, so it checks that
-    merge() keeps what training measured (W4A4KV4, 4-bit rounding included).
+    The layer-0 MSE is recomputed on the converted QuantLayer against the FP layer's outputs, so it checks that
+    convert() keeps what training measured (W4A4KV4, 4-bit rounding included).
     """
     model = build(family)
     samples = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
@@ -302,7 +299,7 @@ def test_one_calibration_step(family):
         assert r.final_loss <= r.init_loss * 1.25, r
     assert abs(merged_mse - reports[0].final_loss) <= 1e-3 * reports[0].final_loss
     layers = adapter_for(model).layers(model)
-    assert all(isinstance(l, QuantDecoderLayer) and l.merged for l in layers)
+    assert all(isinstance(l, QuantLayer) for l in layers)
     with torch.no_grad():
         assert torch.isfinite(model(samples).logits).all()
 

@@ -10,7 +10,8 @@ from conftest import random_llama
 from flatquant.adapters import adapter_for
 from flatquant.calibrate import CalibConfig, _layer_io, layer_inputs, layer_mse, quantize_model, train_layer
 from flatquant.data import calib_samples, load_tokens
-from flatquant.layer import QuantDecoderLayer
+from flatquant.layer import CalibLayer
+from flatquant.quant_layer import QuantLayer
 from flatquant.methods import get_method
 from flatquant.spec import QuantConfig
 
@@ -24,7 +25,7 @@ def test_calibration_lowers_first_layer_mse(smollm2):
     layer = adapter.layers(model)[0]
     parts = adapter.parts(layer, model.config)
     targets, stats = _layer_io(layer, inps, pe, 4, parts.slot_inputs())
-    q = QuantDecoderLayer(parts, QuantConfig(), get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0)))
+    q = CalibLayer(parts, QuantConfig(), get_method("flatquant").transforms(parts, stats, torch.Generator().manual_seed(0)))
     start = layer_mse(q, inps, targets, pe, 4)
     losses = train_layer(q, inps, targets, pe, CalibConfig(epochs=6, batch_size=2), 5e-3)
     end = layer_mse(q, inps, targets, pe, 4)

@@ -36,7 +36,7 @@ def test_export_then_load_gives_identical_model(tokenizer, tmp_path, method, wqu
     from safetensors import safe_open
 
     with safe_open(shard, "pt") as f:
-        assert f.get_tensor("layers.0.w_q.codes").dtype == torch.uint8  # really 4-bit packed
+        assert f.get_tensor("layers.0.qkv.linears.q.codes").dtype == torch.uint8  # really 4-bit packed
     loaded, _ = load_quantized(tmp_path)
     assert all(layer.packed for layer in loaded.model.layers)  # kept as 4-bit codes in memory too
     windows = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
@@ -92,7 +92,7 @@ def test_wide_and_asymmetric_codes_round_trip(tokenizer, tmp_path, quant, dtype)
     from safetensors import safe_open
 
     with safe_open(next(tmp_path.glob("*.safetensors")), "pt") as f:
-        assert f.get_tensor("layers.0.w_q.codes").dtype == dtype
+        assert f.get_tensor("layers.0.qkv.linears.q.codes").dtype == dtype
     loaded, _ = load_quantized(tmp_path)
     windows = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -167,3 +167,4 @@ def test_checkpoint_of_an_older_format_is_refused(checkpoint):
     (checkpoint / "quant_config.json").write_text(json.dumps({**meta, "format": "flatquant-checkpoint-v1"}))
     with pytest.raises(ValueError, match=rf"format 'flatquant-checkpoint-v1'.*reads only '{FORMAT}'; export the model again"):
         load_quantized(checkpoint)
+

@@ -33,10 +33,10 @@ def test_cached_generation_equals_full_forward_greedy(method):
     is the argmax of a full, uncached forward over the prompt and the tokens before it, and the cached step's
     logits equal the full forward's to float32 rounding (the cache holds exactly the quantized K/V the full
     forward computes: quantization is per token, so it does not depend on the tokens after)."""
-    from flatquant.layer import QuantDecoderLayer
+    from flatquant.quant_layer import QuantLayer
 
     model = _quantized(method)
-    assert all(isinstance(layer, QuantDecoderLayer) and layer.layer_idx == i for i, layer in enumerate(model.model.layers))
+    assert all(isinstance(layer, QuantLayer) and layer.layer_idx == i for i, layer in enumerate(model.model.layers))
     prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,

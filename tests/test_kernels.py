@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 from flatquant.kernels import QuantLinear, kron_quant
 from flatquant.kernels.bench import check_gemm, check_kron_quant, check_qlinear, packed_ok
 from flatquant.packing import unpack_int4_twos
+from flatquant.quant_layer import QuantWeight
 from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
                             run_without_triton)
 
@@ -161,7 +162,7 @@ def test_decoder_layers_on_kernels_match_fake_quant(a_sym, method):
     real = copy.deepcopy(model)
     for layer in adapter_for(real).layers(real):
         layer.use_kernels()
-        assert all(getattr(layer, f"w_{n}") is None for n in layer.wq)  # the kernels hold the only copy
+        assert layer.on_kernels and not any(isinstance(b, QuantWeight) for b in layer.modules())  # the kernels hold the only copy
     # float32: in fp16 both paths round the transformed activations to fp16 at different points, and 4-bit
     # rounding turns those 1e-3 differences into code flips (about 1% of a group's output, measured)
     dtype = torch.float32
@@ -293,12 +294,12 @@ def test_kernel_groups_are_not_less_accurate_than_fake_quant():
     w = fake.weights()
     for dt in (torch.float32, torch.float16, torch.bfloat16):  # the order the H100 run drew its inputs in
         for slot in GROUPS:
-            ql = real.kernels[slot]
+            ql, group = getattr(real, slot), getattr(fake, slot)
             x = torch.randn(256, ql.in_features, device="cuda").to(dt)
             with torch.no_grad():
                 kernel = ql(x)
-                fq = torch.cat([F.linear(fake.aq[slot](fake._online(slot, x)), w[m].to(dt)) for m in GROUPS[slot]], -1)
-                x64 = fake.aq[slot](fake._online(slot, x.double()))
+                fq = torch.cat([F.linear(group.aq(group.transform(x)), w[m].to(dt)) for m in GROUPS[slot]], -1)
+                x64 = group.aq(group.transform(x.double()))
                 f64 = torch.cat([F.linear(x64, w[m].double()) for m in GROUPS[slot]], -1)
                 L, R = ql._factors(dt, x.device)
                 q, s, _ = kron_quant(x, L, R, ql.act_clip, ql.act_sym)

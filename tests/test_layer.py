@@ -1,4 +1,5 @@
-"""QuantDecoderLayer: equal to the transformers layer at 16 bits, and merging changes nothing."""
+"""CalibLayer and QuantLayer: equal to the transformers layer at 16 bits, converting changes nothing, and the
+deployed layer's packed codes are exactly the fake-quantized weights calibration trained against."""
 
 import copy
 
@@ -6,12 +7,16 @@ import pytest
 import torch
 
 from conftest import random_llama
-from flatquant.adapters import adapter_for
+from flatquant.adapters import GROUPS, adapter_for
 from flatquant.calibrate import layer_inputs, quantize_model, CalibConfig
+from flatquant.convert import convert, hessians
 from flatquant.data import eval_windows, load_tokens
 from flatquant.evaluate import perplexity
-from flatquant.layer import QuantDecoderLayer
+from flatquant.gptq import HessianAccumulator
+from flatquant.layer import CalibLayer
 from flatquant.methods import get_method
+from flatquant.quant_layer import QuantLayer, QuantWeight, rms_norm
+from flatquant.quantizers import fake_quant
 from flatquant.spec import QuantConfig
 
 FP = QuantConfig(w_bits=16, a_bits=16, k_bits=16, v_bits=16, lwc=False, lac=False)
@@ -47,81 +52,111 @@ def test_identity_16bit_layer_equals_transformers_layer():
     layer, parts, inps, pe = _layer_and_inputs(model)
     with torch.no_grad():
         ref = layer(inps, position_embeddings=pe)
-        out = QuantDecoderLayer(parts, FP, {})(inps, position_embeddings=pe)
-    assert rel(out, ref) < 1e-6
+        calib = CalibLayer(parts, FP, {})
+        out, deployed = calib(inps, position_embeddings=pe), convert(calib)(inps, position_embeddings=pe)
+    assert rel(out, ref) < 1e-6 and rel(deployed, ref) < 1e-6
 
 
-def test_merged_equals_unmerged_and_fp_at_16_bits():
-    """Transforms far from the identity, 16-bit quantizers: unmerged = merged = FP layer (fp32, rel < 1e-4)."""
+def test_converted_equals_calibration_layer_and_fp_at_16_bits():
+    """Transforms far from the identity, 16-bit quantizers: CalibLayer = its QuantLayer = FP layer (fp32, rel < 1e-4)."""
     model = random_llama()
     layer, parts, inps, pe = _layer_and_inputs(model)
-    q = QuantDecoderLayer(parts, FP, _random_flatquant_transforms(parts))
+    q = CalibLayer(parts, FP, _random_flatquant_transforms(parts))
     with torch.no_grad():
         ref = layer(inps, position_embeddings=pe)
         unmerged = q(inps, position_embeddings=pe)
-        q.merge()
-        merged = q(inps, position_embeddings=pe)
+        merged = convert(q)(inps, position_embeddings=pe)
+        again = q(inps, position_embeddings=pe)
     assert rel(unmerged, ref) < 1e-4
     assert rel(merged, unmerged) < 1e-4
+    assert torch.equal(again, unmerged)  # convert leaves the calibration layer as it was
 
 
-def test_merged_equals_unmerged_at_4_bits():
-    """With real quantizers the merged layer computes the same function up to rare rounding-boundary flips."""
+def test_converted_equals_calibration_layer_at_4_bits():
+    """With real quantizers the QuantLayer computes the same function up to rare rounding-boundary flips."""
     model = random_llama()
     layer, parts, inps, pe = _layer_and_inputs(model)
-    q = QuantDecoderLayer(parts, QuantConfig(), _random_flatquant_transforms(parts))
+    q = CalibLayer(parts, QuantConfig(), _random_flatquant_transforms(parts))
     with torch.no_grad():
         unmerged = q(inps, position_embeddings=pe)
-        q.merge()
-        merged = q(inps, position_embeddings=pe)
+        merged = convert(q)(inps, position_embeddings=pe)
         ref = layer(inps, position_embeddings=pe)
     assert rel(merged, unmerged) < 0.1 * rel(unmerged, ref)
 
 
+def test_rtn_codes_are_the_fake_quantized_merged_weights():
+    """convert(…, "rtn"): each weight's codes dequantize exactly to fake_quant of the float64-merged weight with the
+    learned LWC clip, the values calibration's forward trains against."""
+    model = random_llama()
+    _, parts, _, _ = _layer_and_inputs(model)
+    calib = CalibLayer(parts, QuantConfig(), _random_flatquant_transforms(parts))
+    with torch.no_grad():
+        for quantizer in calib.wq.values():
+            quantizer.clip_logit.uniform_(0, 3)
+        qlayer = convert(calib, "rtn")
+        for n, w in qlayer.weights().items():
+            merged = calib.transformed_weight(n, torch.float64).float()
+            assert torch.equal(w, fake_quant(merged, calib.qcfg.weight_spec(), calib.wq[n].grouped_clip()))
+
+
+def test_gptq_hessians_come_from_the_groups_real_inputs():
+    """The pre-hook Hessian of q/k/v's input is 2/N·XᵀX of X = quantize(norm(x)·P), computed here by hand."""
+    model = random_llama()
+    _, parts, inps, pe = _layer_and_inputs(model)
+    qlayer = convert(CalibLayer(parts, QuantConfig(), _random_flatquant_transforms(parts)))
+    with torch.no_grad():
+        h = hessians(qlayer, [inps[:2], inps[2:]], pe)
+        x = qlayer.qkv.aq(qlayer.qkv.transform(rms_norm(inps, qlayer.norm1, qlayer.eps1)))
+    acc = HessianAccumulator(x.shape[-1])
+    acc.add_batch(x[:2])
+    acc.add_batch(x[2:])
+    assert set(h) == set(GROUPS) and torch.allclose(h["qkv"], acc.hessian, rtol=1e-5, atol=1e-6)
+    assert h["down"].shape == (model.config.intermediate_size,) * 2
+
+
 def test_16bit_identity_model_perplexity_equals_fp(smollm2):
-    """The real default model, all layers swapped for 16-bit identity QuantDecoderLayers: same perplexity."""
+    """The real default model, all layers swapped for 16-bit identity QuantLayers: same perplexity."""
     model, tok = smollm2
     windows = eval_windows(load_tokens(tok, "wikitext2", "test", cache_dir=None)[:1024], 256, max_windows=2)
     fp = perplexity(model, windows)
     quant = copy.deepcopy(model)
     quantize_model(quant, torch.zeros(0, 0, dtype=torch.long), get_method("rtn"), FP, CalibConfig())
-    assert isinstance(adapter_for(quant).layers(quant)[0], QuantDecoderLayer)
+    assert isinstance(adapter_for(quant).layers(quant)[0], QuantLayer)
     assert abs(perplexity(quant, windows) / fp - 1) < 1e-5
     assert 5 < fp < 200
 
 
 def _calibrated_tiny(wquant="rtn", seed=0):
-    """A 2-layer random LLaMA calibrated by FlatQuant (one epoch) at W4A4KV4, merged."""
+    """A 2-layer random LLaMA calibrated by FlatQuant (one epoch) at W4A4KV4."""
     model = random_llama(seed=seed)
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(seed))
-    quantize_model(model, ids, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2, wquant=wquant), pack=False)
+    quantize_model(model, ids, get_method("flatquant"), QuantConfig(), CalibConfig(epochs=1, batch_size=2, wquant=wquant))
     return model
 
 
 @pytest.mark.parametrize("wquant", ["rtn", "gptq"])
 def test_packed_weights_give_identical_outputs_in_an_eighth_of_the_memory(wquant):
+    """The same layers with their weights as float32 values instead of codes: identical logits."""
     model = _calibrated_tiny(wquant)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     layers = adapter_for(model).layers(model)
-    float_weights = {n: getattr(layers[0], f"w_{n}").clone() for n in layers[0].wq}
-    codes_before = {n: layers[0].weight_codes(n)[0] for n in layers[0].wq}
+    assert all(layer.packed for layer in layers)
+    packed_bytes = sum(b.nbytes for b in layers[0].buffers() if b is not None)
+    unpacked = copy.deepcopy(model)
+    for layer in adapter_for(unpacked).layers(unpacked):
+        for group in layer.groups().values():
+            for n, w in group.linears.items():
+                group.linears[n] = QuantWeight(w.spec, weight=w.dequantized(), bias=w.bias)
+    float_bytes = sum(b.nbytes for b in adapter_for(unpacked).layers(unpacked)[0].buffers() if b is not None)
     with torch.no_grad():
-        ref = model(ids).logits
-        before = sum(b.nbytes for b in layers[0].buffers() if b is not None)
-        assert all(layer.pack() for layer in layers)
-        after = sum(b.nbytes for b in layers[0].buffers() if b is not None)
-        out = model(ids).logits
-    assert torch.equal(out, ref)
-    for n, w in float_weights.items():
-        assert torch.equal(layers[0]._dequant(n), w)
-        assert torch.equal(layers[0].weight_codes(n)[0], codes_before[n])
-    weight_bytes = sum(w.nbytes for w in float_weights.values())
-    assert before - after > 0.8 * weight_bytes  # 4-bit codes + scales instead of float32
+        assert torch.equal(model(ids).logits, unpacked(ids).logits)
+    weight_bytes = sum(w.nbytes for w in adapter_for(unpacked).layers(unpacked)[0].weights().values())
+    assert float_bytes - packed_bytes > 0.8 * weight_bytes  # 4-bit codes + scales instead of float32
 
 
-def test_pack_refuses_unquantized_layers():
+def test_unquantized_layers_keep_float_weights():
     model = random_llama()
     quantize_model(model, torch.zeros(0, 0, dtype=torch.long), get_method("fp16"), FP, CalibConfig())
     layer = adapter_for(model).layers(model)[0]
-    assert layer.pack() is False and not layer.packed
+    assert not layer.packed and all(w.weight is not None for w in layer.quant_weights().values())
     assert "4-bit symmetric per-channel" in layer.kernel_support()

@@ -92,7 +92,7 @@ def test_sixteen_bit_rtn_changes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
     assert metrics["eval_ppl/wikitext2/ppl"] == pytest.approx(metrics["eval_ppl/wikitext2/ppl_fp"], rel=1e-5)
 
 
-GROUPS = {g: sorted(p.stem for p in (Path(CONF) / g).glob("*.yaml")) for g in ("model", "quant", "method", "data", "calib", "eval", "tracking", "bench")}
+GROUPS = {g: sorted(p.stem for p in (Path(CONF) / g).glob("*.yaml")) for g in ("model", "quant", "method", "data", "calib", "eval", "tracking", "bench", "experiment")}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -104,6 +104,19 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
         assert cfg["model"]["path"] == "???"  # needs the user's local checkpoint
         return
     Context(cfg)  # validates quant, method, calib, model dtype
+
+
+def test_the_experiment_not_the_model_decides_the_schedule(tmp_path):
+    """Choosing a model keeps the schedule (issue 13); experiment=paper is the reference one, and the command line
+    still wins over an experiment."""
+    import yaml
+
+    quick, reference = (yaml.safe_load((Path(CONF) / "calib" / f"{n}.yaml").read_text()) for n in ("quick", "reference"))
+    runs = {tuple(o): make_cfg(o, tmp_path) for o in ([], ["model=llama3_8b"], ["experiment=paper"],
+                                                      ["experiment=paper", "model=llama3_8b", "calib.epochs=2"])}
+    assert runs[()]["calib"] == runs[("model=llama3_8b",)]["calib"] == quick
+    assert runs[("experiment=paper",)]["calib"] == reference and runs[("experiment=paper",)]["eval"]["max_windows"] is None
+    assert runs[("experiment=paper", "model=llama3_8b", "calib.epochs=2")]["calib"] == {**reference, "epochs": 2}
 
 
 @pytest.mark.parametrize(

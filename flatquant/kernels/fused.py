@@ -114,3 +114,32 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(triton.cdiv(x.shape[0] * n, block),)](x, y, x.shape[0], n, x.stride(0), y.stride(0), BLOCK=block,
                                                           num_warps=4)
     return y
+
+
+class GroupFakeQuant(torch.nn.Module):
+    """The kernel twin of a per-head (group) flatquant Quantizer without a learnable clip: the same values in one
+    pass (``group_fake_quant``). ``from_quantizer`` returns the quantizer itself where it has no twin."""
+
+    def __init__(self, group: int, bits: int, sym: bool, clip: float = 1.0):
+        super().__init__()
+        self.group, self.bits, self.sym, self.clip = group, bits, sym, clip
+
+    @classmethod
+    def from_quantizer(cls, quantizer: torch.nn.Module) -> torch.nn.Module:
+        spec = quantizer.spec
+        if not spec.enabled or spec.granularity not in ("group", "head") or quantizer.clip_logit is not None:
+            return quantizer
+        return cls(spec.group_size, spec.bits, spec.sym, spec.clip_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_fake_quant(x, self.group, self.bits, self.sym, self.clip)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}, bits={self.bits}, sym={self.sym}, clip={self.clip}"
+
+
+class FusedSiluMul(torch.nn.Module):
+    """The kernel twin of SwiGLU's product: y (..., 2I) = [gate | up] → silu(gate)·up (..., I), one pass."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return silu_mul(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)

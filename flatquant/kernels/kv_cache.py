@@ -7,7 +7,7 @@ Usage::
     kc, ks, kz = rope_k_quant_pack(k, cos, sin, tk, clip=0.95)      # k before RoPE → RoPE, ·Tk, packed K cache
     o = decode_attention(q, kc, ks, kz, vc, vs, vz, lengths)        # q: (B, Hq, D), newest token per sequence
 
-Today the model quantizes K and V and dequantizes them at once (``QuantDecoderLayer._kv_quant``); these kernels
+Today the model quantizes K and V and dequantizes them at once (the ``kq``/``vq`` quantizers of ``flatquant.quant_layer.Attention``); these kernels
 store the codes instead (4 + 64/D bits per value, 4.5 at D = 128: half a byte per value plus an fp32 scale and
 zero per row of D) and attend over them.
 
@@ -273,7 +273,7 @@ def kv_quant_pack_ref(x: torch.Tensor, clip: float = 1.0):
 
 def rope_k_quant_pack_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tk: torch.Tensor | None = None,
                           clip: float = 1.0):
-    """PyTorch reference of ``rope_k_quant_pack``, from QuantDecoderLayer._attention's formulas: RoPE in k's dtype,
+    """PyTorch reference of ``rope_k_quant_pack``, from flatquant.quant_layer.Attention's formulas: RoPE in k's dtype,
     then ·tk in fp32 (held in fp32), then ``kv_quant_pack_ref``."""
     return kv_quant_pack_ref(rope_k_transform_ref(k, cos, sin, tk), clip)
 
@@ -281,7 +281,7 @@ def rope_k_quant_pack_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 def rope_k_transform_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          tk: torch.Tensor | None = None) -> torch.Tensor:
     """y = rope(k)·tk, (B, H, T, D) fp32: the value ``rope_k_quant_pack`` quantizes (for boundary-aware tests).
-    RoPE is QuantDecoderLayer._attention's formula in k's dtype (tests/test_kv_cache.py checks it against the layer)."""
+    RoPE is flatquant.quant_layer.Attention's formula in k's dtype (tests/test_kv_cache.py checks it against the layer)."""
     _check_rows(k, "k")
     cos, sin = (_rope_table(t, k).unsqueeze(1) for t in (cos, sin))  # (B or 1, 1, T, D) in k's dtype
     y = (k * cos + rotate_half(k) * sin).float()

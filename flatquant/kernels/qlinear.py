@@ -65,6 +65,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("R", torch.eye(n2))
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
         self._cast_cache: dict = {}
+        self.splits = [out_features]  # the outputs side by side (from_group: one per linear of the group)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, w_bits: int = 4, L: torch.Tensor | None = None,
@@ -89,6 +90,27 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias.float())
         return layer.to(weight.device)
+
+    @classmethod
+    @torch.no_grad()
+    def from_group(cls, group) -> QuantLinear:
+        """The kernel twin of a linear group (flatquant.quant_layer.LinearGroup): its linears as one GEMM over their
+        concatenated 4-bit symmetric codes, its online transform and activation quantizer fused before it. The
+        group's offset-binary codes are re-packed into two's-complement nibbles. Outputs side by side, as the
+        group's (``splits``)."""
+        codes, scale, bias = group.kernel_codes()
+        factors = group.kron_factors(codes.shape[1])
+        L, R = factors if factors is not None else (torch.eye(k) for k in kron_dims(codes.shape[1], allow_prime=True))
+        layer = cls(codes.shape[1], codes.shape[0], group.act_clip(), group.aq.spec.sym, L.shape[0], True, bias is not None)
+        layer.qweight.copy_(pack_int4_twos(codes))
+        layer.wscale.copy_(scale)
+        layer.wsum.copy_(codes.sum(dim=1, dtype=torch.int32))
+        layer.L.copy_(L.float())
+        layer.R.copy_(R.float())
+        if bias is not None:
+            layer.bias.copy_(bias)
+        layer.splits = list(group.splits)
+        return layer.to(codes.device)
 
     def _factors(self, dtype: torch.dtype, device: torch.device):
         key = (dtype, device, self.L.data_ptr(), self.R.data_ptr())
