@@ -183,14 +183,23 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if tk is not None:
             q, k = tk.apply(q, inv_t=True), tk.apply(k)
-        k = self.kq(k.reshape(b, s, -1)).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.vq(v).view(b, s, self.num_kv_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            if self.layer_idx is None:
-                raise ValueError("a KV cache needs the layer's index (LayerParts.layer_idx), which this layer lacks")
-            k, v = cache.update(k, v, self.layer_idx)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
+        if cache is not None and self.layer_idx is None:
+            raise ValueError("a KV cache needs the layer's index (LayerParts.layer_idx), which this layer lacks")
+        if getattr(cache, "stores_codes", False):  # flatquant.cache.QuantKVCache: it quantizes K/V and keeps the codes
+            layer = cache.layer(self.layer_idx)
+            layer.append(k.transpose(1, 2), v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                         self.kq.spec, self.vq.spec)
+            q = q.transpose(1, 2)
+            if s == 1 and mask is None and layer.decodes(q):  # decode: flash decoding over the codes
+                return layer.decode(q[:, :, 0]).reshape(b, 1, self.num_heads * self.head_dim)
+            k, v = layer.dequantized(q.dtype)
+        else:
+            k = self.kq(k.reshape(b, s, -1)).view(b, s, self.num_kv_heads, self.head_dim)
+            v = self.vq(v).view(b, s, self.num_kv_heads, self.head_dim)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)
         causal = mask is None and s > 1
         if causal and k.shape[2] > s:  # new tokens after cached ones: causal from the bottom right, not the top left
             mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - s)

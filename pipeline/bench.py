@@ -7,7 +7,10 @@ with bench.calibration=true, results/bench/<gpu>_calibration.json (flatquant.ben
 of the run's method, FlatQuant unless it trains, seconds per layer projected onto bench.calibration_schedule, the
 full-precision pass a split calibration repeats, and the wall time of calib.workers=1/2/4/8 over model.shape's
 num_layers); bench.linears=false skips the per-linear kernels (results/bench/<gpu>.json);
-with bench.profile=true, results/bench/<gpu>_profile.json (GPU time per kernel of the fp16 and W4A4 layers).
+with bench.profile=true, results/bench/<gpu>_profile.json (GPU time per kernel of the fp16 and W4A4 layers);
+with bench.model=true, results/bench/<gpu>_model_<model>.json and .md (flatquant.bench_model: the whole model with
+model.shape's num_layers, prefill latency and decode tokens/s with the KV cache at bench.model_batches ×
+bench.model_context, fp16 against W4A4KV4 on the kernels with the 4-bit cache, peak memory of each).
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ def run(cfg: dict, ctx) -> dict[str, float]:
                 out[f"bench/layer_{row['phase']}_b{row['batch']}/speedup"] = row["speedup"]
     if cfg["bench"].get("calibration", True):
         out.update(_calibration(cfg["bench"], ctx, dims, bench_dir, shape.get("num_layers")))
+    if cfg["bench"].get("model", False):
+        from flatquant.bench_model import bench_model
+
+        b = cfg["bench"]
+        res = bench_model(shape, bench_dir, tuple(b.get("model_batches", (1, 8, 32, 64))), b.get("model_context", 2048),
+                          b.get("model_steps", 16), vocab=shape.get("vocab", 32000), name=cfg["model"]["name"])
+        for row in res["rows"]:
+            for key in ("prefill_speedup", "decode_speedup", "kv_bytes_ratio"):
+                if key in row:
+                    out[f"bench/model_b{row['batch']}/{key}"] = row[key]
     if cfg["bench"].get("profile", False):
         from flatquant.bench_layer import profile_decoder_layer
 

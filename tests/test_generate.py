@@ -84,3 +84,96 @@ def test_kernel_and_fake_quant_models_generate_the_same_tokens():
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, **kw), real.generate(prompt, **kw))
+
+
+# ---- the 4-bit cache (flatquant.cache.QuantKVCache) --------------------------------------------------------------
+def _generate(model, prompt, cache, n=6):
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                              use_cache=True, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                              past_key_values=cache)
+
+
+@pytest.mark.parametrize("method", ["flatquant", "rtn"])
+def test_packed_cache_generates_what_the_fake_quant_cache_does(method):
+    """QuantKVCache keeps only 4-bit codes and quantizes K/V itself with the calibrated quantizer: the same greedy
+    tokens and the same logits as the fake-quantized model with a DynamicCache, at about 0.3× fp16's bytes."""
+    from transformers import DynamicCache
+
+    from flatquant.cache import QuantKVCache
+
+    model = _quantized(method)
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref = _generate(model, prompt, DynamicCache(config=model.config))
+    packed = QuantKVCache()
+    out = _generate(model, prompt, packed)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), float((a - b).abs().max())
+    # 13 tokens were written (the last generated token is never fed back); head_dim 32: (16 + 8) / (2·32) of fp16
+    hd, kv_heads, layers, tokens = 32, 2, 2, 7 + 6 - 1
+    fp16_bytes = 2 * layers * 2 * prompt.shape[0] * kv_heads * tokens * hd
+    assert packed.nbytes() == fp16_bytes * (hd // 2 + 8) // (2 * hd)
+    assert all(layer.k[0].dtype == torch.uint8 for layer in packed.layers)
+
+
+def test_packed_cache_decode_attention_matches_sdpa(monkeypatch):
+    """The one-token steps through decode_attention over the codes (its PyTorch reference on a CPU, the Triton
+    kernel on a GPU: tests/test_kv_cache.py) instead of dequantizing the cache: the same tokens and logits."""
+    from flatquant.cache import QuantKVCache, QuantKVLayer
+
+    model = _quantized("flatquant")
+    prompt = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(8))
+    ref = _generate(model, prompt, QuantKVCache())
+    calls = []
+    monkeypatch.setattr(QuantKVLayer, "decodes", lambda self, q: calls.append(q.shape) or True)
+    out = _generate(model, prompt, QuantKVCache())
+    assert len(calls) == 2 * 5 and all(shape == (3, 4, 1, 32) for shape in calls)  # 2 layers × 5 decode steps
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), float((a - b).abs().max())
+
+
+def test_packed_cache_refuses_what_it_cannot_hold():
+    from flatquant.cache import QuantKVCache
+    from flatquant.quantizers import QuantSpec
+
+    layer = QuantKVCache().layer(0)
+    x = torch.randn(1, 2, 3, 32)
+    with pytest.raises(ValueError, match="4-bit asymmetric per-head keys"):
+        layer.append(x, x, QuantSpec(16), QuantSpec(4, False, "head", 32))
+    with pytest.raises(ValueError, match="per-head values"):
+        layer.append(x, x, QuantSpec(4, False, "head", 32), QuantSpec(4, True, "head", 32))
+
+
+def test_generate_picks_the_packed_cache_where_it_can():
+    from conftest import random_llama
+    from flatquant.generate import packed_cache_for
+
+    assert packed_cache_for(_quantized("flatquant")) is not None
+    assert packed_cache_for(random_llama()) is None  # transformers layers: DynamicCache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernel_model_on_the_packed_cache_generates_the_fake_quant_tokens_gpu():
+    """On a GPU: the W4A4 kernels with QuantKVCache (kv_quant_pack writes, decode_attention reads the codes) against
+    the fake-quantized model with a DynamicCache: the same greedy tokens, logits within 2 % (fp32)."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from flatquant.cache import QuantKVCache
+
+    model = _quantized("flatquant").cuda()
+    real = copy.deepcopy(model)
+    for layer in real.model.layers:
+        layer.use_kernels()
+    prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    ref = _generate(model, prompt, DynamicCache(config=model.config), n=5)
+    cache = QuantKVCache()
+    out = _generate(real, prompt, cache, n=5)
+    assert cache.layers[0].k[0].is_cuda and cache.layers[0].length == 9 + 5 - 1
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert float((a - b).norm() / b.norm()) < 2e-2

@@ -120,16 +120,17 @@ class GroupFakeQuant(torch.nn.Module):
     """The kernel twin of a per-head (group) flatquant Quantizer without a learnable clip: the same values in one
     pass (``group_fake_quant``). ``from_quantizer`` returns the quantizer itself where it has no twin."""
 
-    def __init__(self, group: int, bits: int, sym: bool, clip: float = 1.0):
+    def __init__(self, group: int, bits: int, sym: bool, clip: float = 1.0, spec=None):
         super().__init__()
         self.group, self.bits, self.sym, self.clip = group, bits, sym, clip
+        self.spec = spec  # the QuantSpec it computes (what a K/V cache that quantizes by itself reads)
 
     @classmethod
     def from_quantizer(cls, quantizer: torch.nn.Module) -> torch.nn.Module:
         spec = quantizer.spec
         if not spec.enabled or spec.granularity not in ("group", "head") or quantizer.clip_logit is not None:
             return quantizer
-        return cls(spec.group_size, spec.bits, spec.sym, spec.clip_ratio)
+        return cls(spec.group_size, spec.bits, spec.sym, spec.clip_ratio, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_fake_quant(x, self.group, self.bits, self.sym, self.clip)

@@ -1,0 +1,157 @@
+"""Time a whole model generating: prefill latency and decode tokens/s with the KV cache, fp16 against W4A4KV4.
+
+Usage (CUDA):
+    from flatquant.bench_model import bench_model
+    res = bench_model(dict(hidden=4096, intermediate=14336, num_heads=32, num_kv_heads=8, head_dim=128,
+                           num_layers=32), out_dir="results/bench")          # results/bench/<gpu>_model.json, .md
+
+Both models get the same random weights (transformers' LlamaForCausalLM in fp16). Ours is FlatQuant's: each decoder
+layer a QuantLayer (Kronecker transforms at their untrained start, weights RTN 4-bit) on the kernels
+(`use_kernels`), generating with flatquant.cache.QuantKVCache (4-bit codes; decode_attention over them); the fp16
+model with transformers' DynamicCache. One layer is converted and copied to every position (random weights: the
+timing does not depend on their values), so that building an 8B-shaped model takes seconds. Both run eagerly (no
+CUDA graphs, no torch.compile), as `model.generate` runs them.
+
+For each batch: prefill = one forward over (batch, context) random tokens into an empty cache (only the last
+position's logits), decode = `steps` one-token forwards after it; medians over `repeats` timed runs after one
+warm-up. Reported per model: prefill ms, decode ms per step and tokens/s (batch / step time), peak memory of the
+prefill and decode phase (torch.cuda.max_memory_allocated, weights included), KV cache bytes after prefill; and the
+ratios ours/fp16 (speedups: fp16 time / ours).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+
+import torch
+
+BATCHES = (1, 8, 32, 64)
+
+
+def build_models(shape: dict, vocab: int = 32000, max_positions: int = 8192, device="cuda"):
+    """(fp16 LlamaForCausalLM with random weights, its W4A4KV4 twin on the kernels)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flatquant.adapters import adapter_for
+    from flatquant.convert import convert
+    from flatquant.layer import CalibLayer
+    from flatquant.methods import get_method
+    from flatquant.spec import QuantConfig
+
+    cfg = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                      num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                      head_dim=shape["head_dim"], num_hidden_layers=shape["num_layers"], vocab_size=vocab,
+                      max_position_embeddings=max_positions)
+    torch.manual_seed(0)
+    with torch.device(device):
+        fp = LlamaForCausalLM(cfg).half().eval().requires_grad_(False)
+    adapter = adapter_for(fp)
+    first = copy.deepcopy(adapter.layers(fp)[0]).float()
+    parts = adapter.parts(first, cfg)
+    stats = {slot: torch.ones(lin.weight.shape[1], device=device) for slot, lin in parts.slot_inputs().items()}
+    qlayer = convert(CalibLayer(parts, QuantConfig(), get_method("flatquant").transforms(
+        parts, stats, torch.Generator().manual_seed(0))).to(device), "rtn")
+    qlayer.use_kernels()
+    del first
+    ours = copy.deepcopy(fp)
+    layers = adapter.layers(ours)
+    for i in range(len(layers)):
+        layers[i] = copy.deepcopy(qlayer)
+        layers[i].attn.layer_idx = i
+    return fp, ours
+
+
+def _cache_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) -> dict:
+    """One warm-up and `repeats` timed runs of prefill + `steps` decode steps; medians."""
+    prefill, decode, peak_prefill, peak_decode, kv = [], [], 0, 0, 0
+    for r in range(repeats + 1):
+        cache = make_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        with torch.no_grad():
+            start.record()
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            mid.record()
+            torch.cuda.synchronize()
+            peak_prefill = max(peak_prefill, torch.cuda.max_memory_allocated())
+            kv = _cache_bytes(cache)
+            nxt = out.logits[:, -1:].argmax(-1)
+            torch.cuda.reset_peak_memory_stats()
+            step0 = torch.cuda.Event(enable_timing=True)
+            step0.record()
+            for _ in range(steps):
+                out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                nxt = out.logits[:, -1:].argmax(-1)
+            end.record()
+            torch.cuda.synchronize()
+            peak_decode = max(peak_decode, torch.cuda.max_memory_allocated())
+        if r:
+            prefill.append(start.elapsed_time(mid))
+            decode.append(step0.elapsed_time(end) / steps)
+        del cache, out
+    return {"prefill_ms": statistics.median(prefill), "decode_ms_per_step": statistics.median(decode),
+            "peak_prefill_gib": peak_prefill / 2**30, "peak_decode_gib": peak_decode / 2**30, "kv_cache_bytes": kv}
+
+
+def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATCHES, context: int = 2048,
+                steps: int = 16, repeats: int = 2, vocab: int = 32000, name: str = "") -> dict:
+    from transformers import DynamicCache
+
+    from flatquant.cache import QuantKVCache
+
+    fp, ours = build_models(shape, vocab, context + steps + 8)
+    rows = []
+    for batch in batches:
+        ids = torch.randint(0, vocab, (batch, context), device="cuda")
+        row = {"batch": batch, "context": context, "steps": steps}
+        for label, model, make in (("fp16", fp, lambda: DynamicCache(config=fp.config)), ("w4a4", ours, QuantKVCache)):
+            try:
+                r = _time_phase(model, make, ids, steps, repeats)
+            except torch.OutOfMemoryError as e:
+                row[f"{label}_error"] = f"out of memory: {str(e)[:120]}"
+                torch.cuda.empty_cache()
+                continue
+            row.update({f"{label}_{k}": v for k, v in r.items()})
+            row[f"{label}_decode_tokens_per_s"] = 1e3 * batch / r["decode_ms_per_step"]
+        if "fp16_prefill_ms" in row and "w4a4_prefill_ms" in row:
+            row["prefill_speedup"] = row["fp16_prefill_ms"] / row["w4a4_prefill_ms"]
+            row["decode_speedup"] = row["fp16_decode_ms_per_step"] / row["w4a4_decode_ms_per_step"]
+            row["kv_bytes_ratio"] = row["w4a4_kv_cache_bytes"] / row["fp16_kv_cache_bytes"]
+            row["peak_decode_ratio"] = row["w4a4_peak_decode_gib"] / row["fp16_peak_decode_gib"]
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del ids
+        torch.cuda.empty_cache()
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": name, "shape": shape,
+           "vocab": vocab, "rows": rows}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(out_dir, res["device"].replace(" ", "_") + f"_model{'_' + name if name else ''}")
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown_table(res))
+    return res
+
+
+def markdown_table(res: dict) -> str:
+    cols = ("batch", "context", "fp16_prefill_ms", "w4a4_prefill_ms", "prefill_speedup", "fp16_decode_tokens_per_s",
+            "w4a4_decode_tokens_per_s", "decode_speedup", "kv_bytes_ratio", "fp16_peak_decode_gib",
+            "w4a4_peak_decode_gib")
+    lines = [f"# Whole model {res['model']}, W4A4KV4 (kernels, 4-bit KV cache) vs fp16 on {res['device']}",
+             f"shape {res['shape']}, vocab {res['vocab']}, random weights, eager", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in res["rows"]:
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "—"))
+                                       for c in cols) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,155 @@
+"""A real 4-bit K/V cache for transformers' generation loop: codes two per byte, per-head scales and zeros.
+
+Usage:
+    cache = QuantKVCache()
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)   # a QuantLayer model
+    cache.nbytes()                                                        # what the cache holds, in bytes
+
+Each QuantLayer's attention hands this cache its K (after RoPE and the learned K transform) and V before the K/V
+quantizers, with the quantizers' specs; the cache quantizes them itself, with exactly the calibrated quantizer
+(asymmetric 4-bit per head, the kv clip ratio), and keeps only the codes: codes (B, Hkv, T, D/2) uint8 with scale
+and zero (B, Hkv, T) float32, the layout of flatquant/kernels/kv_cache.py (4 + 64/D bits a value, 0.28× fp16's
+bytes at D = 128, 0.31× at D = 64). Attention then reads it two ways:
+- prefill (or any step with a mask, or without CUDA): the cache dequantizes all it holds to the compute dtype and
+  PyTorch's SDPA attends, so the outputs equal those of the fake-quantized model with a DynamicCache;
+- decode (one new token per sequence, no mask, on a GPU with Triton): `decode_attention` (flash decoding) attends
+  over the codes, dequantizing tiles on chip, and never materialises K/V.
+On the GPU the codes are written by `kv_quant_pack` (equal to PyTorch's CPU quantizer bit for bit), elsewhere by
+flatquant.quantizers.quantize. Storage grows by doubling, so appending a token copies nothing most steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from flatquant.packing import pack_int4_offset
+from flatquant.quantizers import QuantSpec, dequantize_codes, quantize, unpack_codes
+
+
+def check_spec(spec: QuantSpec, head_dim: int, which: str) -> None:
+    if (spec.bits, spec.sym, spec.granularity, spec.group_size) != (4, False, "head", head_dim):
+        raise ValueError(f"QuantKVCache stores 4-bit asymmetric per-head {which} (quant.{which[0]}_bits=4, "
+                         f"{which[0]}_sym=false), not {spec}; generate with transformers' DynamicCache instead")
+
+
+def quantize_rows(x: torch.Tensor, spec: QuantSpec, out) -> None:
+    """x: (B, H, T, D) → codes, scale, zero written into out = (codes (B, H, T, D/2) uint8, scale, zero (B, H, T))."""
+    if x.is_cuda:
+        from flatquant.kernels.kv_cache import kv_quant_pack
+
+        kv_quant_pack(x, spec.clip_ratio, out=out)
+        return
+    B, H, T, D = x.shape
+    q, scale, zero = quantize(x.float(), spec)
+    out[0].copy_(pack_int4_offset(q.reshape(-1, D).to(torch.int32), 0).view(B, H, T, D // 2))
+    out[1].copy_(scale.view(B, H, T))
+    out[2].copy_(zero.view(B, H, T))
+
+
+class QuantKVLayer(DynamicLayer):
+    """One decoder layer's packed K/V. `length` tokens of `capacity` are valid; the same for every sequence."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k = self.v = None  # (codes, scale, zero) each, (B, H, capacity, D/2) and (B, H, capacity)
+        self.length, self.capacity = 0, 0
+        self.specs: tuple[QuantSpec, QuantSpec] | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def _grow(self, b: int, h: int, d: int, need: int) -> None:
+        cap = max(need, 2 * self.capacity, 16)
+        fresh = []
+        for old in (self.k, self.v):
+            new = (torch.empty(b, h, cap, d // 2, dtype=torch.uint8, device=self.device),
+                   torch.empty(b, h, cap, dtype=torch.float32, device=self.device),
+                   torch.empty(b, h, cap, dtype=torch.float32, device=self.device))
+            if old is not None:
+                for n, o in zip(new, old):
+                    n[:, :, : self.length].copy_(o[:, :, : self.length])
+            fresh.append(new)
+        self.k, self.v = fresh
+        self.capacity = cap
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, k_spec: QuantSpec, v_spec: QuantSpec) -> None:
+        """k, v: (B, Hkv, s, D) before quantization, in the compute dtype."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        b, h, s, d = k.shape
+        if self.specs is None:
+            check_spec(k_spec, d, "keys")
+            check_spec(v_spec, d, "values")
+            self.specs = (k_spec, v_spec)
+        if self.length + s > self.capacity:
+            self._grow(b, h, d, self.length + s)
+        window = slice(self.length, self.length + s)
+        quantize_rows(k, k_spec, tuple(t[:, :, window] for t in self.k))
+        quantize_rows(v, v_spec, tuple(t[:, :, window] for t in self.v))
+        self.length += s
+
+    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """All cached K and V, (B, Hkv, length, D) in `dtype`: (code − zero)·scale in float32, then cast, as the
+        fake quantizer computes them."""
+        out = []
+        for codes, scale, zero in (self.k, self.v):
+            c, s, z = codes[:, :, : self.length], scale[:, :, : self.length], zero[:, :, : self.length]
+            b, h, t, dh = c.shape
+            flat = unpack_codes(c.reshape(-1, dh), self.specs[0])
+            out.append(dequantize_codes(flat, s.reshape(-1), z.reshape(-1)).view(b, h, t, 2 * dh).to(dtype))
+        return out[0], out[1]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise TypeError("QuantKVCache is written by flatquant's QuantLayer attention (it quantizes K/V itself); "
+                        "a model of unquantized layers generates with DynamicCache")
+
+    def decodes(self, q: torch.Tensor) -> bool:
+        """Whether a one-token step attends over the codes (decode_attention) instead of dequantizing them all."""
+        return q.is_cuda
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        """q: (B, Hq, D), the newest token's query (after RoPE and Tk⁻ᵀ) → attention output (B, Hq, D)."""
+        from flatquant.kernels.kv_cache import decode_attention
+
+        lengths = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
+        cut = slice(0, self.length)
+        k = tuple(t[:, :, cut] for t in self.k)
+        v = tuple(t[:, :, cut] for t in self.v)
+        return decode_attention(q, *k, *v, lengths)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return sum(t[:, :, : self.length].numel() * t.element_size() for t in (*self.k, *self.v)) if self.k else 0
+
+    def reset(self) -> None:
+        self.k = self.v = None
+        self.length = self.capacity = 0
+        self.is_initialized = False
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError("QuantKVCache keeps one length for the whole batch: no cropping, beam search or "
+                                  "batch reordering")
+
+    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = offload = prefetch = _refuse
+
+
+class QuantKVCache(Cache):
+    """A transformers Cache of QuantKVLayers, one per decoder layer, created as the layers first write to it."""
+
+    stores_codes = True  # flatquant.quant_layer.Attention hands it K/V before quantization
+
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=QuantKVLayer)
+
+    def layer(self, layer_idx: int) -> QuantKVLayer:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(QuantKVLayer())
+        return self.layers[layer_idx]
+
+    def nbytes(self) -> int:
+        """Bytes of codes, scales and zeros held for the cached tokens."""
+        return sum(layer.nbytes() for layer in self.layers)
