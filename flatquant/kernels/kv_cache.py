@@ -7,9 +7,10 @@ Usage::
     kc, ks, kz = rope_k_quant_pack(k, cos, sin, tk, clip=0.95)      # k before RoPE → RoPE, ·Tk, packed K cache
     o = decode_attention(q, kc, ks, kz, vc, vs, vz, lengths)        # q: (B, Hq, D), newest token per sequence
 
-Today the model quantizes K and V and dequantizes them at once (the ``kq``/``vq`` quantizers of ``flatquant.quant_layer.Attention``); these kernels
-store the codes instead (4 + 64/D bits per value, 4.5 at D = 128: half a byte per value plus an fp32 scale and
-zero per row of D) and attend over them.
+A forward without a cache quantizes K and V and dequantizes them at once (the ``kq``/``vq`` quantizers of
+``flatquant.quant_layer.Attention``); generation with ``flatquant.cache.QuantKVCache`` stores the codes instead
+(4 + 64/D bits per value, 4.5 at D = 128: half a byte per value plus an fp32 scale and zero per row of D), written
+by ``kv_quant_pack`` on the GPU, and its one-token steps attend over them with ``decode_attention``.
 
 Cache format, per (batch, kv head, token) row of D values: asymmetric 4-bit codes, exactly
 ``flatquant.quantizers.quantize(x, QuantSpec(4, False, "head", D, clip_ratio=clip))`` computed in fp32:
