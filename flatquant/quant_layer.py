@@ -21,7 +21,7 @@ from torch import nn
 
 from flatquant.adapters import GROUP_TRANSFORM, GROUPS, LayerParts
 from flatquant.quantizers import QuantSpec, Quantizer, dequantize_codes, pack_codes, unpack_codes
-from flatquant.rope import rotate_half
+from flatquant.rope import apply_rope
 from flatquant.spec import QuantConfig
 from flatquant.transforms import KronTransform, kron_apply
 
@@ -180,7 +180,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (t.unsqueeze(2).to(q.dtype) for t in position_embeddings)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if tk is not None:
             q, k = tk.apply(q, inv_t=True), tk.apply(k)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None

@@ -152,15 +152,29 @@ def test_rope_k_quant_pack_with_transform(dtype, D, per_batch, config):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rope_reference_is_the_layers_formula(dtype):
-    """The reference's RoPE is QuantDecoderLayer._attention's (flatquant.rope.rotate_half, cos/sin cast to k's
-    dtype), bit for bit."""
-    from flatquant.rope import rotate_half
+    """The reference's RoPE is the layer's (flatquant.quant_layer.Attention, cos/sin cast to k's dtype), bit for
+    bit: Attention with no K transform and 16-bit K/V hands the cache exactly rope_k_transform_ref(k) in k's dtype."""
+    from flatquant.cache import QuantKVCache
+    from flatquant.quant_layer import Attention
+    from flatquant.quantizers import Quantizer, QuantSpec
 
     B, H, T, D = 2, 3, 11, 64
     k = _rows(B, H, T, D, dtype, seed=4, device="cpu")
     cos, sin = (t.cpu() for t in _rope_tables(B, T, D, True, seed=4))
-    c, s = (t.unsqueeze(1).to(dtype) for t in (cos, sin))
-    assert torch.equal(rope_k_transform_ref(k, cos, sin), (k * c + rotate_half(k) * s).float())
+    parts = type("Parts", (), dict(num_heads=H, num_kv_heads=H, head_dim=D, layer_idx=0, q_norm=None, k_norm=None))
+    attn = Attention(parts, Quantizer(QuantSpec(16)), Quantizer(QuantSpec(16)))
+    seen = {}
+
+    class Spy(QuantKVCache):  # records what the attention hands the cache
+        def layer(self, i):
+            layer = super().layer(i)
+            layer.append = lambda kk, vv, *specs: seen.setdefault("k", kk)
+            layer.dequantized = lambda dt: (seen["k"], seen["k"])
+            return layer
+
+    x = k.transpose(1, 2).reshape(B, T, H * D)
+    attn(x, x, x, (cos.to(dtype), sin.to(dtype)), cache=Spy())
+    assert torch.equal(rope_k_transform_ref(k, cos, sin), seen["k"].float())
 
 
 @needs_triton

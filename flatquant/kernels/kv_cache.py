@@ -41,7 +41,7 @@ import math
 import torch
 
 from flatquant.packing import pack_int4_offset, unpack_int4_offset
-from flatquant.rope import rotate_half
+from flatquant.rope import apply_rope
 
 from .kron_quant import HAS_TRITON, _sm_count, use_triton
 
@@ -285,7 +285,7 @@ def rope_k_transform_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     RoPE is flatquant.quant_layer.Attention's formula in k's dtype (tests/test_kv_cache.py checks it against the layer)."""
     _check_rows(k, "k")
     cos, sin = (_rope_table(t, k).unsqueeze(1) for t in (cos, sin))  # (B or 1, 1, T, D) in k's dtype
-    y = (k * cos + rotate_half(k) * sin).float()
+    y = apply_rope(k, cos, sin).float()
     return y if tk is None else y @ tk.to(device=y.device, dtype=torch.float32)
 
 
