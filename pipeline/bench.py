@@ -54,6 +54,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
             for key in ("prefill_speedup", "decode_speedup", "kv_bytes_ratio"):
                 if key in row:
                     out[f"bench/model_b{row['batch']}/{key}"] = row[key]
+        _model_plot(res, bench_dir)
     if cfg["bench"].get("profile", False):
         from flatquant.bench_layer import profile_decoder_layer
 
@@ -76,3 +77,15 @@ def _calibration(bench: dict, ctx, dims: tuple, bench_dir: str, n_layers: int | 
         out[f"bench/calibration/split{workers}/wall_s"] = proj["wall_s"]
         out[f"bench/calibration/split{workers}/speedup"] = proj["speedup"]
     return out
+
+
+def _model_plot(res: dict, bench_dir: str) -> Path | None:
+    """<gpu>_model_<model>.png: prefill and decode speedup of each batch (bars; 1× dashed)."""
+    from analysis.plots import save, speedup_figure
+
+    records = [{"label": f"{phase} batch {r['batch']} (context {r['context']})", "ratio": r[f"{phase}_speedup"]}
+               for r in res["rows"] for phase in ("prefill", "decode") if f"{phase}_speedup" in r]
+    if not records:
+        return None
+    title = f"{res['model']}: W4A4KV4 (kernels, 4-bit KV cache) over fp16, {res['device']}"
+    return save(speedup_figure(records, title), Path(bench_dir) / f"{res['device'].replace(' ', '_')}_model_{res['model']}.png")
