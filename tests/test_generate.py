@@ -177,3 +177,25 @@ def test_kernel_model_on_the_packed_cache_generates_the_fake_quant_tokens_gpu():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         assert float((a - b).norm() / b.norm()) < 2e-2
+
+
+def test_bench_models_share_weights_and_cache_each_layer_apart():
+    """flatquant.bench_model copies one converted layer to every position: each copy must write its own cache layer
+    (layer_idx), so that cached decoding equals a full forward."""
+    from flatquant.bench_model import build_models
+    from flatquant.cache import QuantKVCache
+    from flatquant.quant_layer import QuantLayer
+
+    fp, ours = build_models(dict(hidden=64, intermediate=96, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=3),
+                            vocab=256, device="cpu")
+    ours = ours.float()
+    layers = ours.model.layers
+    assert all(isinstance(l, QuantLayer) and l.on_kernels and l.layer_idx == i for i, l in enumerate(layers))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    cache = QuantKVCache()
+    with torch.no_grad():
+        full = ours(ids).logits
+        ours(ids[:, :8], past_key_values=cache, use_cache=True)
+        last = ours(ids[:, 8:], past_key_values=cache, use_cache=True, position_ids=torch.full((2, 1), 8)).logits
+    assert len(cache.layers) == 3 and all(layer.length == 9 for layer in cache.layers)
+    assert torch.allclose(last[:, 0], full[:, 8], rtol=1e-4, atol=1e-4)
