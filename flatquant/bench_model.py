@@ -14,9 +14,12 @@ CUDA graphs, no torch.compile), as `model.generate` runs them.
 
 For each batch: prefill = one forward over (batch, context) random tokens into an empty cache (only the last
 position's logits), decode = `steps` one-token forwards after it; medians over `repeats` timed runs after one
-warm-up. Reported per model: prefill ms, decode ms per step and tokens/s (batch / step time), peak memory of the
-prefill and decode phase (torch.cuda.max_memory_allocated, weights included), KV cache bytes after prefill; and the
-ratios ours/fp16 (speedups: fp16 time / ours).
+warm-up. Reported per model: prefill ms, decode ms per step and tokens/s (batch / step time), KV cache bytes after
+prefill, its weights' bytes (weights_gib), and memory: peak_*_gib is torch.cuda.max_memory_allocated during the
+phase, which counts everything resident — both models are, so it includes the other model's weights too —, and
+work_*_gib the peak above what was allocated when the phase began (activations, the cache, logits); and the ratios
+ours/fp16 (speedups: fp16 time / ours). results/bench/NVIDIA_H200_model_llama3_8b.json was measured before the
+weights_gib and work_*_gib fields existed.
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ def _cache_bytes(cache) -> int:
 def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) -> dict:
     """One warm-up and `repeats` timed runs of prefill + `steps` decode steps; medians."""
     prefill, decode, peak_prefill, peak_decode, kv = [], [], 0, 0, 0
+    work_prefill = work_decode = 0
     for r in range(repeats + 1):
         cache = make_cache()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         with torch.no_grad():
             start.record()
@@ -84,9 +89,11 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
             mid.record()
             torch.cuda.synchronize()
             peak_prefill = max(peak_prefill, torch.cuda.max_memory_allocated())
+            work_prefill = max(work_prefill, torch.cuda.max_memory_allocated() - base)
             kv = _cache_bytes(cache)
             nxt = out.logits[:, -1:].argmax(-1)
             torch.cuda.reset_peak_memory_stats()
+            base_decode = torch.cuda.memory_allocated()
             step0 = torch.cuda.Event(enable_timing=True)
             step0.record()
             for _ in range(steps):
@@ -95,12 +102,15 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
             end.record()
             torch.cuda.synchronize()
             peak_decode = max(peak_decode, torch.cuda.max_memory_allocated())
+            work_decode = max(work_decode, torch.cuda.max_memory_allocated() - base_decode + kv)
         if r:
             prefill.append(start.elapsed_time(mid))
             decode.append(step0.elapsed_time(end) / steps)
         del cache, out
     return {"prefill_ms": statistics.median(prefill), "decode_ms_per_step": statistics.median(decode),
-            "peak_prefill_gib": peak_prefill / 2**30, "peak_decode_gib": peak_decode / 2**30, "kv_cache_bytes": kv}
+            "peak_prefill_gib": peak_prefill / 2**30, "peak_decode_gib": peak_decode / 2**30, "kv_cache_bytes": kv,
+            "work_prefill_gib": work_prefill / 2**30, "work_decode_gib": work_decode / 2**30,
+            "weights_gib": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
 
 
 def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATCHES, context: int = 2048,
