@@ -83,6 +83,16 @@ def test_unquantized_model_is_not_exported(tokenizer, tmp_path):
         export(random_llama(vocab=len(tokenizer)), tokenizer, tmp_path, {"name": "fp16"})
 
 
+def test_a_model_on_the_kernels_is_not_exported(tokenizer, tmp_path):
+    """use_kernels re-packs the codes into the kernels' layout and drops the groups: export refuses, not a partial
+    checkpoint that load_quantized could not rebuild."""
+    model = _quantized(tokenizer, "flatquant")
+    model.model.layers[1].use_kernels()
+    with pytest.raises(ValueError, match="before use_kernels"):
+        export(model, tokenizer, tmp_path, {"name": "flatquant"})
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("quant,dtype", [({"w_bits": 12}, torch.int16), ({"w_bits": 8, "w_sym": False}, torch.int16),
                                          ({"w_bits": 3, "w_sym": False}, torch.int8)])
 def test_wide_and_asymmetric_codes_round_trip(tokenizer, tmp_path, quant, dtype):
