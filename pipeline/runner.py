@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flatquant.flat import flatten
-from pipeline import bench, calibrate, eval_ppl, eval_qa, export, prepare_data
+from pipeline import bench, calibrate, eval_generate, eval_ppl, eval_qa, export, prepare_data
 from pipeline.context import Context
 from pipeline.tracking import Tracker
 
@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 STAGES = {
     "prepare_data": [prepare_data.run],
     "calibrate": [prepare_data.run, calibrate.run, export.run],
-    "eval": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, eval_ppl.run, eval_qa.run],
+    "eval": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, eval_ppl.run, eval_qa.run,
+             eval_generate.run],
     "bench": [bench.run],
-    "all": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, export.run, eval_ppl.run, eval_qa.run],
+    "all": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, export.run, eval_ppl.run, eval_qa.run,
+            eval_generate.run],
 }
 
 

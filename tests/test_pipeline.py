@@ -85,6 +85,25 @@ def test_failed_run_is_marked_failed(tiny_llama_dir, tmp_path, monkeypatch):
     assert run.info.status == "FAILED"
 
 
+def test_eval_prompts_are_generated_and_logged(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """eval.prompts: the quantized model's greedy continuations (through the 4-bit cache) are printed, logged to the
+    run as generations.json and written beside the metrics JSON."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "m.json"
+    cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", *FAST, "eval.prompts=[hello world,the cat]",
+                    "eval.max_new_tokens=3", f"+metrics_out={out}"], tmp_path)
+    metrics = execute(cfg)
+    texts = json.loads(out.with_suffix(".generations.json").read_text())
+    assert list(texts) == ["hello world", "the cat"] and metrics["eval_generate/seconds"] > 0
+    printed = capsys.readouterr().out
+    assert all(f"{p!r} → {t!r}" in printed for p, t in texts.items())
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("flatquant").experiment_id])
+    assert "generations.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 def test_sixteen_bit_rtn_changes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg([f"model.path={tiny_llama_dir}", "model.name=tiny", "method=rtn", "quant=fp16", *FAST], tmp_path)
