@@ -15,11 +15,13 @@ CUDA graphs, no torch.compile), as `model.generate` runs them.
 For each batch: prefill = one forward over (batch, context) random tokens into an empty cache (only the last
 position's logits), decode = `steps` one-token forwards after it; medians over `repeats` timed runs after one
 warm-up. Reported per model: prefill ms, decode ms per step and tokens/s (batch / step time), KV cache bytes after
-prefill, its weights' bytes (weights_gib), and memory: peak_*_gib is torch.cuda.max_memory_allocated during the
+prefill and what the cache has allocated after the decode steps (kv_cache_held_bytes_after_decode), its weights'
+bytes (weights_gib), and memory: peak_*_gib is torch.cuda.max_memory_allocated during the
 phase, which counts everything resident — both models are, so it includes the other model's weights too —, and
 work_*_gib the peak above what was allocated when the phase began (activations, the cache, logits); and the ratios
 ours/fp16 (speedups: fp16 time / ours). results/bench/NVIDIA_H200_model_llama3_8b.json was measured before the
-weights_gib and work_*_gib fields existed.
+weights_gib, work_*_gib and held-bytes fields existed, and before QuantKVCache kept headroom: its cache was
+reallocated at twice the prompt at the first decode step.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _cache_bytes(cache) -> int:
 
 def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) -> dict:
     """One warm-up and `repeats` timed runs of prefill + `steps` decode steps; medians."""
-    prefill, decode, peak_prefill, peak_decode, kv = [], [], 0, 0, 0
+    prefill, decode, peak_prefill, peak_decode, kv, held = [], [], 0, 0, 0, 0
     work_prefill = work_decode = 0
     for r in range(repeats + 1):
         cache = make_cache()
@@ -101,6 +103,7 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
                 nxt = out.logits[:, -1:].argmax(-1)
             end.record()
             torch.cuda.synchronize()
+            held = cache.held_bytes() if hasattr(cache, "held_bytes") else _cache_bytes(cache)
             peak_decode = max(peak_decode, torch.cuda.max_memory_allocated())
             work_decode = max(work_decode, torch.cuda.max_memory_allocated() - base_decode + kv)
         if r:
@@ -109,7 +112,7 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
         del cache, out
     return {"prefill_ms": statistics.median(prefill), "decode_ms_per_step": statistics.median(decode),
             "peak_prefill_gib": peak_prefill / 2**30, "peak_decode_gib": peak_decode / 2**30, "kv_cache_bytes": kv,
-            "work_prefill_gib": work_prefill / 2**30, "work_decode_gib": work_decode / 2**30,
+            "kv_cache_held_bytes_after_decode": held, "work_prefill_gib": work_prefill / 2**30, "work_decode_gib": work_decode / 2**30,
             "weights_gib": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
 
 

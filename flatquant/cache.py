@@ -11,11 +11,15 @@ quantizers, with the quantizers' specs; the cache quantizes them itself, with ex
 and zero (B, Hkv, T) float32, the layout of flatquant/kernels/kv_cache.py (4 + 64/D bits a value, 0.28× fp16's
 bytes at D = 128, 0.31× at D = 64). Attention then reads it two ways:
 - prefill (or any step with a mask, or without CUDA): the cache dequantizes all it holds to the compute dtype and
-  PyTorch's SDPA attends, so the outputs equal those of the fake-quantized model with a DynamicCache;
+  PyTorch's SDPA attends, so the outputs equal those of the fake-quantized model with a DynamicCache (on the CPU;
+  on the GPU see below);
 - decode (one new token per sequence, no mask, on a GPU with Triton): `decode_attention` (flash decoding) attends
   over the codes, dequantizing tiles on chip, and never materialises K/V.
 On the GPU the codes are written by `kv_quant_pack` (equal to PyTorch's CPU quantizer bit for bit), elsewhere by
-flatquant.quantizers.quantize. Storage grows by doubling, so appending a token copies nothing most steps.
+flatquant.quantizers.quantize (equal to it bit for bit, so on the GPU the codes may differ from those of PyTorch's CUDA
+fake quantizer at a rounding boundary: flatquant/kernels/fused.py says why). Storage is allocated with 256 tokens
+of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps copies nothing until
+the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from flatquant.packing import pack_int4_offset
 from flatquant.quantizers import QuantSpec, dequantize_codes, quantize, unpack_codes
+
+HEADROOM = 256  # tokens allocated beyond what is written: decode steps after a prefill append without copying
 
 
 def check_spec(spec: QuantSpec, head_dim: int, which: str) -> None:
@@ -50,6 +56,8 @@ def quantize_rows(x: torch.Tensor, spec: QuantSpec, out) -> None:
 class QuantKVLayer(DynamicLayer):
     """One decoder layer's packed K/V. `length` tokens of `capacity` are valid; the same for every sequence."""
 
+    is_croppable = False  # crop / beam search / batch reordering are refused below
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.k = self.v = None  # (codes, scale, zero) each, (B, H, capacity, D/2) and (B, H, capacity)
@@ -61,7 +69,7 @@ class QuantKVLayer(DynamicLayer):
         self.is_initialized = True
 
     def _grow(self, b: int, h: int, d: int, need: int) -> None:
-        cap = max(need, 2 * self.capacity, 16)
+        cap = max(need + HEADROOM, 2 * self.capacity)
         fresh = []
         for old in (self.k, self.v):
             new = (torch.empty(b, h, cap, d // 2, dtype=torch.uint8, device=self.device),
@@ -106,8 +114,11 @@ class QuantKVLayer(DynamicLayer):
                         "a model of unquantized layers generates with DynamicCache")
 
     def decodes(self, q: torch.Tensor) -> bool:
-        """Whether a one-token step attends over the codes (decode_attention) instead of dequantizing them all."""
-        return q.is_cuda
+        """Whether a one-token step attends over the codes (decode_attention's Triton kernel) instead of
+        dequantizing them all: where the kernel runs compiled (CUDA with Triton)."""
+        from flatquant.kernels.kron_quant import use_triton
+
+        return q.is_cuda and use_triton(q)
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
         """q: (B, Hq, D), the newest token's query (after RoPE and Tk⁻ᵀ) → attention output (B, Hq, D)."""
@@ -123,7 +134,12 @@ class QuantKVLayer(DynamicLayer):
         return self.length
 
     def nbytes(self) -> int:
+        """Bytes of the codes, scales and zeros of the tokens written."""
         return sum(t[:, :, : self.length].numel() * t.element_size() for t in (*self.k, *self.v)) if self.k else 0
+
+    def held_bytes(self) -> int:
+        """Bytes allocated (capacity, headroom included)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v)) if self.k else 0
 
     def reset(self) -> None:
         self.k = self.v = None
@@ -151,5 +167,9 @@ class QuantKVCache(Cache):
         return self.layers[layer_idx]
 
     def nbytes(self) -> int:
-        """Bytes of codes, scales and zeros held for the cached tokens."""
+        """Bytes of codes, scales and zeros of the cached tokens."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def held_bytes(self) -> int:
+        """Bytes allocated for them (capacity, headroom included)."""
+        return sum(layer.held_bytes() for layer in self.layers)

@@ -49,6 +49,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, dev
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         cache = packed_cache_for(model) if packed_cache else None
         seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=pad, **({"past_key_values": cache} if cache else {}))
+                             use_cache=True, pad_token_id=pad, **({"past_key_values": cache} if cache is not None else {}))
         out.append(tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True))
     return out

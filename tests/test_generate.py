@@ -114,6 +114,7 @@ def test_packed_cache_generates_what_the_fake_quant_cache_does(method):
     hd, kv_heads, layers, tokens = 32, 2, 2, 7 + 6 - 1
     fp16_bytes = 2 * layers * 2 * prompt.shape[0] * kv_heads * tokens * hd
     assert packed.nbytes() == fp16_bytes * (hd // 2 + 8) // (2 * hd)
+    assert packed.held_bytes() * tokens == packed.nbytes() * (7 + 256)  # allocated at prefill: the prompt + 256 headroom
     assert all(layer.k[0].dtype == torch.uint8 for layer in packed.layers)
 
 
@@ -146,12 +147,23 @@ def test_packed_cache_refuses_what_it_cannot_hold():
         layer.append(x, x, QuantSpec(4, False, "head", 32), QuantSpec(4, True, "head", 32))
 
 
-def test_generate_picks_the_packed_cache_where_it_can():
+def test_generate_uses_the_packed_cache_where_it_can(monkeypatch):
+    """generate() hands model.generate a QuantKVCache for a QuantLayer model (and the layers really write to it), and
+    leaves transformers' DynamicCache to other models and to packed_cache=False."""
     from conftest import random_llama
+    from flatquant.cache import QuantKVLayer
     from flatquant.generate import packed_cache_for
 
-    assert packed_cache_for(_quantized("flatquant")) is not None
     assert packed_cache_for(random_llama()) is None  # transformers layers: DynamicCache
+    writes = []
+    append = QuantKVLayer.append
+    monkeypatch.setattr(QuantKVLayer, "append", lambda self, *a: writes.append(a[0].shape) or append(self, *a))
+    model = _quantized("flatquant")
+    tok = type("Tok", (), dict(pad_token_id=0, eos_token_id=0, decode=lambda self, ids, **kw: str(ids.tolist()),
+                               __call__=lambda self, text, return_tensors: {"input_ids": torch.tensor([[5, 6, 7]])}))()
+    packed = generate(model, tok, ["x"], max_new_tokens=3)
+    assert len(writes) == 2 * 3  # 2 layers × (prefill + 2 decode steps)
+    assert generate(model, tok, ["x"], max_new_tokens=3, packed_cache=False) == packed and len(writes) == 6
 
 
 @pytest.mark.gpu

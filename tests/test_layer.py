@@ -134,9 +134,25 @@ def _calibrated_tiny(wquant="rtn", seed=0):
     return model
 
 
+def test_gptq_codes_are_exactly_the_gptq_weights(monkeypatch):
+    """convert(…, "gptq") keeps each weight as codes that dequantize to exactly what gptq_quantize returned."""
+    import flatquant.convert as conv
+
+    returned = []
+    gptq = conv.gptq_quantize
+    monkeypatch.setattr(conv, "gptq_quantize", lambda *a, **k: returned.append(gptq(*a, **k)) or returned[-1])
+    model = _calibrated_tiny("gptq")
+    layers = adapter_for(model).layers(model)
+    assert len(returned) == 7 * len(layers)
+    got = [w for layer in layers for w in layer.weights().values()]
+    assert all(layer.packed for layer in layers) and all(torch.equal(a, b) for a, b in zip(got, returned))
+
+
 @pytest.mark.parametrize("wquant", ["rtn", "gptq"])
 def test_packed_weights_give_identical_outputs_in_an_eighth_of_the_memory(wquant):
-    """The same layers with their weights as float32 values instead of codes: identical logits."""
+    """Forward from the codes equals forward from float32 copies of their values (dequantizing on the fly loses
+    nothing), in an eighth of the weight memory. That the values are the quantizer's own: test_rtn_codes_… and
+    test_gptq_codes_…."""
     model = _calibrated_tiny(wquant)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     layers = adapter_for(model).layers(model)
