@@ -15,11 +15,11 @@ bytes at D = 128, 0.31× at D = 64). Attention then reads it two ways:
   on the GPU see below);
 - decode (one new token per sequence, no mask, on a GPU with Triton): `decode_attention` (flash decoding) attends
   over the codes, dequantizing tiles on chip, and never materialises K/V.
-On the GPU the codes are written by `kv_quant_pack` (equal to PyTorch's CPU quantizer bit for bit), elsewhere by
-flatquant.quantizers.quantize (equal to it bit for bit, so on the GPU the codes may differ from those of PyTorch's CUDA
-fake quantizer at a rounding boundary: flatquant/kernels/fused.py says why). Storage is allocated with 256 tokens
-of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps copies nothing until
-the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
+Codes are written by `kv_quant_pack` on the GPU and by flatquant.quantizers.quantize elsewhere; the two agree bit
+for bit (tests/test_kv_cache.py). On the GPU they can differ from the fake-quantized model's (PyTorch's CUDA
+quantizer) where a value sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated
+with 256 tokens of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps
+copies nothing until the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
 """
 
 from __future__ import annotations
