@@ -77,6 +77,9 @@ def _cache_bytes(cache) -> int:
 
 def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) -> dict:
     """One warm-up and `repeats` timed runs of prefill + `steps` decode steps; medians."""
+    from flatquant.generate import cache_kwarg
+
+    key = cache_kwarg(model)
     prefill, decode, peak_prefill, peak_decode, kv, held = [], [], 0, 0, 0, 0
     work_prefill = work_decode = 0
     for r in range(repeats + 1):
@@ -87,7 +90,7 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         with torch.no_grad():
             start.record()
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids, **{key: cache}, use_cache=True, logits_to_keep=1)
             mid.record()
             torch.cuda.synchronize()
             peak_prefill = max(peak_prefill, torch.cuda.max_memory_allocated())
@@ -99,7 +102,7 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
             step0 = torch.cuda.Event(enable_timing=True)
             step0.record()
             for _ in range(steps):
-                out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(nxt, **{key: cache}, use_cache=True, logits_to_keep=1)
                 nxt = out.logits[:, -1:].argmax(-1)
             end.record()
             torch.cuda.synchronize()

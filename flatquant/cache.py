@@ -2,7 +2,8 @@
 
 Usage:
     cache = QuantKVCache()
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)   # a QuantLayer model
+    out = model.generate(ids, cache=cache, max_new_tokens=32)   # a QuantLayer model (past_key_values= in older
+                                                                # transformers: flatquant.generate.cache_kwarg)
     cache.nbytes()                                                        # what the cache holds, in bytes
 
 Each QuantLayer's attention hands this cache its K (after RoPE and the learned K transform) and V before the K/V

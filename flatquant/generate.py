@@ -15,6 +15,14 @@ from __future__ import annotations
 import torch
 
 
+def cache_kwarg(model) -> str:
+    """The keyword that hands a model (and its generate) a Cache: `cache` where its forward takes it (transformers
+    5.24 here, which deprecates the other), else `past_key_values` (older versions)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def packed_cache_for(model):
     """A QuantKVCache when every decoder layer is a QuantLayer whose K/V quantizers it can hold, else None."""
     from flatquant.adapters import adapter_for
@@ -49,6 +57,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, dev
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         cache = packed_cache_for(model) if packed_cache else None
         seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=pad, **({"past_key_values": cache} if cache is not None else {}))
+                             use_cache=True, pad_token_id=pad, **({cache_kwarg(model): cache} if cache is not None else {}))
         out.append(tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True))
     return out

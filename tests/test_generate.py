@@ -15,6 +15,13 @@ def test_fp_default_model_names_the_capital(smollm2):
     assert text.startswith(" Berlin")
 
 
+def _kw(model, cache) -> dict:
+    """{"cache": cache} or {"past_key_values": cache}, whichever this transformers takes (flatquant.generate)."""
+    from flatquant.generate import cache_kwarg
+
+    return {cache_kwarg(model): cache}
+
+
 def _quantized(method: str, epochs: int = 0):
     from conftest import random_llama
     from flatquant.calibrate import CalibConfig, quantize_model
@@ -59,8 +66,8 @@ def test_new_tokens_after_cached_ones_attend_causally():
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        model(ids[:, :6], past_key_values=cache, use_cache=True)
-        tail = model(ids[:, 6:], past_key_values=cache, use_cache=True, position_ids=torch.arange(6, 9)[None]).logits
+        model(ids[:, :6], **_kw(model, cache), use_cache=True)
+        tail = model(ids[:, 6:], **_kw(model, cache), use_cache=True, position_ids=torch.arange(6, 9)[None]).logits
     assert torch.allclose(tail[0], full[0, 6:], rtol=1e-4, atol=1e-4)
 
 
@@ -91,7 +98,7 @@ def _generate(model, prompt, cache, n=6):
     with torch.no_grad():
         return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
                               use_cache=True, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-                              past_key_values=cache)
+                              **_kw(model, cache))
 
 
 @pytest.mark.parametrize("method", ["flatquant", "rtn"])
@@ -207,7 +214,7 @@ def test_bench_models_share_weights_and_cache_each_layer_apart():
     cache = QuantKVCache()
     with torch.no_grad():
         full = ours(ids).logits
-        ours(ids[:, :8], past_key_values=cache, use_cache=True)
-        last = ours(ids[:, 8:], past_key_values=cache, use_cache=True, position_ids=torch.full((2, 1), 8)).logits
+        ours(ids[:, :8], **_kw(ours, cache), use_cache=True)
+        last = ours(ids[:, 8:], **_kw(ours, cache), use_cache=True, position_ids=torch.full((2, 1), 8)).logits
     assert len(cache.layers) == 3 and all(layer.length == 9 for layer in cache.layers)
     assert torch.allclose(last[:, 0], full[:, 8], rtol=1e-4, atol=1e-4)
