@@ -16,8 +16,8 @@ bytes at D = 128, 0.31× at D = 64). Attention then reads it two ways:
   on the GPU see below);
 - decode (one new token per sequence, no mask, on a GPU with Triton): `decode_attention` (flash decoding) attends
   over the codes, dequantizing tiles on chip, and never materialises K/V.
-Codes are written by `kv_quant_pack` on the GPU and by flatquant.quantizers.quantize elsewhere; the two agree bit
-for bit (tests/test_kv_cache.py). On the GPU they can differ from the fake-quantized model's (PyTorch's CUDA
+Codes are written by `kv_quant_pack` (its Triton kernel on the GPU, elsewhere its reference, which is
+flatquant.quantizers.quantize; the two agree bit for bit, tests/test_kv_cache.py) and read back by `kv_dequant`. On the GPU they can differ from the fake-quantized model's (PyTorch's CUDA
 quantizer) where a value sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated
 with 256 tokens of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps
 copies nothing until the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
@@ -28,8 +28,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from flatquant.packing import pack_int4_offset
-from flatquant.quantizers import QuantSpec, dequantize_codes, quantize, unpack_codes
+from flatquant.quantizers import QuantSpec
 
 HEADROOM = 256  # tokens allocated beyond what is written: decode steps after a prefill append without copying
 
@@ -38,20 +37,6 @@ def check_spec(spec: QuantSpec, head_dim: int, which: str) -> None:
     if (spec.bits, spec.sym, spec.granularity, spec.group_size) != (4, False, "head", head_dim):
         raise ValueError(f"QuantKVCache stores 4-bit asymmetric per-head {which} (quant.{which[0]}_bits=4, "
                          f"{which[0]}_sym=false), not {spec}; generate with transformers' DynamicCache instead")
-
-
-def quantize_rows(x: torch.Tensor, spec: QuantSpec, out) -> None:
-    """x: (B, H, T, D) → codes, scale, zero written into out = (codes (B, H, T, D/2) uint8, scale, zero (B, H, T))."""
-    if x.is_cuda:
-        from flatquant.kernels.kv_cache import kv_quant_pack
-
-        kv_quant_pack(x, spec.clip_ratio, out=out)
-        return
-    B, H, T, D = x.shape
-    q, scale, zero = quantize(x.float(), spec)
-    out[0].copy_(pack_int4_offset(q.reshape(-1, D).to(torch.int32), 0).view(B, H, T, D // 2))
-    out[1].copy_(scale.view(B, H, T))
-    out[2].copy_(zero.view(B, H, T))
 
 
 class QuantKVLayer(DynamicLayer):
@@ -85,6 +70,8 @@ class QuantKVLayer(DynamicLayer):
 
     def append(self, k: torch.Tensor, v: torch.Tensor, k_spec: QuantSpec, v_spec: QuantSpec) -> None:
         """k, v: (B, Hkv, s, D) before quantization, in the compute dtype."""
+        from flatquant.kernels.kv_cache import kv_quant_pack  # imported when used: it imports triton
+
         if not self.is_initialized:
             self.lazy_initialization(k, v)
         b, h, s, d = k.shape
@@ -95,20 +82,18 @@ class QuantKVLayer(DynamicLayer):
         if self.length + s > self.capacity:
             self._grow(b, h, d, self.length + s)
         window = slice(self.length, self.length + s)
-        quantize_rows(k, k_spec, tuple(t[:, :, window] for t in self.k))
-        quantize_rows(v, v_spec, tuple(t[:, :, window] for t in self.v))
+        kv_quant_pack(k, k_spec.clip_ratio, out=tuple(t[:, :, window] for t in self.k))
+        kv_quant_pack(v, v_spec.clip_ratio, out=tuple(t[:, :, window] for t in self.v))
         self.length += s
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """All cached K and V, (B, Hkv, length, D) in `dtype`: (code − zero)·scale in float32, then cast, as the
         fake quantizer computes them."""
-        out = []
-        for codes, scale, zero in (self.k, self.v):
-            c, s, z = codes[:, :, : self.length], scale[:, :, : self.length], zero[:, :, : self.length]
-            b, h, t, dh = c.shape
-            flat = unpack_codes(c.reshape(-1, dh), self.specs[0])
-            out.append(dequantize_codes(flat, s.reshape(-1), z.reshape(-1)).view(b, h, t, 2 * dh).to(dtype))
-        return out[0], out[1]
+        from flatquant.kernels.kv_cache import kv_dequant
+
+        cut = slice(0, self.length)
+        k, v = (kv_dequant(*(t[:, :, cut] for t in cached)).to(dtype) for cached in (self.k, self.v))
+        return k, v
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError("QuantKVCache is written by flatquant's QuantLayer attention (it quantizes K/V itself); "
