@@ -111,22 +111,33 @@ def bench_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_h
            "shape": dict(hidden=hidden, intermediate=intermediate, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim), "rows": rows}
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(out_dir, res["device"].replace(" ", "_") + "_layer")
-        with open(stem + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown_table(res))
+        write_results(res, out_dir, "_layer", markdown_table(res))
     return res
+
+
+def write_results(res: dict, out_dir: str, suffix: str, markdown: str) -> str:
+    """<out_dir>/<gpu><suffix>.json (res) and .md (markdown); returns the path without extension."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, res["device"].replace(" ", "_") + suffix)
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    return stem
+
+
+def table_rows(rows: list[dict], cols: tuple[str, ...]) -> list[str]:
+    """A markdown header and one line per row: floats to 4 significant digits, missing values as —."""
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return lines + ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols)
+                    + " |" for r in rows]
 
 
 def markdown_table(res: dict) -> str:
     cols = ("phase", "batch", "seq", "fp16_ms", "w4a4_ms", "speedup", "rel_err_vs_fake_quant", "rel_err_fake_fp16_vs_fp32",
             "rel_err_vs_fp16")
     lines = [f"# Decoder layer, W4A4 kernels vs fp16 on {res['device']} (shape {res['shape']})", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in res["rows"]:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols) + " |")
+             *table_rows(res["rows"], cols)]
     lines += ["", "rel_err_*: norm of the difference over the norm of the fp layer's update (y − x), on the first input set."]
     return "\n".join(lines) + "\n"
 

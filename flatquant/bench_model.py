@@ -27,11 +27,11 @@ reallocated at twice the prompt at the first decode step.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import statistics
 
 import torch
+
+from flatquant.bench_layer import table_rows, write_results
 
 BATCHES = (1, 8, 32, 64)
 
@@ -151,12 +151,7 @@ def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATC
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": name, "shape": shape,
            "vocab": vocab, "rows": rows}
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(out_dir, res["device"].replace(" ", "_") + f"_model{'_' + name if name else ''}")
-        with open(stem + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown_table(res))
+        write_results(res, out_dir, f"_model{'_' + name if name else ''}", markdown_table(res))
     return res
 
 
@@ -165,9 +160,5 @@ def markdown_table(res: dict) -> str:
             "w4a4_decode_tokens_per_s", "decode_speedup", "kv_bytes_ratio", "fp16_peak_decode_gib",
             "w4a4_peak_decode_gib")
     lines = [f"# Whole model {res['model']}, W4A4KV4 (kernels, 4-bit KV cache) vs fp16 on {res['device']}",
-             f"shape {res['shape']}, vocab {res['vocab']}, random weights, eager", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in res["rows"]:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "—"))
-                                       for c in cols) + " |")
+             f"shape {res['shape']}, vocab {res['vocab']}, random weights, eager", "", *table_rows(res["rows"], cols)]
     return "\n".join(lines) + "\n"

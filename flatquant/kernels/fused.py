@@ -120,23 +120,23 @@ class GroupFakeQuant(torch.nn.Module):
     """The kernel twin of a per-head (group) flatquant Quantizer without a learnable clip: the same values in one
     pass (``group_fake_quant``). ``from_quantizer`` returns the quantizer itself where it has no twin."""
 
-    def __init__(self, group: int, bits: int, sym: bool, clip: float = 1.0, spec=None):
+    def __init__(self, spec):
         super().__init__()
-        self.group, self.bits, self.sym, self.clip = group, bits, sym, clip
-        self.spec = spec  # the QuantSpec it computes (what a K/V cache that quantizes by itself reads)
+        self.spec = spec  # a flatquant QuantSpec of "group" / "head" granularity (a K/V cache reads it too)
 
     @classmethod
     def from_quantizer(cls, quantizer: torch.nn.Module) -> torch.nn.Module:
         spec = quantizer.spec
         if not spec.enabled or spec.granularity not in ("group", "head") or quantizer.clip_logit is not None:
             return quantizer
-        return cls(spec.group_size, spec.bits, spec.sym, spec.clip_ratio, spec)
+        return cls(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_fake_quant(x, self.group, self.bits, self.sym, self.clip)
+        s = self.spec
+        return group_fake_quant(x, s.group_size, s.bits, s.sym, s.clip_ratio)
 
     def extra_repr(self) -> str:
-        return f"group={self.group}, bits={self.bits}, sym={self.sym}, clip={self.clip}"
+        return str(self.spec)
 
 
 class FusedSiluMul(torch.nn.Module):
