@@ -9,8 +9,15 @@ Both models get the same random weights (transformers' LlamaForCausalLM in fp16)
 layer a QuantLayer (Kronecker transforms at their untrained start, weights RTN 4-bit) on the kernels
 (`use_kernels`), generating with flatquant.cache.QuantKVCache (4-bit codes; decode_attention over them); the fp16
 model with transformers' DynamicCache. One layer is converted and copied to every position (random weights: the
-timing does not depend on their values), so that building an 8B-shaped model takes seconds. Both run eagerly (no
-CUDA graphs, no torch.compile), as `model.generate` runs them.
+timing does not depend on their values), so that building an 8B-shaped model takes seconds.
+
+Decode is timed two ways. Eager (`decode_*`): as `model.generate` runs the models, every op launched from Python
+(the host's launch time is part of it). CUDA graph (`graph_decode_*`): one greedy step captured and replayed
+(flatquant.generate.GreedyDecoder), fp16 with transformers' StaticCache, ours with QuantKVCache(max_length=…), both
+prefilled eagerly first; this is the GPU's time for a step, what a serving engine gets. While a graph is captured
+transformers builds an attention mask for the fp16 model's one-token steps, and its SDPA path then copies K/V per
+query head (repeat_kv), which eager decoding without a mask does not: at large batches fp16's graphed step is slower
+than its eager one. `best_decode_speedup` compares each model at its faster way. Prefill runs eagerly.
 
 For each batch: prefill = one forward over (batch, context) random tokens into an empty cache (only the last
 position's logits), decode = `steps` one-token forwards after it; medians over `repeats` timed runs after one
@@ -19,9 +26,7 @@ prefill and what the cache has allocated after the decode steps (kv_cache_held_b
 bytes (weights_gib), and memory: peak_*_gib is torch.cuda.max_memory_allocated during the
 phase, which counts everything resident — both models are, so it includes the other model's weights too —, and
 work_*_gib the peak above what was allocated when the phase began (activations, the cache, logits); and the ratios
-ours/fp16 (speedups: fp16 time / ours). results/bench/NVIDIA_H200_model_llama3_8b.json was measured before the
-weights_gib, work_*_gib and held-bytes fields existed, and before QuantKVCache kept headroom: its cache was
-reallocated at twice the prompt at the first decode step.
+ours/fp16 (speedups: fp16 time / ours).
 """
 
 from __future__ import annotations
@@ -119,29 +124,70 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
             "weights_gib": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
 
 
-def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATCHES, context: int = 2048,
-                steps: int = 16, repeats: int = 2, vocab: int = 32000, name: str = "") -> dict:
-    from transformers import DynamicCache
+def _time_graph_decode(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) -> dict:
+    """Prefill into a fixed-capacity cache, capture one greedy step, then `repeats` + 1 runs of `steps` replays (the
+    first a warm-up); median ms per step."""
+    from flatquant.generate import GreedyDecoder, cache_kwarg
+
+    cache = make_cache()
+    with torch.no_grad():
+        first = model(ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    decoder = GreedyDecoder(model, cache, first, ids.shape[1])
+    times = []
+    for r in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        decoder(steps, sync=False)
+        end.record()
+        torch.cuda.synchronize()
+        if r:
+            times.append(start.elapsed_time(end) / steps)
+    del decoder, cache
+    return {"graph_decode_ms_per_step": statistics.median(times)}
+
+
+def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATCHES, context: int | tuple = 2048,
+                steps: int = 16, repeats: int = 2, vocab: int = 32000, name: str = "", max_tokens: int | None = None
+                ) -> dict:
+    """One row per context × batch (context: one or several), skipping rows of more than max_tokens prompt tokens
+    (batch × context) when it is given; JSON + markdown in out_dir (None: nothing written)."""
+    contexts = (context,) if isinstance(context, int) else tuple(context)
+    pairs = [(c, b) for c in contexts for b in batches if max_tokens is None or b * c <= max_tokens]
+    if not pairs:
+        raise ValueError(f"no batch × context of {batches} × {contexts} is within max_tokens={max_tokens}")
+    from transformers import DynamicCache, StaticCache
 
     from flatquant.cache import QuantKVCache
 
-    fp, ours = build_models(shape, vocab, context + steps + 8)
+    extra = (repeats + 1) * steps + 1  # the graphed runs keep appending to one prefilled cache
+    fp, ours = build_models(shape, vocab, max(contexts) + extra + 8)
+    eager = {"fp16": lambda: DynamicCache(config=fp.config), "w4a4": QuantKVCache}
     rows = []
-    for batch in batches:
+    for context, batch in pairs:
+        capacity = context + extra
+        fixed = {"fp16": lambda: StaticCache(config=fp.config, max_cache_len=capacity),
+                 "w4a4": lambda: QuantKVCache(max_length=capacity)}
         ids = torch.randint(0, vocab, (batch, context), device="cuda")
         row = {"batch": batch, "context": context, "steps": steps}
-        for label, model, make in (("fp16", fp, lambda: DynamicCache(config=fp.config)), ("w4a4", ours, QuantKVCache)):
+        for label, model in (("fp16", fp), ("w4a4", ours)):
             try:
-                r = _time_phase(model, make, ids, steps, repeats)
+                r = _time_phase(model, eager[label], ids, steps, repeats)
+                torch.cuda.empty_cache()
+                r.update(_time_graph_decode(model, fixed[label], ids, steps, repeats))
             except torch.OutOfMemoryError as e:
                 row[f"{label}_error"] = f"out of memory: {str(e)[:120]}"
                 torch.cuda.empty_cache()
                 continue
             row.update({f"{label}_{k}": v for k, v in r.items()})
             row[f"{label}_decode_tokens_per_s"] = 1e3 * batch / r["decode_ms_per_step"]
+            row[f"{label}_graph_decode_tokens_per_s"] = 1e3 * batch / r["graph_decode_ms_per_step"]
+            torch.cuda.empty_cache()
         if "fp16_prefill_ms" in row and "w4a4_prefill_ms" in row:
             row["prefill_speedup"] = row["fp16_prefill_ms"] / row["w4a4_prefill_ms"]
             row["decode_speedup"] = row["fp16_decode_ms_per_step"] / row["w4a4_decode_ms_per_step"]
+            row["graph_decode_speedup"] = row["fp16_graph_decode_ms_per_step"] / row["w4a4_graph_decode_ms_per_step"]
+            best = {m: min(row[f"{m}_decode_ms_per_step"], row[f"{m}_graph_decode_ms_per_step"]) for m in ("fp16", "w4a4")}
+            row["best_decode_speedup"] = best["fp16"] / best["w4a4"]  # each model at its faster way
             row["kv_bytes_ratio"] = row["w4a4_kv_cache_bytes"] / row["fp16_kv_cache_bytes"]
             row["peak_decode_ratio"] = row["w4a4_peak_decode_gib"] / row["fp16_peak_decode_gib"]
         rows.append(row)
@@ -157,8 +203,11 @@ def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATC
 
 def markdown_table(res: dict) -> str:
     cols = ("batch", "context", "fp16_prefill_ms", "w4a4_prefill_ms", "prefill_speedup", "fp16_decode_tokens_per_s",
-            "w4a4_decode_tokens_per_s", "decode_speedup", "kv_bytes_ratio", "fp16_peak_decode_gib",
+            "w4a4_decode_tokens_per_s", "decode_speedup", "fp16_graph_decode_tokens_per_s",
+            "w4a4_graph_decode_tokens_per_s", "graph_decode_speedup", "best_decode_speedup", "kv_bytes_ratio",
+            "fp16_peak_decode_gib",
             "w4a4_peak_decode_gib")
     lines = [f"# Whole model {res['model']}, W4A4KV4 (kernels, 4-bit KV cache) vs fp16 on {res['device']}",
-             f"shape {res['shape']}, vocab {res['vocab']}, random weights, eager", "", *table_rows(res["rows"], cols)]
+             f"shape {res['shape']}, vocab {res['vocab']}, random weights; prefill and decode_* eager, graph_decode_* "
+             "one decode step replayed from a CUDA graph (fp16: StaticCache)", "", *table_rows(res["rows"], cols)]
     return "\n".join(lines) + "\n"

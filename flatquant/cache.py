@@ -40,22 +40,36 @@ def check_spec(spec: QuantSpec, head_dim: int, which: str) -> None:
 
 
 class QuantKVLayer(DynamicLayer):
-    """One decoder layer's packed K/V. `length` tokens of `capacity` are valid; the same for every sequence."""
+    """One decoder layer's packed K/V. `length` tokens of `capacity` are valid; the same for every sequence.
+
+    `pos` (a one-element int32 tensor on the cache's device) counts the tokens written, like `length`, but on the
+    device: writes go to token pos[0] on and advance it there, and decode attends over pos[0] tokens, so one CUDA
+    graph of a decode step replays correctly at every position (`length`, the host's copy, then lags until
+    `QuantKVCache.sync`). With a `max_length` the capacity is fixed (allocated at the first write, never moved),
+    as a graph needs; without one it grows."""
 
     is_croppable = False  # crop / beam search / batch reordering are refused below
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, max_length: int | None = None):
+        super().__init__()
         self.k = self.v = None  # (codes, scale, zero) each, (B, H, capacity, D/2) and (B, H, capacity)
-        self.length, self.capacity = 0, 0
+        self.length, self.capacity, self.max_length = 0, 0, max_length
+        self.pos: torch.Tensor | None = None
         self.specs: tuple[QuantSpec, QuantSpec] | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
+        self.pos = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.is_initialized = True
 
     def _grow(self, b: int, h: int, d: int, need: int) -> None:
-        cap = max(need + HEADROOM, 2 * self.capacity)
+        if self.max_length is not None:
+            if self.capacity:
+                raise ValueError(f"QuantKVCache(max_length={self.max_length}) is full: {self.length} tokens cached, "
+                                 f"{need - self.length} more given")
+            if need > self.max_length:
+                raise ValueError(f"{need} tokens do not fit in QuantKVCache(max_length={self.max_length})")
+        cap = self.max_length or max(need + HEADROOM, 2 * self.capacity)
         fresh = []
         for old in (self.k, self.v):
             new = (torch.empty(b, h, cap, d // 2, dtype=torch.uint8, device=self.device),
@@ -81,9 +95,9 @@ class QuantKVLayer(DynamicLayer):
             self.specs = (k_spec, v_spec)
         if self.length + s > self.capacity:
             self._grow(b, h, d, self.length + s)
-        window = slice(self.length, self.length + s)
-        kv_quant_pack(k, k_spec.clip_ratio, out=tuple(t[:, :, window] for t in self.k))
-        kv_quant_pack(v, v_spec.clip_ratio, out=tuple(t[:, :, window] for t in self.v))
+        kv_quant_pack(k, k_spec.clip_ratio, out=self.k, at=self.pos)
+        kv_quant_pack(v, v_spec.clip_ratio, out=self.v, at=self.pos)
+        self.pos += s
         self.length += s
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,17 +121,17 @@ class QuantKVLayer(DynamicLayer):
         return q.is_cuda and use_triton(q)
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
-        """q: (B, Hq, D), the newest token's query (after RoPE and Tk⁻ᵀ) → attention output (B, Hq, D)."""
+        """q: (B, Hq, D), the newest token's query (after RoPE and Tk⁻ᵀ) → attention output (B, Hq, D), over the
+        pos[0] tokens written (read on the device)."""
         from flatquant.kernels.kv_cache import decode_attention
 
-        lengths = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
-        cut = slice(0, self.length)
-        k = tuple(t[:, :, cut] for t in self.k)
-        v = tuple(t[:, :, cut] for t in self.v)
-        return decode_attention(q, *k, *v, lengths)
+        return decode_attention(q, *self.k, *self.v, self.pos.expand(q.shape[0]))
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_length or -1
 
     def nbytes(self) -> int:
         """Bytes of the codes, scales and zeros of the tokens written."""
@@ -128,7 +142,7 @@ class QuantKVLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v)) if self.k else 0
 
     def reset(self) -> None:
-        self.k = self.v = None
+        self.k = self.v = self.pos = None
         self.length = self.capacity = 0
         self.is_initialized = False
 
@@ -144,13 +158,26 @@ class QuantKVCache(Cache):
 
     stores_codes = True  # flatquant.quant_layer.Attention hands it K/V before quantization
 
-    def __init__(self):
+    def __init__(self, max_length: int | None = None):
+        """max_length: a fixed capacity in tokens (what a CUDA graph of the decode step needs, e.g.
+        flatquant.generate.GreedyDecoder); None grows as needed. With a max_length, one-token steps attend over
+        the codes even when given an attention mask (transformers builds one while a graph is captured): the
+        batch's sequences must be unpadded, which a cache of one length per batch assumes anyway."""
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
         super().__init__(layer_class_to_replicate=QuantKVLayer)
+        self.max_length = max_length
 
     def layer(self, layer_idx: int) -> QuantKVLayer:
         while len(self.layers) <= layer_idx:
-            self.layers.append(QuantKVLayer())
+            self.layers.append(QuantKVLayer(self.max_length))
         return self.layers[layer_idx]
+
+    def sync(self) -> None:
+        """Set each layer's host-side length from its device position (after CUDA-graph replays); synchronises."""
+        for layer in self.layers:
+            if layer.pos is not None:
+                layer.length = int(layer.pos)
 
     def nbytes(self) -> int:
         """Bytes of codes, scales and zeros of the cached tokens."""

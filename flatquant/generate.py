@@ -60,3 +60,96 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, dev
                              use_cache=True, pad_token_id=pad, **({cache_kwarg(model): cache} if cache is not None else {}))
         out.append(tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True))
     return out
+
+
+def _positions(cache) -> list[torch.Tensor]:
+    """The device-side token counters of a fixed-capacity cache's layers: QuantKVLayer.pos, or transformers'
+    StaticLayer.cumulative_length."""
+    found = [getattr(layer, "pos", None) if getattr(layer, "pos", None) is not None
+             else getattr(layer, "cumulative_length", None) for layer in cache.layers]
+    if not found or any(not isinstance(t, torch.Tensor) for t in found):
+        raise ValueError("greedy_decode needs a prefilled cache that counts its tokens on the device: "
+                         "flatquant.cache.QuantKVCache(max_length=...) or transformers' StaticCache")
+    return found
+
+
+class GreedyDecoder:
+    """Greedy one-token steps after a prefill, each fed the token the step before picked.
+
+    Usage:
+        decoder = GreedyDecoder(model, cache, next_ids, position)   # captures one step in a CUDA graph
+        tokens = decoder(16)                                        # (B, 16) greedy tokens, 16 replays
+
+    cache: prefilled with `position` tokens, of fixed capacity (QuantKVCache(max_length=…) or transformers'
+    StaticCache); next_ids: (B, 1) the first token to feed (at `position`). With cuda_graph (CUDA only) one step —
+    forward, argmax, feeding the token back, moving the position — is captured once and replayed, so the host
+    launches nothing per layer; the cache writes and decode attention read their positions on the device, so
+    every replay writes and attends where it should. The capture's warm-up step is undone (positions restored;
+    what it wrote is overwritten by the first replay). Without cuda_graph the same step runs eagerly (the reference
+    the graph is tested against)."""
+
+    def __init__(self, model, cache, next_ids: torch.Tensor, position: int, cuda_graph: bool = True):
+        self.cache, self.position, self.capacity = cache, position, cache.get_max_length()  # -1: none
+        if 0 < self.capacity <= position:
+            raise ValueError(f"the cache is full: {position} tokens of its {self.capacity}")
+        key = cache_kwarg(model)
+        self.ids = next_ids.reshape(-1, 1).clone()
+        self.pos = torch.full_like(self.ids, position)  # the graph reads both buffers: they are updated in place
+
+        def step():
+            logits = model(self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1, **{key: cache}).logits
+            self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+            self.pos.add_(1)
+
+        self.step, self.graph = step, None
+        if cuda_graph and self.ids.is_cuda:
+            self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        counters = _positions(self.cache)
+        saved = [t.clone() for t in counters], [getattr(layer, "length", None) for layer in self.cache.layers]
+        first = self.ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (lazy initialisations, cuBLAS workspaces)
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(counters, saved, first)  # undo the warm-up, so the capture sees the state it replays from
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        self._restore(counters, saved, first)  # the capture ran nothing on the device but moved host-side lengths
+
+    def _restore(self, counters, saved, first) -> None:
+        for t, s in zip(counters, saved[0]):
+            t.copy_(s)
+        for layer, length in zip(self.cache.layers, saved[1]):
+            if length is not None:
+                layer.length = length
+        self.ids.copy_(first)
+        self.pos.fill_(self.position)
+
+    @torch.no_grad()
+    def __call__(self, steps: int, sync: bool = True) -> torch.Tensor:
+        """The next `steps` greedy tokens, (B, steps). sync=False leaves a QuantKVCache's host-side lengths behind
+        after graph replays (for timing; call cache.sync() afterwards)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if self.capacity > 0 and self.position + steps > self.capacity:
+            raise ValueError(f"{self.position} + {steps} tokens do not fit in the cache's {self.capacity}")
+        out = []
+        for _ in range(steps):
+            self.graph.replay() if self.graph is not None else self.step()
+            out.append(self.ids.clone())
+        self.position += steps
+        if sync and self.graph is not None and hasattr(self.cache, "sync"):
+            self.cache.sync()
+        return torch.cat(out, dim=1)
+
+
+def greedy_decode(model, cache, next_ids: torch.Tensor, position: int, steps: int, cuda_graph: bool = True
+                  ) -> torch.Tensor:
+    """`steps` greedy tokens (B, steps) after a prefill of `position` tokens into a fixed-capacity cache
+    (GreedyDecoder, which says how)."""
+    return GreedyDecoder(model, cache, next_ids, position, cuda_graph)(steps)

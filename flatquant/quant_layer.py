@@ -191,7 +191,9 @@ class Attention(nn.Module):
             layer.append(k.transpose(1, 2), v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2),
                          self.kq.spec, self.vq.spec)
             q = q.transpose(1, 2)
-            if s == 1 and mask is None and layer.decodes(q):  # decode: flash decoding over the codes
+            # decode: flash decoding over the codes. A fixed-capacity cache holds unpadded sequences of one length
+            # (flatquant.cache), so a mask (transformers builds one while a CUDA graph is captured) adds nothing
+            if s == 1 and (mask is None or layer.max_length is not None) and layer.decodes(q):
                 return layer.decode(q[:, :, 0]).reshape(b, 1, self.num_heads * self.head_dim)
             k, v = layer.dequantized(q.dtype)
         else:

@@ -48,12 +48,16 @@ def run(cfg: dict, ctx) -> dict[str, float]:
         from flatquant.bench_model import bench_model
 
         b = cfg["bench"]
-        res = bench_model(shape, bench_dir, tuple(b.get("model_batches", (1, 8, 32, 64))), b.get("model_context", 2048),
-                          b.get("model_steps", 16), vocab=shape.get("vocab", 32000), name=cfg["model"]["name"])
+        context = b.get("model_context", 2048)
+        res = bench_model(shape, bench_dir, tuple(b.get("model_batches", (1, 8, 32, 64))),
+                          context if isinstance(context, int) else tuple(context), b.get("model_steps", 16),
+                          vocab=shape.get("vocab", 32000), name=cfg["model"]["name"],
+                          max_tokens=b.get("model_max_tokens"))
         for row in res["rows"]:
-            for key in ("prefill_speedup", "decode_speedup", "kv_bytes_ratio"):
+            for key in ("prefill_speedup", "decode_speedup", "graph_decode_speedup", "best_decode_speedup",
+                        "kv_bytes_ratio"):
                 if key in row:
-                    out[f"bench/model_b{row['batch']}/{key}"] = row[key]
+                    out[f"bench/model_c{row['context']}_b{row['batch']}/{key}"] = row[key]
         _model_plot(res, bench_dir)
     if cfg["bench"].get("profile", False):
         from flatquant.bench_layer import profile_decoder_layer
@@ -83,8 +87,9 @@ def _model_plot(res: dict, bench_dir: str) -> Path | None:
     """<gpu>_model_<model>.png: prefill and decode speedup of each batch (bars; 1× dashed)."""
     from analysis.plots import save, speedup_figure
 
-    records = [{"label": f"{phase} batch {r['batch']} (context {r['context']})", "ratio": r[f"{phase}_speedup"]}
-               for r in res["rows"] for phase in ("prefill", "decode") if f"{phase}_speedup" in r]
+    names = {"prefill": "prefill", "decode": "decode (eager)", "graph_decode": "decode (CUDA graph)"}
+    records = [{"label": f"{name} batch {r['batch']} (context {r['context']})", "ratio": r[f"{phase}_speedup"]}
+               for r in res["rows"] for phase, name in names.items() if f"{phase}_speedup" in r]
     if not records:
         return None
     title = f"{res['model']}: W4A4KV4 (kernels, 4-bit KV cache) over fp16, {res['device']}"

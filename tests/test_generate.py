@@ -173,6 +173,118 @@ def test_generate_uses_the_packed_cache_where_it_can(monkeypatch):
     assert generate(model, tok, ["x"], max_new_tokens=3, packed_cache=False) == packed and len(writes) == 6
 
 
+def test_fixed_capacity_cache_generates_what_the_growing_one_does():
+    """QuantKVCache(max_length) allocates its capacity once (as a CUDA graph needs) and counts tokens on the device
+    (pos): the same tokens and logits as the growing cache; what does not fit is refused."""
+    from flatquant.cache import QuantKVCache
+
+    model = _quantized("flatquant")
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref = _generate(model, prompt, QuantKVCache())
+    fixed = QuantKVCache(max_length=12)
+    out = _generate(model, prompt, fixed)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert torch.equal(a, b)
+    assert all(layer.capacity == 12 and layer.length == 12 and int(layer.pos) == 12 for layer in fixed.layers)
+    with pytest.raises(ValueError, match=r"is full: 12 tokens cached, 1 more"), torch.no_grad():
+        model(out.sequences[:, -1:], use_cache=True, position_ids=torch.full((2, 1), 12), **_kw(model, fixed))
+    with pytest.raises(ValueError, match="do not fit"):
+        _generate(model, prompt, QuantKVCache(max_length=6), n=1)
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        QuantKVCache(max_length=0)
+
+
+def test_fixed_capacity_cache_decodes_over_the_codes_despite_a_mask(monkeypatch):
+    """While a CUDA graph is captured transformers builds a 4-D mask even for one-token steps; a fixed-capacity
+    QuantKVCache (unpadded sequences of one length) still attends through decode() then, with the same logits as
+    the growing cache's masked path."""
+    from flatquant.cache import QuantKVCache, QuantKVLayer
+
+    model = _quantized("flatquant")
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    decoded = []
+    monkeypatch.setattr(QuantKVLayer, "decodes", lambda self, q: True)
+    decode = QuantKVLayer.decode
+    monkeypatch.setattr(QuantKVLayer, "decode", lambda self, q: decoded.append(self.max_length) or decode(self, q))
+    logits = []
+    for cache in (QuantKVCache(), QuantKVCache(max_length=12)):
+        with torch.no_grad():
+            model(prompt, use_cache=True, **_kw(model, cache))
+            mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+            logits.append(model(prompt[:, :1], attention_mask=mask, position_ids=torch.full((2, 1), 7),
+                                use_cache=True, **_kw(model, cache)).logits)
+    assert decoded == [12, 12]  # both layers of the fixed cache only
+    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["fp", "w4a4", "w4a4-decode-kernel-path"])
+def test_greedy_decode_picks_what_generate_picks(which, monkeypatch):
+    """flatquant.generate.greedy_decode (the step the benchmark replays from a CUDA graph; eager here) after a
+    prefill into a fixed-capacity cache — transformers' StaticCache for the FP model, QuantKVCache(max_length) for
+    the quantized one, also through decode() over the device position — picks model.generate's tokens."""
+    from conftest import random_llama
+    from transformers import StaticCache
+
+    from flatquant.cache import QuantKVCache, QuantKVLayer
+    from flatquant.generate import greedy_decode
+
+    if which.endswith("kernel-path"):
+        monkeypatch.setattr(QuantKVLayer, "decodes", lambda self, q: True)
+    model = random_llama(hidden=128, inter=192, heads=4, kv_heads=2, layers=2).eval() if which == "fp" \
+        else _quantized("flatquant")
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(9))
+    want = _generate(model, prompt, None, n=6).sequences[:, 7:]
+    cache = StaticCache(config=model.config, max_cache_len=16) if which == "fp" else QuantKVCache(max_length=16)
+    with torch.no_grad():
+        first = model(prompt, use_cache=True, **_kw(model, cache)).logits[:, -1:].argmax(-1)
+    got = greedy_decode(model, cache, first, 7, 5, cuda_graph=False)
+    assert torch.equal(torch.cat([first, got], dim=1), want)
+    with pytest.raises(ValueError, match="do not fit in the cache's 16"):
+        greedy_decode(model, cache, first, 12, 5)
+    with pytest.raises(ValueError, match="the cache is full: 16 tokens of its 16"):
+        greedy_decode(model, cache, first, 16, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("which", ["fp16", "w4a4-kernels"])
+def test_decode_replayed_from_a_cuda_graph_equals_the_eager_steps_gpu(which):
+    """GreedyDecoder replaying one captured step (the position read on the device by the cache writes, RoPE and
+    decode attention) against the same steps run eagerly from an identical prefill: the same tokens, and for the
+    packed cache the same bytes in it (its host-side lengths synced afterwards)."""
+    from conftest import random_llama
+    from transformers import StaticCache
+
+    from flatquant.cache import QuantKVCache
+    from flatquant.generate import GreedyDecoder
+
+    if which == "fp16":
+        model = random_llama(hidden=128, inter=192, heads=4, kv_heads=2, layers=2).eval().half().cuda()
+        make = lambda: StaticCache(config=model.config, max_cache_len=40)
+    else:
+        model = _quantized("flatquant").cuda()
+        for layer in model.model.layers:
+            layer.use_kernels()
+        make = lambda: QuantKVCache(max_length=40)
+    prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    runs = []
+    for graph in (False, True):
+        cache = make()
+        with torch.no_grad():
+            first = model(prompt, use_cache=True, **_kw(model, cache)).logits[:, -1:].argmax(-1)
+        decoder = GreedyDecoder(model, cache, first, 9, cuda_graph=graph)
+        assert (decoder.graph is not None) == graph
+        runs.append((torch.cat([decoder(4), decoder(8)], dim=1), cache))
+    (eager, c0), (graphed, c1) = runs
+    assert torch.equal(graphed, eager)
+    if which != "fp16":
+        assert all(layer.length == 9 + 12 and int(layer.pos) == 21 for layer in c1.layers)
+        for a, b in zip(c0.layers, c1.layers):
+            for x, y in zip((*a.k, *a.v), (*b.k, *b.v)):
+                assert torch.equal(x[:, :, :21], y[:, :, :21])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernel_model_on_the_packed_cache_generates_the_fake_quant_tokens_gpu():

@@ -171,10 +171,19 @@ def test_bfloat16_model_on_the_kernels(work):
 
 def test_bench_stage(work):
     run_py(work, "stage=bench", "bench.token_counts=[16,2048]", "bench.calibration=true", "bench.calibration_steps=4",
-           "bench.profile=true", "+metrics_out=bench.json")
+           "bench.profile=true", "bench.model=true", "bench.model_batches=[1,4]", "bench.model_context=[128,512]",
+           "bench.model_max_tokens=512", "bench.model_steps=4", "+metrics_out=bench.json")
     m = metrics(work / "bench.json")
+    # the whole model (SmolLM2's shape): context × batch rows within 512 prompt tokens, decode eager and graphed
+    rows = {k.split("/")[1] for k in m if k.startswith("bench/model_")}
+    assert rows == {"model_c128_b1", "model_c128_b4", "model_c512_b1"}
+    assert all(0.05 < m[f"bench/{r}/{k}"] < 50 for r in rows for k in ("prefill_speedup", "graph_decode_speedup"))
+    (model,) = (work / "results" / "bench").glob("*_model_*.json")
+    for row in json.loads(model.read_text())["rows"]:
+        assert row["w4a4_graph_decode_ms_per_step"] < row["w4a4_decode_ms_per_step"]  # the graph removes launches
+        assert 0.25 < row["kv_bytes_ratio"] < 0.35
     speedups = {k: v for k, v in m.items() if k.endswith("/speedup")}
-    assert speedups and all(0.05 < v < 50 for v in speedups.values())
+    assert speedups and not {k: v for k, v in speedups.items() if not 0.05 < v < 50}, speedups
     assert any(k.startswith("bench/layer_") for k in speedups)
     assert list((work / "results" / "bench").glob("*.json"))
     # calibration at SmolLM2's shape, reference schedule (32 steps per epoch, 15 epochs): 47 ms per step on an H100

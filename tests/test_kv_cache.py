@@ -26,7 +26,7 @@ from flatquant.quantizers import QuantSpec, fake_quant
 from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
                             run_without_triton)
 
-N_INTERPRETER_TESTS = 55  # the tests that need triton (at least these pass in the subprocess)
+N_INTERPRETER_TESTS = 57  # the tests that need triton (at least these pass in the subprocess)
 
 
 def _rows(B, H, T, D, dtype, seed, device=DEVICE):
@@ -117,6 +117,32 @@ def test_kv_quant_pack_writes_exactly_its_slice_of_a_cache():
         _assert_pack_equal([t[:, :, p:p + T] for t in cache], ref)
         assert (cache[0][:, :, :p] == poison).all() and (cache[0][:, :, p + T:] == poison).all()
         assert cache[1][:, :, :p].isnan().all() and cache[2][:, :, p + T:].isnan().all()
+
+
+@needs_triton
+@pytest.mark.parametrize("rope", [False, True])
+def test_writes_at_a_device_position_equal_slice_writes(rope):
+    """at= (the position read on the device, as a replayed CUDA graph needs): the same bytes as writing the slice
+    cache[:, :, p:p+T], nothing else touched; a block running past the capacity keeps only what fits."""
+    B, H, Tmax, D, T = 2, 3, 40, 64, 5
+    x = _rows(B, H, T, D, torch.float16, seed=6)
+    cos, sin = _rope_tables(B, T, D, True, seed=6)
+    write = (lambda x, **kw: rope_k_quant_pack(x, cos, sin, None, 0.9, **kw)) if rope else \
+        (lambda x, **kw: kv_quant_pack(x, 0.9, **kw))
+    ref = write(x)
+    for p, n in ((0, T), (17, T), (Tmax - 2, 2)):
+        cache = (torch.full((B, H, Tmax, D // 2), 0xAB, dtype=torch.uint8, device=DEVICE),
+                 torch.full((B, H, Tmax), math.nan, device=DEVICE), torch.full((B, H, Tmax), math.nan, device=DEVICE))
+        at = torch.tensor([p], dtype=torch.int32, device=DEVICE)
+        write(x, out=cache, at=at)
+        for got, want in zip(cache, ref):
+            assert torch.equal(got[:, :, p:p + n].cpu(), want[:, :, :n].cpu())
+        assert (cache[0][:, :, :p] == 0xAB).all() and (cache[0][:, :, p + n:] == 0xAB).all()
+        assert cache[1][:, :, :p].isnan().all() and cache[2][:, :, p + n:].isnan().all()
+    with pytest.raises(ValueError, match="at= needs out="):
+        kv_quant_pack(x, at=at)
+    with pytest.raises(ValueError, match="one-element integer tensor"):
+        kv_quant_pack(x, out=cache, at=torch.tensor([1.0], device=DEVICE))
 
 
 # ---- rope_k_quant_pack -----------------------------------------------------------------------------------------
@@ -275,6 +301,9 @@ def test_fallbacks_equal_references_without_triton():
             "r = kv.kv_quant_pack_ref(x, 0.9)\n"
             "out = tuple(torch.empty_like(t) for t in r)\n"
             "assert all(torch.equal(a, b) for a, b in zip(kv.kv_quant_pack(x, 0.9, out=out), r))\n"
+            "big = (torch.zeros(2, 2, 12, 32, dtype=torch.uint8), torch.zeros(2, 2, 12), torch.zeros(2, 2, 12))\n"
+            "kv.kv_quant_pack(x, 0.9, out=big, at=torch.tensor([5]))\n"
+            "assert all(torch.equal(a[:, :, 5:], b[:, :, :7]) for a, b in zip(big, r))\n"
             "cos, sin, tk = torch.randn(9, 64), torch.randn(9, 64), torch.randn(64, 64)\n"
             "r = kv.rope_k_quant_pack_ref(x, cos, sin, tk)\n"
             "assert all(torch.equal(a, b) for a, b in zip(kv.rope_k_quant_pack(x, cos, sin, tk), r))\n"

@@ -95,18 +95,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _kv_pack_kernel(
-        x_ptr, cos_ptr, sin_ptr, t_ptr, c_ptr, scale_ptr, zero_ptr,
-        n_rows, H, T, D, clip,
+        x_ptr, cos_ptr, sin_ptr, t_ptr, c_ptr, scale_ptr, zero_ptr, at_ptr,
+        n_rows, H, T, T_out, D, clip,
         sxb, sxh, sxt, srb, srt, scb, sch, sct, ssb, ssh, sst,
         BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
-        TRANSFORM: tl.constexpr, EXACT: tl.constexpr, BF16_RNE: tl.constexpr,
+        TRANSFORM: tl.constexpr, EXACT: tl.constexpr, BF16_RNE: tl.constexpr, AT: tl.constexpr,
     ):
         """Persistent over blocks of ROWS (b, h, t) rows: [RoPE →] [·Tk →] quantize each row of D, pack.
         With TRANSFORM, y = Σ_k rope(x)[:, k-chunk]·Tk[k-chunk, :] over chunks of BLOCK_K columns (fp32 FMA
-        products; the whole 128-deep product at once needs more registers than a thread has and spills)."""
+        products; the whole 128-deep product at once needs more registers than a thread has and spills).
+        AT: row t is stored at token at[0] + t of the output (read on the device, so that a CUDA graph can replay
+        the write at a new position); rows past T_out are dropped, so no position writes outside the output."""
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         jh = tl.arange(0, BLOCK_D // 2)
+        at = tl.load(at_ptr).to(tl.int64) if AT else 0
         for blk in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
             rows = blk * ROWS + tl.arange(0, ROWS)
             live = rows < n_rows
@@ -125,6 +128,8 @@ if HAS_TRITON:
             else:
                 y = _rope_cols(x_ptr, cos_ptr, sin_ptr, xrow, rrow, live, cols, D, ROPE, EXACT, BF16_RNE)
             mask = live[:, None] & cmask[None, :]
+            t = t + at
+            live = live & (t >= 0) & (t < T_out)
             hi = tl.maximum(tl.max(tl.where(mask, y, -float("inf")), axis=1), 0.0)
             lo = tl.minimum(tl.min(tl.where(mask, y, float("inf")), axis=1), 0.0)
             hi, lo = _mul(hi, clip, EXACT), _mul(lo, clip, EXACT)
@@ -347,18 +352,26 @@ def _check_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths
     return B, Hq, D, Hkv, Tmax
 
 
-def _pack_out(x: torch.Tensor, out):
+def _pack_out(x: torch.Tensor, out, at=None):
+    """out, checked against x (B, H, T, D): (B, H, T, …) tensors, or with `at` (B, H, T_out ≥ 0, …), written from
+    token at[0] on; None allocates them."""
     B, H, T, D = x.shape
     if out is None:
+        if at is not None:
+            raise ValueError("at= needs out= (the cache it writes into)")
         return (torch.empty(B, H, T, D // 2, dtype=torch.uint8, device=x.device),
                 torch.empty(B, H, T, dtype=torch.float32, device=x.device),
                 torch.empty(B, H, T, dtype=torch.float32, device=x.device))
     codes, scale, zero = out
-    if tuple(codes.shape) != (B, H, T, D // 2) or codes.dtype != torch.uint8 or codes.stride(-1) != 1:
-        raise ValueError(f"out codes must be ({B}, {H}, {T}, {D // 2}) uint8 with unit last stride")
-    if tuple(scale.shape) != (B, H, T) or scale.dtype != torch.float32 or zero.shape != scale.shape \
+    T_out = codes.shape[2] if at is not None and codes.dim() == 4 else T
+    if tuple(codes.shape) != (B, H, T_out, D // 2) or codes.dtype != torch.uint8 or codes.stride(-1) != 1:
+        raise ValueError(f"out codes must be ({B}, {H}, {T_out}, {D // 2}) uint8 with unit last stride")
+    if tuple(scale.shape) != (B, H, T_out) or scale.dtype != torch.float32 or zero.shape != scale.shape \
             or zero.dtype != torch.float32 or zero.stride() != scale.stride():
-        raise ValueError(f"out scale / zero must be ({B}, {H}, {T}) fp32 with equal strides")
+        raise ValueError(f"out scale / zero must be ({B}, {H}, {T_out}) fp32 with equal strides")
+    if at is not None and (not isinstance(at, torch.Tensor) or at.numel() != 1 or at.dtype.is_floating_point
+                           or at.device != x.device):
+        raise ValueError(f"at must be a one-element integer tensor on {x.device}, got {at!r}")
     return codes, scale, zero
 
 
@@ -375,8 +388,9 @@ def _pack_config(n_rows: int, transform: bool, device: torch.device, config: dic
     return {**cfg, **(config or {})}
 
 
-def _launch_pack(x, cos, sin, tk, clip, out, config=None):
-    """One _kv_pack_kernel launch: quantize (and RoPE / transform when cos / tk are given) x into out."""
+def _launch_pack(x, cos, sin, tk, clip, out, config=None, at=None):
+    """One _kv_pack_kernel launch: quantize (and RoPE / transform when cos / tk are given) x into out (from token
+    at[0] on when `at` is given)."""
     B, H, T, D = x.shape
     codes, scale, zero = out
     n_rows = B * H * T
@@ -400,41 +414,44 @@ def _launch_pack(x, cos, sin, tk, clip, out, config=None):
     blocks = triton.cdiv(n_rows, cfg["rows"])
     grid = (min(blocks, 4 * _sm_count(x.device) if x.is_cuda else 4),)  # persistent over row blocks
     _kv_pack_kernel[grid](
-        x, cos, sin, x if tk is None else tk, codes, scale, zero,
-        n_rows, H, T, D, float(clip),
+        x, cos, sin, x if tk is None else tk, codes, scale, zero, scale if at is None else at,
+        n_rows, H, T, codes.shape[2], D, float(clip),
         *x.stride()[:3], srb, srt, *codes.stride()[:3], *scale.stride(),
         BLOCK_D=max(16, triton.next_power_of_2(D)), ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], ROPE=rope,
         TRANSFORM=tk is not None, EXACT=x.is_cuda, BF16_RNE=not x.is_cuda and x.dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"],
+        AT=at is not None, num_warps=cfg["num_warps"],
     )
     return codes, scale, zero
 
 
-def kv_quant_pack(x: torch.Tensor, clip: float = 1.0, out=None, config: dict | None = None):
+def kv_quant_pack(x: torch.Tensor, clip: float = 1.0, out=None, config: dict | None = None, at=None):
     """Quantize and pack a V (or already transformed K) block for the cache: one read, a 4 + 64/D-bit write.
 
     x: (B, H, T, D) fp16/bf16/fp32 (any strides, last dim contiguous), D even; clip: LAC clip ratio in (0, 1].
     out: optional (codes, scale, zero) to write into, e.g. a slice cache[:, :, p:p + T] of a preallocated cache.
+    at: optional one-element integer tensor on x's device: out is then a whole cache (B, H, capacity, …) and x
+    goes to tokens at[0] … at[0] + T − 1 of it; the position is read on the device (a CUDA graph replays the write
+    wherever at points by then) and tokens past the capacity are dropped.
     config: optional launch settings {"rows", "block_k", "num_warps"} (defaults: ``_pack_config``).
-    Returns codes (B, H, T, D/2) uint8, scale (B, H, T) fp32, zero (B, H, T) fp32 (integer-valued, 0..15);
-    equal to ``kv_quant_pack_ref`` bit for bit. Falls back to it where Triton cannot run.
+    Returns codes (B, H, T, D/2) uint8, scale (B, H, T) fp32, zero (B, H, T) fp32 (integer-valued, 0..15)
+    (with `at`, the whole out); equal to ``kv_quant_pack_ref`` bit for bit. Falls back to it where Triton cannot run.
     """
     _check_rows(x, "x")
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip must be in (0, 1], got {clip}")
-    out = _pack_out(x, out)
+    out = _pack_out(x, out, at)
     if not use_triton(x):
-        return _copy_into(out, kv_quant_pack_ref(x, clip))
-    return _launch_pack(x, None, None, None, clip, out, config)
+        return _copy_into(out, kv_quant_pack_ref(x, clip), at)
+    return _launch_pack(x, None, None, None, clip, out, config, at)
 
 
 def rope_k_quant_pack(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tk: torch.Tensor | None = None,
-                      clip: float = 1.0, out=None, config: dict | None = None):
+                      clip: float = 1.0, out=None, config: dict | None = None, at=None):
     """The fused write of the K cache: RoPE, the learned K transform and the 4-bit quantizer in one kernel.
 
     k: (B, H, T, D) fp16/bf16/fp32 before RoPE (any strides, last dim contiguous); cos, sin: (T, D) or (B, T, D),
     as transformers' rotary embedding returns them (cast to k's dtype, as the layer does); tk: (D, D), used in
-    fp32 (the caller multiplies q by Tk⁻ᵀ), or None for no transform; clip, out, config: as ``kv_quant_pack``.
+    fp32 (the caller multiplies q by Tk⁻ᵀ), or None for no transform; clip, out, config, at: as ``kv_quant_pack``.
     RoPE is rounded to k's dtype and y = rope(k)·tk held in fp32 before quantization (module docstring).
     Returns (codes, scale, zero) as ``kv_quant_pack``. Codes equal ``rope_k_quant_pack_ref``'s except where
     y/scale lies within ~1e-6 of a rounding boundary (the fp32 sums of the product run in another order).
@@ -443,15 +460,24 @@ def rope_k_quant_pack(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tk:
     _check_rows(k, "k")
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip must be in (0, 1], got {clip}")
-    out = _pack_out(k, out)
+    out = _pack_out(k, out, at)
     if not use_triton(k):
-        return _copy_into(out, rope_k_quant_pack_ref(k, cos, sin, tk, clip))
-    return _launch_pack(k, cos, sin, tk, clip, out, config)
+        return _copy_into(out, rope_k_quant_pack_ref(k, cos, sin, tk, clip), at)
+    return _launch_pack(k, cos, sin, tk, clip, out, config, at)
 
 
-def _copy_into(out, res):
+def _copy_into(out, res, at=None):
+    """Copy the reference's result into out, from token at[0] on (as the kernel: only what fits)."""
+    if at is None:
+        window = slice(None)
+    else:
+        start = int(at.reshape(()))  # the reference runs where no graph is captured: reading it is fine
+        window = slice(max(start, 0), max(start + res[0].shape[2], 0))
+        if start < 0:
+            res = tuple(r[:, :, -start:] for r in res)
     for o, r in zip(out, res):
-        o.copy_(r)
+        dst = o[:, :, window]
+        dst.copy_(r[:, :, : dst.shape[2]])
     return out
 
 
