@@ -3,6 +3,10 @@
 Without CUDA the kernels run through Triton's CPU interpreter: TRITON_INTERPRET=1 is set here before
 ``flatquant.kernels`` (and so triton) is imported, only on machines with no GPU, where it cannot change anything
 else. Without triton the kernel tests skip and the PyTorch paths are still tested.
+
+The W4A4 GEMM's fp8 path runs under the interpreter too (its ``tl.dot`` takes float8e4nv operands, summed
+exactly in fp32 there); whether Hopper's reduced-precision fp8 accumulation keeps the sums exact only the
+GPU tests can tell.
 """
 import importlib
 import os
@@ -20,9 +24,10 @@ if not torch.cuda.is_available():
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
-from flatquant.kernels import QuantLinear, kron_quant
+from flatquant.kernels import QuantLinear, kron_quant, w4a4_gemm, w4a4_gemm_ref
 from flatquant.kernels.bench import check_gemm, check_kron_quant, check_qlinear, packed_ok
-from flatquant.packing import unpack_int4_twos
+from flatquant.kernels.w4a4_gemm import fp8_supported
+from flatquant.packing import pack_int4_twos, unpack_int4_twos
 from flatquant.quant_layer import QuantWeight
 from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
                             run_without_triton)
@@ -92,6 +97,134 @@ def test_w4a4_gemm_decode_tiles_and_bf16():
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KH=64, GROUP_M=1, num_warps=4, num_stages=1)
     _assert_check(check_gemm(3, 37, 1152, False, True, DEVICE, config=cfg))
     _assert_check(check_gemm(19, 40, 576, True, False, DEVICE, out_dtype=torch.bfloat16))
+
+
+def _e4m3(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes read as float8_e4m3fn → float64 values."""
+    return codes.to(torch.uint8).view(torch.float8_e4m3fn).double()
+
+
+def test_nibble_bytes_are_e4m3_codes():
+    """The fp8 path's encoding: a zero-extended nibble byte c is the e4m3fn code of c·2^-9 (exponent field 0:
+    subnormals, field 1: (8+m)·2^-9), and a negative nibble n's sign-magnitude byte 0x80 | |n| is n·2^-9."""
+    c = torch.arange(16)
+    assert torch.equal(_e4m3(c), c.double() * 2**-9)
+    n = torch.arange(-8, 8)
+    assert torch.equal(_e4m3(torch.where(n < 0, 0x80 | -n, n)), n.double() * 2**-9)
+
+
+def _e4m3_unpack_ptx(p: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 unpack of w4a4_gemm on 32-bit words, step by step as its PTX (_f8_asm): (n, 4) uint8 bytes of
+    words → (even-k, odd-k) (n, 4) uint8 e4m3 codes of the signed nibbles (center: unsigned nibbles − 8)."""
+    b = p.to(torch.int64)
+    full = 0xFFFFFFFF
+    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+    if center:
+        word = word ^ 0x88888888                                # xor.b32
+
+    def prmt_ba98(v):  # each byte ← its bit 7 replicated
+        return sum(((v >> (8 * i + 7)) & 1) * (0xFF << (8 * i)) for i in range(4))
+
+    out = []
+    for hi in (False, True):
+        u = (word >> 4 if hi else word) & 0x0F0F0F0F            # shr.b32, and.b32
+        x = (0x90909090 - u) & full                             # sub.u32
+        m = prmt_ba98(word if hi else (word << 4) & full)       # shl.b32 (low nibbles), prmt.b32
+        u = (m & x) | (~m & full & u)                           # lop3.b32 0xCA
+        out.append(torch.stack([(u >> (8 * i)) & 0xFF for i in range(4)], 1).to(torch.uint8))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_e4m3_unpack_of_every_byte_matches_the_nibbles(center):
+    """Every byte value in every lane of a word (random neighbours) unpacks to the e4m3 codes of its signed
+    nibbles, or (center, asymmetric activations) of its unsigned nibbles minus 8."""
+    g = torch.Generator().manual_seed(int(center))
+    p = torch.stack([torch.randperm(256, generator=g) for _ in range(4)], 1).to(torch.uint8)  # (256, 4)
+    lo, hi = _e4m3_unpack_ptx(p, center)
+    q = unpack_int4_twos(p.reshape(1, -1), not center) - (8 if center else 0)
+    q = q.reshape(-1, 4, 2).double() * 2**-9
+    assert torch.equal(_e4m3(lo), q[..., 0]) and torch.equal(_e4m3(hi), q[..., 1])
+
+
+def _fp8_equals_int8(M: int, N: int, K: int, device: str):
+    """Fresh random codes (every byte is a valid pair of signed or unsigned nibbles): for signed and asymmetric
+    activations, with and without bias, fp16/bf16/fp32 out, the fp8 path's output equals the int8 path's bit
+    for bit; outputs are poisoned with NaN first, so every element is checked as written."""
+    qa = torch.randint(0, 256, (M, K // 2), dtype=torch.uint8, device=device)
+    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=device)
+    sa = torch.rand(M, device=device) + 0.1
+    sw = torch.rand(N, device=device) * 1e-2 + 1e-3
+    za = torch.randint(0, 16, (M,), device=device).float()
+    bias = torch.randn(N, device=device)
+    for asym in (False, True):
+        for b in (None, bias):
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                ys = []
+                for path in ("int8", "fp8"):
+                    out = torch.full((M, N), float("nan"), dtype=dt, device=device)
+                    ys.append(w4a4_gemm(qa, sa, qw, sw, za if asym else None, None, b, dt, out=out, path=path))
+                case = (M, N, K, asym, b is not None, dt)
+                assert not ys[1].isnan().any(), case
+                assert torch.equal(ys[0], ys[1]), (case, float((ys[0].float() - ys[1].float()).abs().max()))
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,asym,bias", [(37, 48, 576, False, True), (5, 40, 1536, True, False),
+                                            (19, 50, 160, True, True)])
+def test_w4a4_gemm_fp8_path_matches_float64_reference(M, N, K, asym, bias):
+    torch.manual_seed(M + N + K + 1)
+    _assert_check(check_gemm(M, N, K, asym, bias, DEVICE, path="fp8"))
+
+
+@needs_triton
+def test_w4a4_gemm_fp8_path_equals_int8_path():
+    torch.manual_seed(13)
+    _fp8_equals_int8(21, 40, 1088, DEVICE)  # 1088 = 17·64: a masked K tail
+
+
+needs_fp8 = pytest.mark.skipif(not (torch.cuda.is_available() and fp8_supported(torch.device("cuda"))),
+                               reason="the fp8 path needs a Hopper GPU")
+
+
+@gpu
+@needs_fp8
+@pytest.mark.parametrize("N,K", [(4096, 4096), (6144, 4096), (4096, 14336), (6144, 14336)])
+@pytest.mark.parametrize("M", [1, 7, 16, 64, 300, 2048])
+def test_w4a4_gemm_fp8_equals_int8_gpu(M, N, K):
+    torch.manual_seed(M * N + K)
+    _fp8_equals_int8(M, N, K, "cuda")
+
+
+@gpu
+@needs_fp8
+@pytest.mark.parametrize("M", [1, 300, 2048])
+def test_w4a4_gemm_fp8_exact_worst_case_gpu(M):
+    """K=14336, unit scales, float32 out: both paths give w4a4_gemm_ref's exact integers for the largest sums
+    (all codes −8, 64 per product, 917,504 in all; asymmetric 15 with zero point 0 against −8 weights) and for
+    a probe of the fp8 accumulation: 7/8 of k at −8·−8, then ±1·±1, whose sums fall below the last bit that a
+    14-bit accumulator of 2^19.6 keeps. On the H200, accumulating in the tensor core (Triton's default) failed
+    the asymmetric case by up to 671,488 and the probe by up to 208; only fp32-added partial sums pass."""
+    N, K = 4096, 14336
+    g = torch.Generator(device="cuda").manual_seed(M)
+    k0 = K * 7 // 8
+    probe_a = torch.full((M, K), -8, device="cuda")
+    probe_w = torch.full((N, K), -8, device="cuda")
+    probe_a[:, k0:] = torch.randint(0, 2, (M, K - k0), device="cuda", generator=g) * 2 - 1
+    probe_w[:, k0:] = torch.randint(0, 2, (N, K - k0), device="cuda", generator=g) * 2 - 1
+    minus8 = torch.full((N, K // 2), 0x88, dtype=torch.uint8, device="cuda")
+    cases = {"all -8": (torch.full((M, K // 2), 0x88, dtype=torch.uint8, device="cuda"), None, minus8),
+             "asym 15, zero 0": (torch.full((M, K // 2), 0xFF, dtype=torch.uint8, device="cuda"),
+                                 torch.zeros(M, device="cuda"), minus8),
+             "probe": (pack_int4_twos(probe_a), None, pack_int4_twos(probe_w))}
+    sa, sw = torch.ones(M, device="cuda"), torch.ones(N, device="cuda")
+    for name, (qa, za, qw) in cases.items():
+        ref = w4a4_gemm_ref(qa, sa, qw, sw, za, None, torch.float64)
+        for path in ("int8", "fp8"):
+            out = torch.full((M, N), float("nan"), device="cuda")
+            y = w4a4_gemm(qa, sa, qw, sw, za, None, None, torch.float32, out=out, path=path)
+            assert torch.equal(y.double(), ref), (name, path, int((y.double() != ref).sum()),
+                                                  float((y.double() - ref).abs().max()))
 
 
 @needs_triton

@@ -4,6 +4,7 @@ Usage::
 
     python -m flatquant.kernels.bench --check --out results/bench          # check every kernel, then time
     python -m flatquant.kernels.bench --sweep --out $OUT                   # also time tile configs of each kernel
+    python -m flatquant.kernels.bench --only gemm --out $OUT               # GEMMs only: fp16, int8, fp8 (< 1 min)
 
     from flatquant.kernels.bench import bench_shapes
     res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
@@ -11,7 +12,9 @@ Usage::
 Timing: ``triton.testing.do_bench`` medians for prefill; for decode (≤ 16 tokens), where the host's launch
 time would exceed the GPU time, the same calls replayed from a CUDA graph (``do_bench_cudagraph``),
 for fp16 and ours alike. Inputs and weights rotate over enough buffer sets to exceed 3× the L2 cache.
-Writes <out>/<gpu-name>.json and <gpu-name>.md.
+The GEMM is timed on both paths (``gemm_int8_ms``, ``gemm_fp8_ms`` where the GPU runs fp8; ``gemm_ms`` is the
+default path's) with the ratios fp8_vs_int8 and fp8_vs_fp16 (fp16 F.linear time / ours).
+Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref
 from .qlinear import QuantLinear
-from .w4a4_gemm import w4a4_gemm, w4a4_gemm_ref, weight_sums
+from .w4a4_gemm import default_path, fp8_supported, w4a4_gemm, w4a4_gemm_ref, weight_sums
 
 if HAS_TRITON:
     import triton
@@ -107,37 +110,66 @@ def _ours(x, L, R, qw, sw, clip=0.9, kcfg=None, gcfg=None):
     return w4a4_gemm(q, s, qw, sw, config=gcfg)
 
 
-def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy_gbs: float) -> dict:
-    """Times for one linear shape and token count; ms, GB/s and the fp16/ours ratio."""
+def _gemm_times(r: dict, qsets: list, graph: bool) -> None:
+    """Time w4a4_gemm on ``qsets`` on each path the GPU runs and add ms, TOP/s and the ratios to row ``r``
+    (which holds tokens, in, out and fp16_ms)."""
+    M, K, N = r["tokens"], r["in"], r["out"]
+    dev = qsets[0][0].device
+    for path in ("int8", "fp8") if fp8_supported(dev) else ("int8",):
+        r[f"gemm_{path}_ms"] = _time(lambda q, s, qw, sw, path=path: w4a4_gemm(q, s, qw, sw, path=path), qsets, graph)
+        r[f"gemm_{path}_TOPs"] = 2 * M * N * K / r[f"gemm_{path}_ms"] / 1e9
+    r["gemm_path"] = default_path(M, dev)
+    r["gemm_ms"] = r[f"gemm_{r['gemm_path']}_ms"]
+    r["gemm_TOPs"] = r[f"gemm_{r['gemm_path']}_TOPs"]
+    r["gemm_weight_GBs"] = (N * K // 2) / r["gemm_ms"] / 1e6
+    r["int8_vs_fp16"] = r["fp16_ms"] / r["gemm_int8_ms"]
+    if "gemm_fp8_ms" in r:
+        r["fp8_vs_int8"] = r["gemm_int8_ms"] / r["gemm_fp8_ms"]
+        r["fp8_vs_fp16"] = r["fp16_ms"] / r["gemm_fp8_ms"]
+
+
+def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy_gbs: float,
+              only_gemm: bool = False) -> dict:
+    """Times for one linear shape and token count; ms, GB/s and the fp16/ours ratio. only_gemm: the GEMMs
+    alone (fp16 F.linear, ours on each path, cuBLAS int8/fp8) on random codes, no kron_quant."""
     graph = M <= 16
     ours, ref = _linear_sets(M, K, N, n1, n2, l2)
     r = {"linear": name, "tokens": M, "in": K, "out": N, "kron": [n1, n2], "timer": "cudagraph" if graph else "do_bench"}
     r["fp16_ms"] = _time(lambda x, w: F.linear(x, w), ref, graph)
-    r["w4a4_ms"] = _time(_ours, ours, graph)
-    r["speedup"] = r["fp16_ms"] / r["w4a4_ms"]
-    r["kron_quant_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True), ours, graph)
-    kbytes = M * K * 2 + M * K // 2 + M * 4
-    r["kron_quant_GBs"] = kbytes / r["kron_quant_ms"] / 1e6
-    r["kron_quant_frac_copy"] = r["kron_quant_GBs"] / copy_gbs
-    qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
-    r["gemm_ms"] = _time(lambda q, s, qw, sw: w4a4_gemm(q, s, qw, sw), qsets, graph)
-    r["gemm_TOPs"] = 2 * M * N * K / r["gemm_ms"] / 1e9
-    r["gemm_weight_GBs"] = (N * K // 2) / r["gemm_ms"] / 1e6
     r["fp16_TFLOPs"] = 2 * M * N * K / r["fp16_ms"] / 1e9
+    if only_gemm:
+        qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
+                  torch.rand(M, device="cuda") + 0.1, s[3], s[4]) for s in ours]
+    else:
+        r["w4a4_ms"] = _time(_ours, ours, graph)
+        r["speedup"] = r["fp16_ms"] / r["w4a4_ms"]
+        r["kron_quant_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True), ours, graph)
+        kbytes = M * K * 2 + M * K // 2 + M * 4
+        r["kron_quant_GBs"] = kbytes / r["kron_quant_ms"] / 1e6
+        r["kron_quant_frac_copy"] = r["kron_quant_GBs"] / copy_gbs
+        qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
+    _gemm_times(r, qsets, graph)
     if M > 16:
         a8 = torch.randint(-8, 8, (M, K), device="cuda", dtype=torch.int8)
         b8 = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
         r["int8_cublas_ms"] = _time(lambda a, b: torch._int_mm(a, b.t()), [(a8, b8)], False)
+        if fp8_supported(a8.device):
+            one = torch.ones((), device="cuda")
+            f8 = [(a8.to(torch.float16).to(torch.float8_e4m3fn), b8.to(torch.float16).to(torch.float8_e4m3fn))]
+            r["fp8_cublas_ms"] = _time(lambda a, b: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16),
+                                       f8, False)
     del ours, ref
     torch.cuda.empty_cache()
     return r
 
 
 def bench_shapes(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 token_counts=DECODE + PREFILL, out_dir: str = "results/bench") -> dict:
-    """Time our W4A4 linear (kron_quant + w4a4_gemm) against torch fp16 for each linear of a layer.
+                 token_counts=DECODE + PREFILL, out_dir: str = "results/bench", only_gemm: bool = False) -> dict:
+    """Time our W4A4 linear (kron_quant + w4a4_gemm) against torch fp16 for each linear of a layer
+    (only_gemm: the GEMMs alone, see ``bench_one``).
 
-    Returns {"device", "copy_GBs", "rows": [...]} and writes <out_dir>/<gpu-name>.json and .md.
+    Returns {"device", "copy_GBs", "rows": [...]} and writes <out_dir>/<gpu-name>.json and .md
+    (<gpu-name>_gemm.json and .md with only_gemm).
     """
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
@@ -147,7 +179,7 @@ def bench_shapes(hidden: int, intermediate: int, num_heads: int, num_kv_heads: i
     for name, (K, N, (n1, n2)) in layer_linears(hidden, intermediate, num_heads, num_kv_heads, head_dim).items():
         for M in token_counts:
             try:
-                r = bench_one(name, M, K, N, n1, n2, l2, copy_gbs)
+                r = bench_one(name, M, K, N, n1, n2, l2, copy_gbs, only_gemm)
             except Exception as e:  # one failing shape must not lose the others
                 r = {"linear": name, "tokens": M, "in": K, "out": N, "error": f"{type(e).__name__}: {str(e)[-300:]}"}
             rows.append(r)
@@ -156,7 +188,7 @@ def bench_shapes(hidden: int, intermediate: int, num_heads: int, num_kv_heads: i
            "copy_GBs": copy_gbs, "shapes": dict(hidden=hidden, intermediate=intermediate, num_heads=num_heads,
                                                 num_kv_heads=num_kv_heads, head_dim=head_dim), "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, props.name.replace(" ", "_"))
+    stem = os.path.join(out_dir, props.name.replace(" ", "_") + ("_gemm" if only_gemm else ""))
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(stem + ".md", "w") as f:
@@ -165,7 +197,8 @@ def bench_shapes(hidden: int, intermediate: int, num_heads: int, num_kv_heads: i
 
 
 _COLS = ("linear", "tokens", "in", "out", "fp16_ms", "w4a4_ms", "speedup", "kron_quant_ms", "kron_quant_GBs",
-         "kron_quant_frac_copy", "gemm_ms", "gemm_TOPs", "gemm_weight_GBs", "int8_cublas_ms")
+         "kron_quant_frac_copy", "gemm_path", "gemm_ms", "gemm_TOPs", "gemm_weight_GBs", "gemm_int8_ms", "gemm_fp8_ms",
+         "fp8_vs_int8", "fp8_vs_fp16", "int8_vs_fp16", "int8_cublas_ms", "fp8_cublas_ms")
 
 
 def _fmt(v) -> str:
@@ -228,8 +261,9 @@ def check_kron_quant(M: int, n1: int, n2: int, dtype: torch.dtype, sym: bool, de
 
 
 def check_gemm(M: int, N: int, K: int, asym: bool, bias: bool, device: str = "cuda",
-               out_dtype=torch.float16, config: dict | None = None) -> dict:
-    """w4a4_gemm on fresh random packed data against the float64 reference; output poisoned with NaN."""
+               out_dtype=torch.float16, config: dict | None = None, path: str | None = None) -> dict:
+    """w4a4_gemm (``path``: "int8", "fp8" or the default) on fresh random packed data against the float64
+    reference; output poisoned with NaN."""
     lo, hi = (0, 16) if asym else (-8, 8)
     qa = pack_int4_twos(torch.randint(lo, hi, (M, K))).to(device)
     qw = pack_int4_twos(torch.randint(-8, 8, (N, K))).to(device)
@@ -238,7 +272,8 @@ def check_gemm(M: int, N: int, K: int, asym: bool, bias: bool, device: str = "cu
     za = torch.randint(0, 16, (M,)).float().to(device) if asym else None
     b = torch.randn(N).to(device) if bias else None
     out = torch.full((M, N), float("nan"), dtype=out_dtype, device=device)
-    y = w4a4_gemm(qa, sa, qw, sw, za, weight_sums(qw) if asym else None, b, out_dtype, out=out, config=config)
+    y = w4a4_gemm(qa, sa, qw, sw, za, weight_sums(qw) if asym else None, b, out_dtype, out=out, config=config,
+                  path=path)
     ref = w4a4_gemm_ref(qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), None if za is None else za.cpu(),
                         None if b is None else b.cpu(), torch.float64)
     rel = float((y.cpu().double() - ref).norm() / ref.norm())
@@ -273,10 +308,12 @@ def run_checks(device: str = "cuda") -> bool:
     for cfg in KRON_SWEEP[1:]:
         cases.append((f"kron_quant 112x128 asym {cfg}", check_kron_quant,
                       (1001, 112, 128, torch.float16, False, device, cfg)))
-    for M in (1, 7, 16, 300, 2048):
-        for (N, K) in ((4096, 4096), (1000, 1600), (512, 14336)):
-            for asym in (False, True):
-                cases.append((f"w4a4_gemm M={M} N={N} K={K} asym={asym}", check_gemm, (M, N, K, asym, asym)))
+    for path in ("int8", "fp8") if fp8_supported(torch.device(device)) else ("int8",):
+        for M in (1, 7, 16, 300, 2048):
+            for (N, K) in ((4096, 4096), (1000, 1600), (512, 14336)):
+                for asym in (False, True):
+                    cases.append((f"w4a4_gemm {path} M={M} N={N} K={K} asym={asym}", check_gemm,
+                                  (M, N, K, asym, asym, device, torch.float16, None, path)))
     cases.append(("w4a4_gemm bf16 out M=333 N=640 K=4096", check_gemm, (333, 640, 4096, False, True, device,
                                                                         torch.bfloat16)))
     for M, sym in ((5, True), (257, True), (257, False)):
@@ -300,6 +337,8 @@ def _g(bm, bn, bk, w, st, gm=8, **kw):
 GEMM_SWEEP = {
     "prefill": [_g(128, 128, 64, 4, 4), _g(128, 128, 64, 4, 5), _g(128, 128, 64, 4, 3), _g(256, 128, 64, 8, 4),
                 _g(128, 128, 128, 4, 3), _g(128, 128, 64, 4, 4, gm=16), _g(256, 128, 64, 8, 3)],
+    "prefill_fp8": [_g(128, 128, 128, 8, 3), _g(128, 128, 128, 8, 4), _g(128, 128, 64, 8, 3), _g(128, 64, 128, 4, 3),
+                    _g(64, 128, 128, 4, 4)],
     "decode": [_g(16, 64, 128, 4, 4, gm=1), _g(16, 64, 256, 4, 4, gm=1), _g(16, 128, 128, 4, 4, gm=1),
                _g(16, 64, 128, 4, 6, gm=1), _g(16, 32, 256, 4, 4, gm=1), _g(16, 64, 128, 8, 4, gm=1),
                _g(16, 32, 128, 4, 6, gm=1)],
@@ -333,9 +372,13 @@ def sweep(linears: dict, l2: int, tokens=(1, 8192), budget_s: float = 200.0, ker
             ours, _ = _linear_sets(M, K, N, n1, n2, l2)
             if "gemm" in kernels:
                 qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
-                for cfg in GEMM_SWEEP["decode" if M <= 16 else "prefill"]:
-                    fn = lambda q, s, qw, sw, cfg=cfg: w4a4_gemm(q, s, qw, sw, config=cfg)
-                    rows.append(_sweep_one("gemm", name, M, cfg, fn, qsets, 2 * M * N * K))
+                lists = [("int8", "decode" if M <= 16 else "prefill")]
+                if M > 16 and fp8_supported(qsets[0][0].device):
+                    lists.append(("fp8", "prefill_fp8"))
+                for path, key in lists:
+                    for cfg in GEMM_SWEEP[key]:
+                        fn = lambda q, s, qw, sw, cfg=cfg, path=path: w4a4_gemm(q, s, qw, sw, config=cfg, path=path)
+                        rows.append(_sweep_one("gemm", f"{name} {path}", M, cfg, fn, qsets, 2 * M * N * K))
                 del qsets
             if "kron" in kernels and M > 16:
                 for cfg in KRON_SWEEP:
@@ -352,8 +395,11 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
+    p.add_argument("--only", choices=("all", "gemm"), default="all",
+                   help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by default")
     p.add_argument("--out", default="results/bench")
-    p.add_argument("--tokens", default=",".join(map(str, DECODE + PREFILL)))
+    p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
+                   f"{','.join(map(str, PREFILL))} with --only gemm)")
     p.add_argument("--shape", default="4096,14336,32,8,128", help="hidden,intermediate,heads,kv_heads,head_dim")
     a = p.parse_args(argv)
     if not (HAS_TRITON and torch.cuda.is_available()):
@@ -373,7 +419,10 @@ def main(argv=None) -> int:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "sweep.json"), "w") as f:
             json.dump(rows, f, indent=1)
-    res = bench_shapes(*shape, token_counts=tuple(int(v) for v in a.tokens.split(",")), out_dir=a.out)
+    only_gemm = a.only == "gemm"
+    tokens = a.tokens or ",".join(map(str, PREFILL if only_gemm else DECODE + PREFILL))
+    res = bench_shapes(*shape, token_counts=tuple(int(v) for v in tokens.split(",")), out_dir=a.out,
+                       only_gemm=only_gemm)
     _log(markdown_table(res))
     return 0 if ok else 1
 

@@ -1,30 +1,49 @@
-"""W4A4 GEMM: packed 4-bit activations × packed 4-bit weights on int8 tensor cores, dequantized in the epilogue.
+"""W4A4 GEMM: packed 4-bit activations × packed 4-bit weights on int8 or fp8 tensor cores, dequantized in the epilogue.
 
 Usage::
 
     from flatquant.kernels.w4a4_gemm import w4a4_gemm
     y = w4a4_gemm(qa, sa, qw, sw, za=None, wsum=None, out_dtype=torch.float16)   # (tokens, out)
+    y = w4a4_gemm(qa, sa, qw, sw, path="fp8")                                    # force a path
 
 Hopper has no int4 tensor-core instruction (DESIGN.md, hardware facts), so the kernel loads 4-bit data
 (half the bytes of int8, a quarter of fp16), splits each byte into its two nibbles in registers and feeds
-both halves to int8 ``tl.dot`` (exact for values in [-8, 15]) with int32 accumulation. Because a dot
-product does not care about the order of k, the even-k nibbles of A meet the even-k nibbles of W in one
-product and the odd-k nibbles in another: no interleaving shuffle is needed.
+both halves to ``tl.dot``. Because a dot product does not care about the order of k, the even-k nibbles of
+A meet the even-k nibbles of W in one product and the odd-k nibbles in another: no interleaving shuffle.
+
+Two paths, the same epilogue and, where the sums are exact, bit-identical outputs:
+
+- int8 (``path="int8"``): nibbles sign- or zero-extended to int8, int32 accumulation (exact for values in
+  [-8, 15]).
+- fp8 e4m3 (``path="fp8"``, Hopper only): a zero-extended nibble byte c in 0..15 *is* the e4m3fn encoding
+  of c·2^-9 (exponent field 0: subnormals m·2^-9; field 1: (8+m)·2^-9), and a signed nibble n < 0 becomes
+  the sign-magnitude byte 0x80 | |n| (0x88 = −8·2^-9). So the unpack is bit manipulation only, every product
+  is an exact multiple of 2^-18, and the epilogue scales the fp32 accumulator by 2^18 (exact). How the sums
+  stay exact under Hopper's reduced-precision fp8 accumulation: ``_w4a4_gemm_kernel``'s docstring. Slower
+  than int8 on the H200 so far (Triton 3.6 runs unpack and wgmma one after the other), so not the default.
 
 Epilogue (fp32): y = s_a · s_w · (q_a·q_w − z_a · Σ_k q_w) (+ bias); the z_a term only for asymmetric
-activations (q_a in [0, 15]); weights are symmetric (q_w in [-8, 7]). The int32 accumulator is exact and
-|acc| < 2^24 for k ≤ 2^17, so the conversion to fp32 is exact too.
+activations (q_a in [0, 15]); weights are symmetric (q_w in [-8, 7]). The integer sum is exact and
+|acc| < 2^24 for k ≤ 2^17, so it is exact in fp32 too.
 
 One kernel serves prefill (128×128 tiles, grouped order for L2 reuse) and decode (1–16 tokens: a 16-row
 tile and narrow column blocks, a GEMV-like grid over output channels that streams the 4-bit weights).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flatquant.packing import unpack_int4_twos
 
 from .kron_quant import HAS_TRITON, use_triton
+
+# Products per partial sum on the fp8 path (see _w4a4_gemm_kernel): |partial| ≤ 128 · 64 = 2^13 units of 2^-18.
+FP8_PARTIAL = 128
+# path=None takes fp8 from this many tokens on Hopper; None: never. On the H200 the fp8 kernel ran at
+# 0.75–0.78× the int8 kernel's speed in prefill and 0.41–0.66× in decode (flatquant/kernels/NOTES.md).
+FP8_DEFAULT_MIN_TOKENS: int | None = None
 
 if HAS_TRITON:
     import triton
@@ -58,6 +77,40 @@ if HAS_TRITON:
             hi = (p >> 4).to(tl.int8)
         return lo, hi
 
+    # Nibbles → e4m3 sign-magnitude bytes, four per register: u = zero-extended nibble per lane;
+    # 0x90 − u = 0x80 | (16 − u) = 0x80 | |n| for u in 8..15 (no lane borrows: u ≤ 15); prmt 0xBA98
+    # replicates each byte's bit 7 (the nibble's sign; the shift moves it there for the low nibbles) into a
+    # lane mask m; lop3 0xCA = m ? (0x90 − u) : u. Centred (unsigned u → u − 8): flip bit 3 of every nibble.
+    def _f8_asm(hi: bool, center: bool):
+        src = "xor.b32 p, $1, 0x88888888; " if center else "mov.b32 p, $1; "
+        nib = ("shr.b32 u, p, 4; and.b32 u, u, 0x0F0F0F0F; prmt.b32 m, p, p, 0xBA98; " if hi else
+               "and.b32 u, p, 0x0F0F0F0F; shl.b32 t, p, 4; prmt.b32 m, t, t, 0xBA98; ")
+        return tl.constexpr("{ .reg .b32 p, u, x, t, m; " + src + nib
+                            + "sub.u32 x, 0x90909090, u; lop3.b32 $0, m, x, u, 0xCA; }")
+
+    _ASM_LO_F8, _ASM_HI_F8 = _f8_asm(False, False), _f8_asm(True, False)
+    _ASM_LO_F8C, _ASM_HI_F8C = _f8_asm(False, True), _f8_asm(True, True)
+    _PARTIAL = tl.constexpr(FP8_PARTIAL)
+
+    @triton.jit
+    def _unpack_e4m3(p, CENTER: tl.constexpr, ASM: tl.constexpr):
+        """uint8 tile → (even-k, odd-k) nibbles as float8e4nv holding n·2^-9: n the signed nibble, or with
+        CENTER the unsigned nibble minus 8. ASM as in ``_unpack``."""
+        if ASM:
+            if CENTER:
+                lo = tl.inline_asm_elementwise(_ASM_LO_F8C, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+                hi = tl.inline_asm_elementwise(_ASM_HI_F8C, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+            else:
+                lo = tl.inline_asm_elementwise(_ASM_LO_F8, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+                hi = tl.inline_asm_elementwise(_ASM_HI_F8, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+        else:
+            q = p ^ 0x88 if CENTER else p
+            ulo = q & 15
+            uhi = (q >> 4) & 15
+            lo = tl.where(ulo >= 8, 144 - ulo, ulo).to(tl.uint8)
+            hi = tl.where(uhi >= 8, 144 - uhi, uhi).to(tl.uint8)
+        return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
+
     @triton.jit
     def _w4a4_gemm_kernel(
         a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr,
@@ -65,8 +118,23 @@ if HAS_TRITON:
         stride_am, stride_wn, stride_cm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
         ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UNPACK_ASM: tl.constexpr,
+        FP8: tl.constexpr,
     ):
-        """C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]); KH = k/2 bytes per row of A and W."""
+        """C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]); KH = k/2 bytes per row of A and W.
+
+        FP8: e4m3 operands (asymmetric activations centred, q_a − 8, so every product is an integer in
+        [-64, 64] units of 2^-18) and an fp32 accumulator. Hopper's fp8 wgmma accumulates with ~14
+        significant bits (truncated), not fp32. Triton's ``max_num_imprecise_acc=n`` (fp8 dots on sm_90
+        only; n ≤ the dot's K) lets the tensor core sum n products, then adds that partial sum to a separate
+        fp32 accumulator; its default there, 2^30, means never, and on the H200 that lost up to 671,488 units
+        of a K=14336 sum. Partial sums of at most 128 products are exact: |partial| ≤ 2^13 units, an
+        integer 13 significant bits hold, and the fp32 sums stay integers below 2^24 units. n = 64 or 128
+        measured exact and, at 8 warps, as fast as the split below (±10 %), but ptxas serializes the wgmma
+        (C7514) and at 4 warps the second accumulator spills. The kernel keeps the default and splits the
+        sum itself: each ``tl.dot`` starts from zero, covers at most FP8_PARTIAL = 128 products (both
+        nibble halves when BLOCK_KH ≤ 64) and is added to ``acc`` in fp32; Triton folds ``acc + dot`` into
+        the dot only when max_num_imprecise_acc is 0, which it is not for fp8 on sm_90 (Combine.cpp). The
+        GPU tests check exactness against the integer reference at K=14336, extreme codes included."""
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -82,7 +150,7 @@ if HAS_TRITON:
         rk = tl.arange(0, BLOCK_KH)
         a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
         for kb in range(tl.cdiv(KH, BLOCK_KH)):
             if EVEN_K:
                 a = tl.load(a_ptrs)
@@ -91,17 +159,28 @@ if HAS_TRITON:
                 kmask = rk < KH - kb * BLOCK_KH
                 a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
                 w = tl.load(w_ptrs, mask=kmask[:, None], other=0)
-            a_lo, a_hi = _unpack(a, not ASYM, UNPACK_ASM)
-            w_lo, w_hi = _unpack(w, True, UNPACK_ASM)
-            acc = tl.dot(a_lo, w_lo, acc, out_dtype=tl.int32)
-            acc = tl.dot(a_hi, w_hi, acc, out_dtype=tl.int32)
+            if FP8:
+                a_lo, a_hi = _unpack_e4m3(a, ASYM, UNPACK_ASM)
+                w_lo, w_hi = _unpack_e4m3(w, False, UNPACK_ASM)
+                if 2 * BLOCK_KH <= _PARTIAL:
+                    acc += tl.dot(a_hi, w_hi, tl.dot(a_lo, w_lo))
+                else:
+                    acc += tl.dot(a_lo, w_lo)
+                    acc += tl.dot(a_hi, w_hi)
+            else:
+                a_lo, a_hi = _unpack(a, not ASYM, UNPACK_ASM)
+                w_lo, w_hi = _unpack(w, True, UNPACK_ASM)
+                acc = tl.dot(a_lo, w_lo, acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, w_hi, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_KH
             w_ptrs += BLOCK_KH
         sa = tl.load(sa_ptr + rm)
         sw = tl.load(sw_ptr + rn)
-        accf = acc.to(tl.float32)
+        accf = acc * 262144.0 if FP8 else acc.to(tl.float32)  # fp8: units of 2^-18 → integers
         if ASYM:
             za = tl.load(za_ptr + rm)
+            if FP8:
+                za -= 8.0  # the sums were of q_a − 8
             ws = tl.load(wsum_ptr + rn).to(tl.float32)
             accf = accf - za[:, None] * ws[None, :]
         c = accf * sa[:, None] * sw[None, :]
@@ -111,12 +190,19 @@ if HAS_TRITON:
         tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def pick_config(M: int, N: int, KH: int, cuda: bool = True) -> dict:
-    """Tile sizes by problem shape, from the sweeps on an H100 (flatquant/kernels/NOTES.md). Decode (M ≤ 16): a 16-row
-    tile and 64-column blocks (128 for wide layers), so N/BLOCK_N programs each stream a slab of 4-bit
-    weights; prefill: 128×128 int8 tiles, 4 warps (one warpgroup), 4 stages."""
+def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False) -> dict:
+    """Tile sizes by problem shape, from the sweeps on an H100 (int8) and an H200 (fp8; flatquant/kernels/NOTES.md).
+    int8: decode (M ≤ 16) a 16-row tile and 64-column blocks (128 for wide layers), so N/BLOCK_N programs each
+    stream a slab of 4-bit weights; prefill 128×128 tiles, 4 warps (one warpgroup), 4 stages. fp8: 128×128
+    tiles of 8 warps (at 4 warps the two accumulators spill), BLOCK_KH=128, 3 stages; 64-row tiles up to 64
+    tokens. Rows stay multiples of 64 (a wgmma per warpgroup: smaller tiles would lower to mma.sync)."""
     if not cuda:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KH=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if fp8:
+        if M <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=128 if N >= 16384 else 64, BLOCK_KH=128, GROUP_M=8, num_warps=4,
+                        num_stages=4)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= 16:
         if N >= 16384:
             return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4)
@@ -124,6 +210,30 @@ def pick_config(M: int, N: int, KH: int, cuda: bool = True) -> dict:
     if M <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_supported(device: torch.device) -> bool:
+    """True on Hopper (sm_90) GPUs where Triton has float8e4nv dots: the one target on which the fp8 path's
+    sums are exact as the kernel's docstring says. sm_89 and sm_100+ lower fp8 dots to mma.sync / tcgen05,
+    whose accumulation precision is not established here, and Triton folds ``acc + dot`` there."""
+    if not (HAS_TRITON and device.type == "cuda"):
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return False
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    opts = make_backend(GPUTarget("cuda", 10 * major + minor, 32)).parse_options({})
+    return "fp8e4nv" in opts.supported_fp8_dtypes
+
+
+def default_path(M: int, device: torch.device) -> str:
+    """The path ``w4a4_gemm(path=None)`` takes for M tokens on ``device``: "fp8" from FP8_DEFAULT_MIN_TOKENS
+    tokens where ``fp8_supported``, else "int8" (always, while FP8_DEFAULT_MIN_TOKENS is None)."""
+    fp8 = FP8_DEFAULT_MIN_TOKENS is not None and M >= FP8_DEFAULT_MIN_TOKENS and fp8_supported(device)
+    return "fp8" if fp8 else "int8"
 
 
 def weight_sums(qw: torch.Tensor) -> torch.Tensor:
@@ -134,15 +244,16 @@ def weight_sums(qw: torch.Tensor) -> torch.Tensor:
 def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
               za: torch.Tensor | None = None, wsum: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-              out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, config: dict | None = None, path: str | None = None) -> torch.Tensor:
     """Quantized linear product.
 
     qa: (tokens, k/2) uint8 packed activations, signed nibbles, or unsigned when ``za`` is given;
     sa: (tokens,) fp32 per-token scales; za: (tokens,) fp32 zero points (asymmetric) or None;
     qw: (out, k/2) uint8 packed signed weights; sw: (out,) fp32 per-channel scales;
     wsum: (out,) int32 Σ_k q_w (computed if None and za is given); bias: (out,) or None;
-    out: optional preallocated (tokens, out) output; config: tile sizes (``pick_config`` if None).
-    Returns (tokens, out) in ``out_dtype`` (fp16/bf16).
+    out: optional preallocated (tokens, out) output; config: tile sizes (``pick_config`` if None);
+    path: "int8", "fp8" (Hopper, or the interpreter) or None (``default_path``).
+    Returns (tokens, out) in ``out_dtype`` (fp16/bf16; float32 keeps the exact integer sums for unit scales).
     """
     if qa.dtype != torch.uint8 or qw.dtype != torch.uint8:
         raise TypeError(f"packed inputs must be uint8, got {qa.dtype}, {qw.dtype}")
@@ -152,16 +263,25 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     N = qw.shape[0]
     if sa.shape != (M,) or sw.shape != (N,) or (za is not None and za.shape != (M,)):
         raise ValueError("scales must be (tokens,) and (out,)")
+    if path not in (None, "int8", "fp8"):
+        raise ValueError(f"path must be 'int8', 'fp8' or None, got {path!r}")
     if za is not None and wsum is None:
         wsum = weight_sums(qw)
     if not use_triton(qa):
         return w4a4_gemm_ref(qa, sa, qw, sw, za, bias, out_dtype)
+    fp8 = (path or default_path(M, qa.device)) == "fp8"
+    cfg = config or pick_config(M, N, KH, qa.is_cuda, fp8)
+    if fp8 and cfg["BLOCK_KH"] > FP8_PARTIAL:
+        raise ValueError(f"the fp8 path sums at most {FP8_PARTIAL} products per dot: BLOCK_KH {cfg['BLOCK_KH']}")
+    if fp8 and qa.is_cuda and (not fp8_supported(qa.device) or cfg["BLOCK_M"] % 64 or cfg["num_warps"] % 4):
+        raise ValueError("the fp8 path needs a Hopper GPU and BLOCK_M a multiple of 64 with whole warpgroups"
+                         f" (wgmma), got {torch.cuda.get_device_name(qa.device)} and {cfg}")
     qa, qw = qa.contiguous(), qw.contiguous()
     sa, sw = sa.float().contiguous(), sw.float().contiguous()
     c = torch.empty(M, N, dtype=out_dtype, device=qa.device) if out is None else out
     if M == 0:
         return c
-    cfg = {"UNPACK_ASM": qa.is_cuda, **(config or pick_config(M, N, KH, qa.is_cuda))}
+    cfg = {"UNPACK_ASM": qa.is_cuda, "FP8": fp8, **cfg}
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
     _w4a4_gemm_kernel[grid](
         qa, qw, sa, sa if za is None else za.float().contiguous(), sw,

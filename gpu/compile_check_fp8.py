@@ -1,0 +1,101 @@
+"""Compile the W4A4 GEMM's fp8 path for sm_90 without a GPU: PTX evidence (fp8 wgmma), shared memory, registers.
+
+Usage::
+
+    pip install --target /tmp/tri36 triton==3.6.0          # the device's Triton
+    python gpu/compile_check_fp8.py [--triton /tmp/tri36]   # one line per config; exit 1 if a check fails
+
+Each config is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the
+divisibility-by-16 attributes the launcher gives sizes and strides (flatquant/kernels/NOTES.md: without them
+shared-memory sizes differ from the device's). A config passes when its PTX has e4m3 × e4m3 wgmma (fp8
+path) and it asks for at most 227 KB of shared memory.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMEM_MAX = 227 * 1024
+
+# (label, tokens, N, asym, bias, config or None for pick_config, fp8); K = 4096 (KH = 2048 bytes)
+CASES = [
+    ("fp8 prefill, signed", 8192, 6144, False, False, None, True),
+    ("fp8 prefill, asymmetric + bias", 8192, 6144, True, True, None, True),
+    ("fp8 M <= 64 (decode when forced)", 16, 6144, False, False, None, True),
+    ("fp8 M <= 64, N >= 16384", 16, 28672, True, False, None, True),
+    ("fp8 128x128 KH64 at 4 warps (spills)", 8192, 6144, False, False,
+     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=4, num_stages=4), True),
+    ("int8 prefill (for comparison)", 8192, 6144, False, False, None, False),
+]
+
+
+def compile_case(mod, triton, tokens, N, asym, bias, config, fp8, KH=2048):
+    """Compile one config; returns (compiled, cfg, ptxas log)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = dict(config or mod.pick_config(tokens, N, KH, True, fp8))
+    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    fn = mod._w4a4_gemm_kernel
+    sig = {"a_ptr": "*u8", "w_ptr": "*u8", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32",
+           "wsum_ptr": "*i32" if asym else "*fp32", "bias_ptr": "*fp16" if bias else "*fp32", "c_ptr": "*fp16",
+           "M": "i32", "N": "i32", "KH": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32"}
+    consts = dict(cfg, ASYM=asym, HAS_BIAS=bias, EVEN_K=KH % cfg["BLOCK_KH"] == 0, UNPACK_ASM=True, FP8=fp8)
+    sig.update({k: "constexpr" for k in consts})
+    div16 = [["tt.divisibility", 16]]
+    attrs = {(fn.arg_names.index(k),): div16 for k in ("a_ptr", "w_ptr", "sa_ptr", "za_ptr", "sw_ptr", "wsum_ptr",
+                                                       "bias_ptr", "c_ptr", "N", "KH", "stride_am", "stride_wn",
+                                                       "stride_cm")}
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=opts)
+    return compiled, dict(cfg, **opts), log.getvalue()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--triton", default="/tmp/tri36", help="folder holding the pip-installed triton 3.6")
+    a = p.parse_args(argv)
+    sys.path.insert(0, a.triton)
+    sys.path.insert(1, ROOT)
+    os.environ.pop("TRITON_INTERPRET", None)
+    import importlib
+
+    import triton
+
+    mod = importlib.import_module("flatquant.kernels.w4a4_gemm")  # the package binds the name to the function
+
+    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}; target sm_90")
+    ok = True
+    for label, tokens, N, asym, bias, config, fp8 in CASES:
+        try:
+            compiled, cfg, log = compile_case(mod, triton, tokens, N, asym, bias, config, fp8)
+        except Exception as e:  # one config that does not compile must not hide the others
+            ok = False
+            print(f"FAIL {label}: {type(e).__name__}: {str(e)[-800:]}")
+            continue
+        ptx = compiled.asm["ptx"]
+        wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.\S+", ptx)))
+        e4m3 = [w for w in wgmma if ".e4m3.e4m3" in w]
+        regs = re.search(r"Used (\d+) registers", log)
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        warn = [ln.strip() for ln in log.splitlines() if "warning" in ln.lower() or "serialized" in ln.lower()]
+        shared = compiled.metadata.shared
+        good = shared <= SMEM_MAX and (bool(e4m3) if fp8 else bool(wgmma))
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {label}: {cfg}\n"
+              f"    shared {shared} B ({shared / 1024:.1f} KB), registers {regs.group(1) if regs else '?'}, "
+              f"spills {spill.groups() if spill else '?'}, fp32 adds {ptx.count('add.f32') + ptx.count('add.rn.f32')}\n"
+              f"    wgmma: {', '.join(wgmma) or 'none'}" + "".join(f"\n    ptxas: {w}" for w in warn))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
