@@ -146,11 +146,25 @@ def _time_graph_decode(model, make_cache, ids: torch.Tensor, steps: int, repeats
     return {"graph_decode_ms_per_step": statistics.median(times)}
 
 
+def _profile_decode(model, make_cache, ids: torch.Tensor, steps: int, top: int = 24) -> dict:
+    """Where a decode step's GPU time goes: flatquant.bench_layer.top_kernels over `steps` eager one-token steps
+    into a fixed-capacity cache (the kernels the graphed step replays; the host's time is not in it)."""
+    from flatquant.bench_layer import top_kernels
+    from flatquant.generate import GreedyDecoder, cache_kwarg
+
+    cache = make_cache()
+    with torch.no_grad():
+        first = model(ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    decoder = GreedyDecoder(model, cache, first, ids.shape[1], cuda_graph=False)
+    return top_kernels(lambda: decoder(1), steps, top)
+
+
 def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATCHES, context: int | tuple = 2048,
-                steps: int = 16, repeats: int = 2, vocab: int = 32000, name: str = "", max_tokens: int | None = None
-                ) -> dict:
+                steps: int = 16, repeats: int = 2, vocab: int = 32000, name: str = "", max_tokens: int | None = None,
+                profile: bool = False) -> dict:
     """One row per context × batch (context: one or several), skipping rows of more than max_tokens prompt tokens
-    (batch × context) when it is given; JSON + markdown in out_dir (None: nothing written)."""
+    (batch × context) when it is given; JSON + markdown in out_dir (None: nothing written). profile: also
+    `<fp16|w4a4>_profile` per row, the GPU time of a decode step by kernel (`_profile_decode`)."""
     contexts = (context,) if isinstance(context, int) else tuple(context)
     pairs = [(c, b) for c in contexts for b in batches if max_tokens is None or b * c <= max_tokens]
     if not pairs:
@@ -159,7 +173,7 @@ def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATC
 
     from flatquant.cache import QuantKVCache
 
-    extra = (repeats + 1) * steps + 1  # the graphed runs keep appending to one prefilled cache
+    extra = (repeats + 1) * steps + 1 + 3  # the graphed runs keep appending to one prefilled cache (+ 3 warm-ups)
     fp, ours = build_models(shape, vocab, max(contexts) + extra + 8)
     eager = {"fp16": lambda: DynamicCache(config=fp.config), "w4a4": QuantKVCache}
     rows = []
@@ -174,6 +188,9 @@ def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATC
                 r = _time_phase(model, eager[label], ids, steps, repeats)
                 torch.cuda.empty_cache()
                 r.update(_time_graph_decode(model, fixed[label], ids, steps, repeats))
+                if profile:
+                    torch.cuda.empty_cache()
+                    r["profile"] = _profile_decode(model, fixed[label], ids, steps)
             except torch.OutOfMemoryError as e:
                 row[f"{label}_error"] = f"out of memory: {str(e)[:120]}"
                 torch.cuda.empty_cache()

@@ -52,7 +52,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
         res = bench_model(shape, bench_dir, tuple(b.get("model_batches", (1, 8, 32, 64))),
                           context if isinstance(context, int) else tuple(context), b.get("model_steps", 16),
                           vocab=shape.get("vocab", 32000), name=cfg["model"]["name"],
-                          max_tokens=b.get("model_max_tokens"))
+                          max_tokens=b.get("model_max_tokens"), profile=b.get("model_profile", False))
         for row in res["rows"]:
             for key in ("prefill_speedup", "decode_speedup", "graph_decode_speedup", "best_decode_speedup",
                         "kv_bytes_ratio"):

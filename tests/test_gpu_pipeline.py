@@ -172,7 +172,7 @@ def test_bfloat16_model_on_the_kernels(work):
 def test_bench_stage(work):
     run_py(work, "stage=bench", "bench.token_counts=[16,2048]", "bench.calibration=true", "bench.calibration_steps=4",
            "bench.profile=true", "bench.model=true", "bench.model_batches=[1,4]", "bench.model_context=[128,512]",
-           "bench.model_max_tokens=512", "bench.model_steps=4", "+metrics_out=bench.json")
+           "bench.model_max_tokens=512", "bench.model_steps=4", "bench.model_profile=true", "+metrics_out=bench.json")
     m = metrics(work / "bench.json")
     # the whole model (SmolLM2's shape): context × batch rows within 512 prompt tokens, decode eager and graphed
     rows = {k.split("/")[1] for k in m if k.startswith("bench/model_")}
@@ -182,6 +182,9 @@ def test_bench_stage(work):
     for row in json.loads(model.read_text())["rows"]:
         assert row["w4a4_graph_decode_ms_per_step"] < row["w4a4_decode_ms_per_step"]  # the graph removes launches
         assert 0.25 < row["kv_bytes_ratio"] < 0.35
+        names = {t["kernel"] for t in row["w4a4_profile"]["top"]}  # a decode step's kernels, by GPU time
+        assert {"_w4a4_gemm_kernel", "_decode_split_kernel", "_kv_pack_kernel"} <= names, names
+        assert 0 < row["w4a4_profile"]["gpu_ms_total"] < row["w4a4_decode_ms_per_step"]
     speedups = {k: v for k, v in m.items() if k.endswith("/speedup")}
     assert speedups and not {k: v for k, v in speedups.items() if not 0.05 < v < 50}, speedups
     assert any(k.startswith("bench/layer_") for k in speedups)
