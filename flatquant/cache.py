@@ -21,6 +21,9 @@ flatquant.quantizers.quantize; the two agree bit for bit, tests/test_kv_cache.py
 quantizer) where a value sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated
 with 256 tokens of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps
 copies nothing until the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
+`QuantKVCache(max_length=N)` instead allocates N tokens once and never moves them; each layer counts its tokens on
+the device (`pos`: writes go there, decode attends over that many), so one CUDA graph of a decode step replays at
+every position (flatquant.generate.GreedyDecoder; `sync()` brings the host-side lengths up to date afterwards).
 """
 
 from __future__ import annotations
