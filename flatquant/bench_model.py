@@ -203,7 +203,8 @@ def bench_model(shape: dict, out_dir: str | None = "results/bench", batches=BATC
             row["prefill_speedup"] = row["fp16_prefill_ms"] / row["w4a4_prefill_ms"]
             row["decode_speedup"] = row["fp16_decode_ms_per_step"] / row["w4a4_decode_ms_per_step"]
             row["graph_decode_speedup"] = row["fp16_graph_decode_ms_per_step"] / row["w4a4_graph_decode_ms_per_step"]
-            best = {m: min(row[f"{m}_decode_ms_per_step"], row[f"{m}_graph_decode_ms_per_step"]) for m in ("fp16", "w4a4")}
+            best = {m: min(row[f"{m}_decode_ms_per_step"], row[f"{m}_graph_decode_ms_per_step"])
+                    for m in ("fp16", "w4a4")}
             row["best_decode_speedup"] = best["fp16"] / best["w4a4"]  # each model at its faster way
             row["kv_bytes_ratio"] = row["w4a4_kv_cache_bytes"] / row["fp16_kv_cache_bytes"]
             row["peak_decode_ratio"] = row["w4a4_peak_decode_gib"] / row["fp16_peak_decode_gib"]

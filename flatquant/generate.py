@@ -42,10 +42,13 @@ def packed_cache_for(model):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, device=None, packed_cache: bool = True
-             ) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, device=None, packed_cache: bool = True,
+             cuda_graph: bool = False) -> list[str]:
     """Greedy continuations of `prompts` (the new text only), one prompt at a time so that no padding is needed.
-    packed_cache=False generates with transformers' DynamicCache even where a QuantKVCache could hold the K/V."""
+    packed_cache=False generates with transformers' DynamicCache even where a QuantKVCache could hold the K/V.
+    cuda_graph=True decodes with `fixed_cache_greedy` instead of model.generate: one step captured in a CUDA graph
+    per prompt and replayed (on a GPU; elsewhere the same steps eagerly), stopping after the first EOS as greedy
+    model.generate does."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = device or next(model.parameters()).device
@@ -54,12 +57,43 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, dev
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
         if ids.numel() == 0:
             raise ValueError("an empty prompt has nothing to continue")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        cache = packed_cache_for(model) if packed_cache else None
-        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=pad, **({cache_kwarg(model): cache} if cache is not None else {}))
-        out.append(tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True))
+        if cuda_graph:
+            new = fixed_cache_greedy(model, ids, max_new_tokens, tokenizer.eos_token_id, packed_cache)[0]
+        else:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            cache = packed_cache_for(model) if packed_cache else None
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=pad,
+                                 **({cache_kwarg(model): cache} if cache is not None else {}))
+            new = seq[0, ids.shape[1]:]
+        out.append(tokenizer.decode(new, skip_special_tokens=True))
     return out
+
+
+@torch.no_grad()
+def fixed_cache_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                       packed_cache: bool = True) -> torch.Tensor:
+    """Greedy tokens after `ids` (B, T) (a batch of unpadded prompts of one length): a prefill into a fixed-capacity
+    cache of T + max_new_tokens tokens (QuantKVCache(max_length) where `packed_cache_for` would pick the packed cache,
+    else transformers' StaticCache), then GreedyDecoder (a CUDA graph on a GPU). Returns (B, ≤ max_new_tokens): cut
+    after the first EOS where every sequence has produced one."""
+    from transformers import StaticCache
+
+    from flatquant.cache import QuantKVCache
+
+    capacity = ids.shape[1] + max_new_tokens
+    packed = packed_cache and packed_cache_for(model) is not None
+    cache = QuantKVCache(max_length=capacity) if packed else StaticCache(config=model.config, max_cache_len=capacity)
+    first = model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1:].argmax(-1)
+    tokens = first
+    if max_new_tokens > 1:
+        tokens = torch.cat([first, GreedyDecoder(model, cache, first, ids.shape[1])(max_new_tokens - 1)], dim=1)
+    if eos_token_id is not None:
+        hit = (tokens == eos_token_id).int().cumsum(dim=1) > 0  # at or after each sequence's first EOS
+        done = hit.all(dim=0).nonzero()
+        if len(done):
+            tokens = tokens[:, : int(done[0]) + 1]
+    return tokens
 
 
 def _positions(cache) -> list[torch.Tensor]:

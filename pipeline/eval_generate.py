@@ -5,7 +5,8 @@
 Each continuation is printed, logged to the MLflow run as generations.json ({prompt: text}) and written beside the
 metrics JSON when +metrics_out names a file (<name>.generations.json). A model of QuantLayers generates with the
 4-bit QuantKVCache (flatquant/generate.py), so this is also what the packed cache makes of the prompts. Off by
-default (eval.prompts: []).
+default (eval.prompts: []). eval.cuda_graph=true decodes them from a CUDA graph (flatquant.generate.fixed_cache_greedy:
+the same greedy text, without the host's per-layer launches) instead of model.generate.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def run(cfg: dict, ctx) -> dict[str, float]:
         return {}
     model = ctx.eval_model()
     t0 = time.time()
-    texts = generate(model, ctx.tokenizer, prompts, e.get("max_new_tokens", 16), ctx.device)
+    texts = generate(model, ctx.tokenizer, prompts, e.get("max_new_tokens", 16), ctx.device,
+                     cuda_graph=bool(e.get("cuda_graph", False)))
     seconds = time.time() - t0
     pairs = dict(zip(prompts, texts))
     for prompt, text in pairs.items():

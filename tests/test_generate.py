@@ -246,6 +246,49 @@ def test_greedy_decode_picks_what_generate_picks(which, monkeypatch):
         greedy_decode(model, cache, first, 16, 1)
 
 
+def test_generate_through_the_fixed_cache_decoder_gives_generate_s_text(smollm2):
+    """generate(cuda_graph=True) (prefill into a fixed-capacity cache, then GreedyDecoder: a CUDA graph on a GPU, the
+    same steps eagerly here) gives model.generate's greedy text: the FP default model (StaticCache) and W4A4 layers
+    (QuantKVCache(max_length)); tokens after the first EOS are cut as model.generate stops there."""
+    from flatquant.generate import fixed_cache_greedy
+
+    model, tok = smollm2
+    prompts = ["The capital of Germany is", "Water boils at"]
+    assert generate(model, tok, prompts, max_new_tokens=6, cuda_graph=True) == generate(model, tok, prompts, 6)
+    quant = _quantized("flatquant")
+    fake = type("Tok", (), dict(pad_token_id=0, eos_token_id=None, decode=lambda self, ids, **kw: str(ids.tolist()),
+                                __call__=lambda self, text, return_tensors: {"input_ids": torch.tensor([[5, 6, 7]])}))()
+    texts = generate(quant, fake, ["x"], max_new_tokens=5, cuda_graph=True)
+    assert texts == generate(quant, fake, ["x"], max_new_tokens=5)
+    full = fixed_cache_greedy(quant, torch.tensor([[5, 6, 7]]), 5)
+    assert str(full[0].tolist()) == texts[0]
+    eos = int(full[0, 2])
+    cut = fixed_cache_greedy(quant, torch.tensor([[5, 6, 7]]), 5, eos_token_id=eos)
+    first = int((full[0] == eos).nonzero()[0])
+    assert torch.equal(cut, full[:, : first + 1])
+
+
+def test_eval_cuda_graph_reaches_generate(monkeypatch):
+    """eval.cuda_graph=true (pipeline/eval_generate.py) generates through the fixed-cache decoder, the same texts."""
+    from types import SimpleNamespace
+
+    import pipeline.eval_generate as stage
+
+    seen = []
+    def spy(*args, **kw):
+        seen.append((kw["cuda_graph"], generate(*args, **kw)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(stage, "generate", spy)
+    tok = type("Tok", (), dict(pad_token_id=0, eos_token_id=None, decode=lambda self, ids, **kw: str(ids.tolist()),
+                               __call__=lambda self, text, return_tensors: {"input_ids": torch.tensor([[5, 6, 7]])}))()
+    ctx = SimpleNamespace(eval_model=lambda: _quantized("flatquant"), tokenizer=tok, device="cpu", tracker=None)
+    outs = [stage.run({"eval": {"prompts": ["x"], "max_new_tokens": 4, **extra}}, ctx)
+            for extra in ({}, {"cuda_graph": True})]
+    assert [g for g, _ in seen] == [False, True] and seen[0][1] == seen[1][1]
+    assert all(o["eval_generate/seconds"] > 0 for o in outs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("which", ["fp16", "w4a4-kernels"])
