@@ -448,3 +448,13 @@ def test_kernel_groups_are_not_less_accurate_than_fake_quant():
 def test_interpreter_tests_in_subprocess():
     stdout = rerun_under_interpreter(__file__, timeout=600)
     assert "20 passed" in stdout or int(stdout.split(" passed")[0].split()[-1]) >= 20, stdout[-500:]
+
+
+def test_host_launch_arithmetic_equals_triton_s():
+    """kron_quant.cdiv / next_pow2 (plain functions the wrappers call per launch) equal triton.cdiv /
+    triton.next_power_of_2, which are constexpr functions costing microseconds a call."""
+    triton = pytest.importorskip("triton")
+    from flatquant.kernels.kron_quant import cdiv, next_pow2
+
+    assert all(next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 20000))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 5000, 7) for b in range(1, 300, 3))

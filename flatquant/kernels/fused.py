@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kron_quant import HAS_TRITON, use_triton
+from .kron_quant import HAS_TRITON, cdiv, next_pow2, use_triton
 
 if HAS_TRITON:
     import triton
@@ -97,9 +97,9 @@ def group_fake_quant(x: torch.Tensor, group: int, bits: int, sym: bool, clip: fl
     n_groups = x2.shape[0] * per_row
     rows = 16
     qmax = float(2 ** (bits - 1) - 1 if sym else 2**bits - 1)
-    grid = (triton.cdiv(n_groups, rows),)
+    grid = (cdiv(n_groups, rows),)
     _group_fake_quant_kernel[grid](x2, y, n_groups, per_row, x2.stride(0), y.stride(0), float(clip), qmax,
-                                   G=group, BLOCK_G=triton.next_power_of_2(group), ROWS=rows, SYM=sym,
+                                   G=group, BLOCK_G=next_pow2(group), ROWS=rows, SYM=sym,
                                    EXACT=x.is_cuda, BF16_RNE=not x.is_cuda and x.dtype == torch.bfloat16, num_warps=4)
     return y.view(x.shape)
 
@@ -111,7 +111,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return F.silu(x[..., :n]) * x[..., n:]
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(triton.cdiv(x.shape[0] * n, block),)](x, y, x.shape[0], n, x.stride(0), y.stride(0), BLOCK=block,
+    _silu_mul_kernel[(cdiv(x.shape[0] * n, block),)](x, y, x.shape[0], n, x.stride(0), y.stride(0), BLOCK=block,
                                                           num_warps=4)
     return y
 

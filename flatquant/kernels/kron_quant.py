@@ -189,6 +189,17 @@ if HAS_TRITON:
 _SM_COUNT: dict = {}
 
 
+def cdiv(x: int, y: int) -> int:
+    """⌈x / y⌉ for host-side launch arithmetic: triton.cdiv's value without its constexpr-function call (a few µs a
+    call, and the wrappers make about twenty per decoder layer and step)."""
+    return (x + y - 1) // y
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of 2 ≥ n (n ≥ 1), as triton.next_power_of_2, as a plain function (see cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _sm_count(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
@@ -242,8 +253,8 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 
         q, scale, zero = out
     if M == 0:
         return q, scale, zero
-    b1 = max(16, triton.next_power_of_2(n1))
-    b2 = max(32, triton.next_power_of_2(n2))
+    b1 = max(16, next_pow2(n1))
+    b2 = max(32, next_pow2(n2))
     small = b1 * b2 <= 64 * 128
     # Narrow L (b1 < 64): stack tokens so Lᵀ·T fills a 64-row wgmma (measured 1375 vs 1128 GB/s, 32x128).
     stack = 64 // b1 if small and b1 < 64 else 1
@@ -254,9 +265,8 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 
     if tokens > 1 and cfg["num_warps"] != 4:
         raise ValueError("tokens > 1 is validated with num_warps=4 only (wrong output seen with 8 on H100)")
     num_stages = cfg["num_stages"] if block_j == b2 else 1  # chunked R: pipelining buffers overflow smem
-    grid_size = min(triton.cdiv(M, tokens), _sm_count(x.device) * cfg["ctas_per_sm"] if x.is_cuda else 4)
-    grid = lambda META: (grid_size,)
-    _kron_quant_kernel[grid](
+    grid_size = min(cdiv(M, tokens), _sm_count(x.device) * cfg["ctas_per_sm"] if x.is_cuda else 4)
+    _kron_quant_kernel[(grid_size,)](
         x, L, R, q, scale, scale if zero is None else zero,
         M, n1, n2, float(clip),
         x.stride(0), q.stride(0),

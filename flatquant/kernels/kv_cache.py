@@ -43,7 +43,7 @@ import torch
 from flatquant.packing import pack_int4_offset, unpack_int4_offset
 from flatquant.rope import apply_rope
 
-from .kron_quant import HAS_TRITON, _sm_count, use_triton
+from .kron_quant import HAS_TRITON, _sm_count, cdiv, next_pow2, use_triton
 
 if HAS_TRITON:
     import triton
@@ -411,13 +411,13 @@ def _launch_pack(x, cos, sin, tk, clip, out, config=None, at=None):
             raise ValueError(f"tk must be ({D}, {D}), got {tuple(tk.shape)}")
         tk = tk.to(device=x.device, dtype=torch.float32).contiguous()
     cfg = _pack_config(n_rows, tk is not None, x.device, config)
-    blocks = triton.cdiv(n_rows, cfg["rows"])
+    blocks = cdiv(n_rows, cfg["rows"])
     grid = (min(blocks, 4 * _sm_count(x.device) if x.is_cuda else 4),)  # persistent over row blocks
     _kv_pack_kernel[grid](
         x, cos, sin, x if tk is None else tk, codes, scale, zero, scale if at is None else at,
         n_rows, H, T, codes.shape[2], D, float(clip),
         *x.stride()[:3], srb, srt, *codes.stride()[:3], *scale.stride(),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], ROPE=rope,
+        BLOCK_D=max(16, next_pow2(D)), ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], ROPE=rope,
         TRANSFORM=tk is not None, EXACT=x.is_cuda, BF16_RNE=not x.is_cuda and x.dtype == torch.bfloat16,
         AT=at is not None, num_warps=cfg["num_warps"],
     )
@@ -485,7 +485,7 @@ def _decode_config(G: int, D: int, config: dict | None) -> dict:
     """Tiles of _decode_split_kernel: all G query heads of a kv head, BLOCK_N tokens per step so that the
     (G, BLOCK_N, D/2) products hold ≤ 4096 values (triton 3.6, sm_90, 8 warps: ≤ 128 registers, no spills for
     G ≤ 4 at D ≤ 128; G = 8 spills 4 bytes)."""
-    block_g, block_dh = triton.next_power_of_2(G), max(16, triton.next_power_of_2(D // 2))
+    block_g, block_dh = next_pow2(G), max(16, next_pow2(D // 2))
     cfg = {"block_n": max(16, min(64, 4096 // (block_g * block_dh))), "chunk": None, "num_warps": 8,
            **(config or {})}
     return {**cfg, "block_g": block_g, "block_dh": block_dh}
@@ -498,9 +498,9 @@ def _decode_chunk(B: int, Hkv: int, Tmax: int, block_n: int, device: torch.devic
     which live on the device (reading them would synchronise and break CUDA graphs)."""
     if chunk is None:
         programs = 4 * _sm_count(device) if device.type == "cuda" else 8
-        chunk = max(128, triton.cdiv(Tmax, triton.cdiv(programs, B * Hkv)))
-    chunk = max(chunk, triton.cdiv(Tmax, MAX_SPLITS), 1)
-    return triton.cdiv(chunk, block_n) * block_n
+        chunk = max(128, cdiv(Tmax, cdiv(programs, B * Hkv)))
+    chunk = max(chunk, cdiv(Tmax, MAX_SPLITS), 1)
+    return cdiv(chunk, block_n) * block_n
 
 
 def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, sm_scale=None, out=None,
@@ -538,7 +538,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     cfg = _decode_config(G, D, config)
     block_g, block_dh, block_n = cfg["block_g"], cfg["block_dh"], cfg["block_n"]
     chunk = _decode_chunk(B, Hkv, Tmax, block_n, q.device, cfg["chunk"])
-    n_splits = triton.cdiv(max(Tmax, 1), chunk)
+    n_splits = cdiv(max(Tmax, 1), chunk)
     split = n_splits > 1
     if split:
         work = torch.empty(B, Hq, n_splits, D, dtype=torch.float32, device=q.device)
@@ -557,7 +557,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     if split:
         _decode_merge_kernel[(B * Hq,)](
             work, m, l_sum, lengths, out, Hq, D, Tmax, chunk, n_splits, out.stride(0), out.stride(1),
-            BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=max(16, triton.next_power_of_2(D)), BF16_RNE=bf16_rne,
+            BLOCK_S=next_pow2(n_splits), BLOCK_D=max(16, next_pow2(D)), BF16_RNE=bf16_rne,
             num_warps=4,
         )
     return out

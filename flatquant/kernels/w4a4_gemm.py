@@ -37,7 +37,7 @@ import torch
 
 from flatquant.packing import unpack_int4_twos
 
-from .kron_quant import HAS_TRITON, use_triton
+from .kron_quant import HAS_TRITON, cdiv, use_triton
 
 # Products per partial sum on the fp8 path (see _w4a4_gemm_kernel): |partial| ≤ 128 · 64 = 2^13 units of 2^-18.
 FP8_PARTIAL = 128
@@ -282,8 +282,7 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     if M == 0:
         return c
     cfg = {"UNPACK_ASM": qa.is_cuda, "FP8": fp8, **cfg}
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-    _w4a4_gemm_kernel[grid](
+    _w4a4_gemm_kernel[(cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)](
         qa, qw, sa, sa if za is None else za.float().contiguous(), sw,
         sw if wsum is None else wsum.contiguous(), sw if bias is None else bias.contiguous(), c,
         M, N, KH,
