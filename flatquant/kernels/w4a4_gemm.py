@@ -58,16 +58,22 @@ if HAS_TRITON:
     _ASM_HI_U = tl.constexpr("{ .reg .b32 u; shr.b32 u, $1, 4; and.b32 $0, u, 0x0F0F0F0F; }")
 
     @triton.jit
+    def _asm_nibbles(p, LO: tl.constexpr, HI: tl.constexpr):
+        """uint8 tile → (LO(p), HI(p)) as uint8: two 32-bit PTX snippets, each on four bytes at once."""
+        lo = tl.inline_asm_elementwise(LO, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(HI, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+        return lo, hi
+
+    @triton.jit
     def _unpack(p, SIGNED: tl.constexpr, ASM: tl.constexpr):
         """uint8 tile → (even-k nibbles, odd-k nibbles) as int8, sign-extended when SIGNED.
         ASM: 32-bit PTX on four bytes at once (GPU); else per-element ops (also run by the interpreter)."""
         if ASM:
             if SIGNED:
-                lo = tl.inline_asm_elementwise(_ASM_LO_S, "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
-                hi = tl.inline_asm_elementwise(_ASM_HI_S, "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+                lo, hi = _asm_nibbles(p, _ASM_LO_S, _ASM_HI_S)
             else:
-                lo = tl.inline_asm_elementwise(_ASM_LO_U, "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
-                hi = tl.inline_asm_elementwise(_ASM_HI_U, "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+                lo, hi = _asm_nibbles(p, _ASM_LO_U, _ASM_HI_U)
+            lo, hi = lo.to(tl.int8, bitcast=True), hi.to(tl.int8, bitcast=True)
         elif SIGNED:
             s = p.to(tl.int8, bitcast=True)
             lo = (s << 4) >> 4
@@ -98,11 +104,9 @@ if HAS_TRITON:
         CENTER the unsigned nibble minus 8. ASM as in ``_unpack``."""
         if ASM:
             if CENTER:
-                lo = tl.inline_asm_elementwise(_ASM_LO_F8C, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
-                hi = tl.inline_asm_elementwise(_ASM_HI_F8C, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+                lo, hi = _asm_nibbles(p, _ASM_LO_F8C, _ASM_HI_F8C)
             else:
-                lo = tl.inline_asm_elementwise(_ASM_LO_F8, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
-                hi = tl.inline_asm_elementwise(_ASM_HI_F8, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+                lo, hi = _asm_nibbles(p, _ASM_LO_F8, _ASM_HI_F8)
         else:
             q = p ^ 0x88 if CENTER else p
             ulo = q & 15
