@@ -127,12 +127,10 @@ def _time_phase(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) 
 def _time_graph_decode(model, make_cache, ids: torch.Tensor, steps: int, repeats: int) -> dict:
     """Prefill into a fixed-capacity cache, capture one greedy step, then `repeats` + 1 runs of `steps` replays (the
     first a warm-up); median ms per step."""
-    from flatquant.generate import GreedyDecoder, cache_kwarg
+    from flatquant.generate import GreedyDecoder, prefill
 
     cache = make_cache()
-    with torch.no_grad():
-        first = model(ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    decoder = GreedyDecoder(model, cache, first, ids.shape[1])
+    decoder = GreedyDecoder(model, cache, prefill(model, cache, ids), ids.shape[1])
     times = []
     for r in range(repeats + 1):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -150,12 +148,10 @@ def _profile_decode(model, make_cache, ids: torch.Tensor, steps: int, top: int =
     """Where a decode step's GPU time goes: flatquant.bench_layer.top_kernels over `steps` eager one-token steps
     into a fixed-capacity cache (the kernels the graphed step replays; the host's time is not in it)."""
     from flatquant.bench_layer import top_kernels
-    from flatquant.generate import GreedyDecoder, cache_kwarg
+    from flatquant.generate import GreedyDecoder, prefill
 
     cache = make_cache()
-    with torch.no_grad():
-        first = model(ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    decoder = GreedyDecoder(model, cache, first, ids.shape[1], cuda_graph=False)
+    decoder = GreedyDecoder(model, cache, prefill(model, cache, ids), ids.shape[1], cuda_graph=False)
     return top_kernels(lambda: decoder(1), steps, top)
 
 

@@ -71,6 +71,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, dev
 
 
 @torch.no_grad()
+def prefill(model, cache, ids: torch.Tensor) -> torch.Tensor:
+    """Run `ids` (B, T) into `cache`; the greedy next token of each sequence, (B, 1)."""
+    return model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
 def fixed_cache_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
                        packed_cache: bool = True) -> torch.Tensor:
     """Greedy tokens after `ids` (B, T) (a batch of unpadded prompts of one length): a prefill into a fixed-capacity
@@ -84,7 +90,7 @@ def fixed_cache_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_
     capacity = ids.shape[1] + max_new_tokens
     packed = packed_cache and packed_cache_for(model) is not None
     cache = QuantKVCache(max_length=capacity) if packed else StaticCache(config=model.config, max_cache_len=capacity)
-    first = model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1:].argmax(-1)
+    first = prefill(model, cache, ids)
     tokens = first
     if max_new_tokens > 1:
         tokens = torch.cat([first, GreedyDecoder(model, cache, first, ids.shape[1])(max_new_tokens - 1)], dim=1)

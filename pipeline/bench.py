@@ -48,9 +48,8 @@ def run(cfg: dict, ctx) -> dict[str, float]:
         from flatquant.bench_model import bench_model
 
         b = cfg["bench"]
-        context = b.get("model_context", 2048)
         res = bench_model(shape, bench_dir, tuple(b.get("model_batches", (1, 8, 32, 64))),
-                          context if isinstance(context, int) else tuple(context), b.get("model_steps", 16),
+                          b.get("model_context", 2048), b.get("model_steps", 16),
                           vocab=shape.get("vocab", 32000), name=cfg["model"]["name"],
                           max_tokens=b.get("model_max_tokens"), profile=b.get("model_profile", False))
         for row in res["rows"]:

@@ -93,6 +93,12 @@ def test_kernel_and_fake_quant_models_generate_the_same_tokens():
         assert torch.equal(model.generate(prompt, **kw), real.generate(prompt, **kw))
 
 
+def _token_list_tokenizer(eos: int | None = None):
+    """A stand-in tokenizer: every prompt is the ids [5, 6, 7]; decode writes the id list as text."""
+    return type("Tok", (), dict(pad_token_id=0, eos_token_id=eos, decode=lambda self, ids, **kw: str(ids.tolist()),
+                                __call__=lambda self, text, return_tensors: {"input_ids": torch.tensor([[5, 6, 7]])}))()
+
+
 # ---- the 4-bit cache (flatquant.cache.QuantKVCache) --------------------------------------------------------------
 def _generate(model, prompt, cache, n=6):
     with torch.no_grad():
@@ -166,8 +172,7 @@ def test_generate_uses_the_packed_cache_where_it_can(monkeypatch):
     append = QuantKVLayer.append
     monkeypatch.setattr(QuantKVLayer, "append", lambda self, *a: writes.append(a[0].shape) or append(self, *a))
     model = _quantized("flatquant")
-    tok = type("Tok", (), dict(pad_token_id=0, eos_token_id=0, decode=lambda self, ids, **kw: str(ids.tolist()),
-                               __call__=lambda self, text, return_tensors: {"input_ids": torch.tensor([[5, 6, 7]])}))()
+    tok = _token_list_tokenizer(eos=0)
     packed = generate(model, tok, ["x"], max_new_tokens=3)
     assert len(writes) == 2 * 3  # 2 layers × (prefill + 2 decode steps)
     assert generate(model, tok, ["x"], max_new_tokens=3, packed_cache=False) == packed and len(writes) == 6
@@ -256,8 +261,7 @@ def test_generate_through_the_fixed_cache_decoder_gives_generate_s_text(smollm2)
     prompts = ["The capital of Germany is", "Water boils at"]
     assert generate(model, tok, prompts, max_new_tokens=6, cuda_graph=True) == generate(model, tok, prompts, 6)
     quant = _quantized("flatquant")
-    fake = type("Tok", (), dict(pad_token_id=0, eos_token_id=None, decode=lambda self, ids, **kw: str(ids.tolist()),
-                                __call__=lambda self, text, return_tensors: {"input_ids": torch.tensor([[5, 6, 7]])}))()
+    fake = _token_list_tokenizer()
     texts = generate(quant, fake, ["x"], max_new_tokens=5, cuda_graph=True)
     assert texts == generate(quant, fake, ["x"], max_new_tokens=5)
     full = fixed_cache_greedy(quant, torch.tensor([[5, 6, 7]]), 5)
@@ -280,8 +284,7 @@ def test_eval_cuda_graph_reaches_generate(monkeypatch):
         return seen[-1][1]
 
     monkeypatch.setattr(stage, "generate", spy)
-    tok = type("Tok", (), dict(pad_token_id=0, eos_token_id=None, decode=lambda self, ids, **kw: str(ids.tolist()),
-                               __call__=lambda self, text, return_tensors: {"input_ids": torch.tensor([[5, 6, 7]])}))()
+    tok = _token_list_tokenizer()
     ctx = SimpleNamespace(eval_model=lambda: _quantized("flatquant"), tokenizer=tok, device="cpu", tracker=None)
     outs = [stage.run({"eval": {"prompts": ["x"], "max_new_tokens": 4, **extra}}, ctx)
             for extra in ({}, {"cuda_graph": True})]
