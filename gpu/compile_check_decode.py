@@ -1,0 +1,95 @@
+"""Compile decode_attention's split kernel for sm_90 without a GPU: registers, spills, tensor-core and barrier counts.
+
+Usage::
+
+    pip install --target /tmp/tri36 triton==3.6.0              # the device's Triton
+    python gpu/compile_check_decode.py [--triton /tmp/tri36]    # one line per config; exit 1 if one spills
+
+Each case is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` at LLaMA-3-8B's
+head shape (G = 4 query heads per kv head, D = 128) with the wrapper's default tiles (``_decode_config``) unless the
+case gives its own. A case passes when ptxas reports no spills and the PTX multiplies on tensor cores.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (label, q dtype, SPLIT, Q16, config overrides)
+CASES = [
+    ("fp16, split", "fp16", True, True, {}),
+    ("fp16, one pass", "fp16", False, True, {}),
+    ("bf16, split", "bf16", True, True, {}),
+    ("fp32, split (tf32 x3)", "fp32", True, False, {}),
+    ("fp16, 128 tokens a step", "fp16", True, True, {"block_n": 128}),
+    ("fp16, 8 warps", "fp16", True, True, {"num_warps": 8}),
+    ("fp16, 3 stages", "fp16", True, True, {"num_stages": 3}),
+    ("fp16, 32 tokens a step", "fp16", True, True, {"block_n": 32}),
+    ("fp16, 32 tokens a step, 2 warps", "fp16", True, True, {"block_n": 32, "num_warps": 2}),
+    ("fp16, 32 tokens a step, 3 stages", "fp16", True, True, {"block_n": 32, "num_stages": 3}),
+    ("fp16, 16 tokens a step", "fp16", True, True, {"block_n": 16}),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--triton", default="/tmp/tri36", help="folder holding the pip-installed triton 3.6")
+    a = p.parse_args(argv)
+    sys.path.insert(0, a.triton)
+    sys.path.insert(1, ROOT)
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cached kernel prints no ptxas log
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flatquant.kernels import kv_cache as kv
+
+    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}; target sm_90")
+    fn = kv._decode_split_kernel
+    ok = True
+    for label, qdt, split, q16, over in CASES:
+        cfg = kv._decode_config(4, 128, over)
+        sig = {"q_ptr": f"*{qdt}", "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*fp32", "vc_ptr": "*u8",
+               "vs_ptr": "*fp32", "vz_ptr": "*fp32", "len_ptr": "*i32",
+               "o_ptr": "*fp32" if split else f"*{qdt}", "m_ptr": "*fp32", "l_ptr": "*fp32",
+               **{k: "i32" for k in ("Hkv", "G", "D", "Tmax", "chunk", "n_splits", "sqb", "sqh", "scb", "sch",
+                                     "sct", "ssb", "ssh", "sst", "sob", "soh")}, "sm_scale": "fp32"}
+        consts = dict(BLOCK_G=cfg["block_g"], BLOCK_N=cfg["block_n"], BLOCK_DH=cfg["block_dh"], SPLIT=split,
+                      BF16_RNE=False, Q16=q16)
+        sig.update({k: "constexpr" for k in consts})
+        div16 = [["tt.divisibility", 16]]
+        attrs = {(fn.arg_names.index(k),): div16 for k in ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr",
+                                                           "vz_ptr", "o_ptr", "m_ptr", "l_ptr", "D", "sqb", "sqh",
+                                                           "scb", "sch", "sct", "ssb", "ssh", "sob", "soh")}
+        triton.knobs.nvidia.dump_ptxas_log = True
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        except Exception as e:  # one case that does not compile must not hide the others
+            ok = False
+            print(f"FAIL {label}: {type(e).__name__}: {str(e)[-800:]}")
+            continue
+        ptx = compiled.asm["ptx"]
+        mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma)\.sync\.aligned\.\S+", ptx)))
+        regs = re.search(r"Used (\d+) registers", log.getvalue())
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+        good = bool(mma) and (spill is None or spill.groups() == ("0", "0"))
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {label}: block_n {cfg['block_n']}, {cfg['num_warps']} warps, "
+              f"{cfg['num_stages']} stages; registers {regs.group(1) if regs else '?'}, "
+              f"spills {spill.groups() if spill else '?'}, shared {compiled.metadata.shared} B, "
+              f"bar.sync {ptx.count('bar.sync')}, shfl {ptx.count('shfl.sync')}\n    mma: {', '.join(mma) or 'none'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
