@@ -5,8 +5,10 @@
 Each continuation is printed, logged to the MLflow run as generations.json ({prompt: text}) and written beside the
 metrics JSON when +metrics_out names a file (<name>.generations.json). A model of QuantLayers generates with the
 4-bit QuantKVCache (flatquant/generate.py), so this is also what the packed cache makes of the prompts. Off by
-default (eval.prompts: []). eval.cuda_graph=true decodes them from a CUDA graph (flatquant.generate.fixed_cache_greedy:
-the same greedy text, without the host's per-layer launches) instead of model.generate.
+default (eval.prompts: []). They decode from a CUDA graph (eval.cuda_graph, default true:
+flatquant.generate.fixed_cache_greedy, the same greedy text without the host's per-layer launches; on an H200 it
+gave the eager loop's texts for the default model in fake quantization and on the kernels); eval.cuda_graph=false
+runs model.generate.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     model = ctx.eval_model()
     t0 = time.time()
     texts = generate(model, ctx.tokenizer, prompts, e.get("max_new_tokens", 16), ctx.device,
-                     cuda_graph=bool(e.get("cuda_graph", False)))
+                     cuda_graph=bool(e.get("cuda_graph", True)))
     seconds = time.time() - t0
     pairs = dict(zip(prompts, texts))
     for prompt, text in pairs.items():
