@@ -21,12 +21,13 @@ if not torch.cuda.is_available():
 from flatquant.kernels.kv_cache import (decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack,
                                         kv_quant_pack_ref, rope_k_quant_pack, rope_k_quant_pack_ref,
                                         rope_k_transform_ref)
+from flatquant.kernels import kv_cache as kv_kernels
 from flatquant.packing import unpack_int4_offset
 from flatquant.quantizers import QuantSpec, fake_quant
 from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
                             run_without_triton)
 
-N_INTERPRETER_TESTS = 57  # the tests that need triton (at least these pass in the subprocess)
+N_INTERPRETER_TESTS = 58  # the tests that need triton (at least these pass in the subprocess)
 
 
 def _rows(B, H, T, D, dtype, seed, device=DEVICE):
@@ -280,6 +281,39 @@ def test_decode_attention_bf16_strided_q_and_odd_lengths():
     for config in ({"chunk": 16}, None):
         _check_decode(q, cache, lengths, config)
         assert (decode_attention(q, *cache, lengths, config=config)[1] == 0).all()
+
+
+@needs_triton
+def test_tf32_split_is_exact():
+    """The tf32 parts decode_attention's products take: a1 = _tf32_round(a) and a2 = _tf32_round(a − a1) hold at most
+    11 significant bits (all a tf32 input keeps), a − a1 − a2 at most 2 more, so three parts sum to a exactly and two
+    leave at most 2^-22·|a| (what the P·V weights drop)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split(x_ptr, a1_ptr, a2_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        x = tl.load(x_ptr + i)
+        a1 = kv_kernels._tf32_round(x)
+        tl.store(a1_ptr + i, a1)
+        tl.store(a2_ptr + i, kv_kernels._tf32_round(x - a1))
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=g) * torch.rand(4096, generator=g).mul(60).sub(30).exp2()
+    x[:4] = torch.tensor([0.0, 1.0, -1.0 - 2**-12, 3.0 * 2**-20])
+    x = x.to(DEVICE)
+    a1, a2 = torch.empty_like(x), torch.empty_like(x)
+    split[(1,)](x, a1, a2, N=4096)
+    a1, a2, x = a1.cpu(), a2.cpu(), x.cpu()
+    for a in (a1, a2):
+        assert (a.view(torch.int32) & 0x1FFF == 0).all()  # the 13 bits a tf32 input drops are zero
+    rest = x.double() - a1.double() - a2.double()
+    assert (rest.float().double() == rest).all()  # a − a1 − a2 is exact in fp32 …
+    assert (rest.abs() <= 2.0**-22 * x.double().abs()).all()
+    rest_bits = rest.float().view(torch.int32) & 0x7FFFFF
+    assert ((rest == 0) | (rest_bits & 0x1FFFFF == 0)).all()  # … with ≤ 2 significant bits: exactly a third part
+    assert ((x.double() - a1.double()).abs() <= 2.0**-11 * x.double().abs()).all()
 
 
 @needs_triton

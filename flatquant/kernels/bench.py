@@ -389,14 +389,37 @@ def sweep(linears: dict, l2: int, tokens=(1, 8192), budget_s: float = 200.0, ker
     return rows
 
 
+DECODE_ROWS = ((1, 2100), (8, 2100), (32, 2100), (64, 2100), (1, 8244), (8, 8244), (32, 8244))  # (batch, tokens)
+
+
+def bench_decode(shape, rows=DECODE_ROWS) -> list[dict]:
+    """decode_attention over a packed cache of every sequence at the given length, against fp16 SDPA."""
+    from .kv_cache import bench_decode_attention
+
+    _, _, heads, kv_heads, head_dim = shape
+    out = []
+    for B, T in rows:
+        out.append(bench_decode_attention(B, heads, kv_heads, T, head_dim))
+        _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out[-1].items()}))
+    return out
+
+
+def decode_table(rows: list[dict]) -> str:
+    lines = ["| batch | tokens | ours µs | cache GB/s | fp16 SDPA µs | ours vs SDPA |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['B']} | {r['T']} | {r['us']:.1f} | {r['cache_GBps']:.0f} | {r['fp16_sdpa_us']:.1f} | "
+              f"{r['vs_fp16_sdpa']:.2f}× |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="check every kernel against its reference first")
     p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
-    p.add_argument("--only", choices=("all", "gemm"), default="all",
-                   help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by default")
+    p.add_argument("--only", choices=("all", "gemm", "decode"), default="all",
+                   help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by default; "
+                        "decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm)")
@@ -419,6 +442,17 @@ def main(argv=None) -> int:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "sweep.json"), "w") as f:
             json.dump(rows, f, indent=1)
+    if a.only == "decode":
+        rows = bench_decode(shape)
+        name = torch.cuda.get_device_properties(0).name.replace(" ", "_")
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"{name}_decode_attention.json"), "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f,
+                      indent=1)
+        with open(os.path.join(a.out, f"{name}_decode_attention.md"), "w") as f:
+            f.write(decode_table(rows) + "\n")
+        _log(decode_table(rows))
+        return 0 if ok else 1
     only_gemm = a.only == "gemm"
     tokens = a.tokens or ",".join(map(str, PREFILL if only_gemm else DECODE + PREFILL))
     res = bench_shapes(*shape, token_counts=tuple(int(v) for v in tokens.split(",")), out_dir=a.out,

@@ -608,8 +608,10 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
 
 
 def bench_decode_attention(B: int = 1, Hq: int = 32, Hkv: int = 8, T: int = 8192, D: int = 128,
-                           dtype: torch.dtype = torch.float16) -> dict:
-    """GPU time of ``decode_attention`` (CUDA-graph replay, median) and the cache bandwidth it reaches."""
+                           dtype: torch.dtype = torch.float16, config: dict | None = None) -> dict:
+    """GPU time of ``decode_attention`` (CUDA-graph replay, median) and the cache bandwidth it reaches, against
+    fp16 SDPA (``F.scaled_dot_product_attention(enable_gqa=True)``, what the fp16 model runs) over a cache of the
+    same shape in q's dtype, timed in the same call."""
     import triton.testing
 
     x = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
@@ -618,6 +620,12 @@ def bench_decode_attention(B: int = 1, Hq: int = 32, Hkv: int = 8, T: int = 8192
     q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)
     lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
     o = torch.empty_like(q)
-    ms = triton.testing.do_bench_cudagraph(lambda: decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, out=o))
+    ms = triton.testing.do_bench_cudagraph(lambda: decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, out=o,
+                                                                    config=config))
     cache_bytes = 2 * (kc.numel() + 8 * ks.numel())
-    return {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "us": 1e3 * ms, "cache_GBps": cache_bytes / ms / 1e6}
+    v = x.flip(2).contiguous()
+    q4 = q.unsqueeze(2)
+    sdpa_ms = triton.testing.do_bench_cudagraph(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q4, x, v, enable_gqa=True))
+    return {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "us": 1e3 * ms, "cache_GBps": cache_bytes / ms / 1e6,
+            "fp16_sdpa_us": 1e3 * sdpa_ms, "vs_fp16_sdpa": sdpa_ms / ms}
