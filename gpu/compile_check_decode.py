@@ -27,7 +27,6 @@ CASES = [
     ("fp16, one pass", "fp16", False, True, {}),
     ("bf16, split", "bf16", True, True, {}),
     ("fp32, split (tf32 x3)", "fp32", True, False, {}),
-    ("fp16, 128 tokens a step", "fp16", True, True, {"block_n": 128}),
     ("fp16, 8 warps", "fp16", True, True, {"num_warps": 8}),
     ("fp16, 3 stages", "fp16", True, True, {"num_stages": 3}),
     ("fp16, 32 tokens a step", "fp16", True, True, {"block_n": 32}),
