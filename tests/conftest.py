@@ -15,11 +15,18 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """(model, tokenizer) of the embedded default (SmolLM2-135M, real pretrained weights), float32 CPU."""
+def smollm2_gguf_cache(tmp_path_factory):
+    """The gguf_cache folder that the smollm2 fixture's load converted into (one GGUF conversion per session)."""
+    return tmp_path_factory.mktemp("gguf_cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf_cache):
+    """(model, tokenizer) of the embedded default (SmolLM2-135M, real pretrained weights), float32 CPU: converted
+    from the GGUF, and the conversion kept in smollm2_gguf_cache."""
     from flatquant.model import load_model
 
-    return load_model("embedded:smollm2")
+    return load_model("embedded:smollm2", gguf_cache=smollm2_gguf_cache)
 
 
 @pytest.fixture(scope="session")

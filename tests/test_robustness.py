@@ -240,16 +240,19 @@ def test_a_truncated_gguf_says_truncated(tmp_path):
         load_model(str(cut))
 
 
-def test_the_gguf_conversion_cache_gives_the_same_model_and_survives_damage(smollm2, tmp_path):
-    """gguf_cache: the second load reads the cached safetensors conversion (same tensors, same token ids, tied
-    head kept); a damaged entry is converted again with a warning, not a failed run."""
+def test_the_gguf_conversion_cache_gives_the_same_model_and_survives_damage(smollm2, smollm2_gguf_cache, tmp_path):
+    """gguf_cache: the smollm2 fixture's load converted the GGUF and cached it; a load from a copy of that entry reads
+    the safetensors conversion (same tensors, same token ids, tied head kept); a damaged entry is converted again
+    with a warning, not a failed run."""
+    import shutil
     import warnings as _w
 
     model, tok = smollm2
     text = "The capital of Germany is Berlin.\n\n = Valkyria Chronicles III = \n"
-    first, _ = load_model("embedded:smollm2", gguf_cache=tmp_path)  # converts and caches
-    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert (entry / "done").exists() and (entry / "model.safetensors").exists()
+    (made,) = [p for p in smollm2_gguf_cache.iterdir() if p.is_dir()]  # one entry, finished: no .tmp folder left
+    assert (made / "done").exists() and (made / "model.safetensors").exists()
+    entry = tmp_path / made.name
+    shutil.copytree(made, entry)  # a copy: the damage below must not reach the session's entry
     cached, ctok = load_model("embedded:smollm2", gguf_cache=tmp_path)
     ref = model.state_dict()
     got = cached.state_dict()
