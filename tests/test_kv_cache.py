@@ -285,9 +285,9 @@ def test_decode_attention_bf16_strided_q_and_odd_lengths():
 
 @needs_triton
 def test_tf32_split_is_exact():
-    """The tf32 parts decode_attention's products take: a1 = _tf32_round(a) and a2 = _tf32_round(a − a1) hold at most
-    11 significant bits (all a tf32 input keeps), a − a1 − a2 at most 2 more, so three parts sum to a exactly and two
-    leave at most 2^-22·|a| (what the P·V weights drop)."""
+    """The tf32 parts decode_attention's products take: a1 = _tf32_round(a) and a2 = _tf32_round(a − a1) hold at
+    most 11 significant bits (all a tf32 input keeps), a − a1 − a2 at most 2 more, so three parts sum to a exactly
+    and two leave at most 2^-22·|a| (what the P·V weights drop)."""
     import triton
     import triton.language as tl
 

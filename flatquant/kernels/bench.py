@@ -405,7 +405,8 @@ def bench_decode(shape, rows=DECODE_ROWS) -> list[dict]:
 
 
 def decode_table(rows: list[dict]) -> str:
-    lines = ["| batch | tokens | ours µs | cache GB/s | fp16 SDPA µs | ours vs SDPA |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| batch | tokens | ours µs | cache GB/s | fp16 SDPA µs | ours vs SDPA |",
+             "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['B']} | {r['T']} | {r['us']:.1f} | {r['cache_GBps']:.0f} | {r['fp16_sdpa_us']:.1f} | "
               f"{r['vs_fp16_sdpa']:.2f}× |" for r in rows]
     return "\n".join(lines)
@@ -418,8 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
     p.add_argument("--only", choices=("all", "gemm", "decode"), default="all",
-                   help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by default; "
-                        "decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json)")
+                   help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by "
+                        "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm)")

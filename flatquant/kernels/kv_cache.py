@@ -552,11 +552,11 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     multiple of Hkv (grouped-query attention: query head i reads kv head i // (Hq / Hkv)); lengths: (B,) int valid
     tokens per sequence (positions ≥ length are never read; 0 gives 0; clamped to [0, Tmax] on the device, as the
     reference's mask does, so that no value of lengths reads outside the cache); sm_scale: default 1/√D;
-    out: optional (B, Hq, D) buffer in q's dtype, last dim contiguous; config: {"block_n", "chunk", "num_warps", "num_stages"}.
-    Returns (B, Hq, D) in q's dtype. K/V are the values of ``kv_dequant`` (zeros must be integers, as
-    ``kv_quant_pack`` writes them); the products are exact up to the tensor cores' fp32 sums (2^-21 relative for
-    P·V's weights), softmax runs in fp32. When the sequence is split (Tmax > chunk) a second kernel merges the partials. Falls back to
-    ``decode_attention_ref`` where Triton cannot run.
+    out: optional (B, Hq, D) buffer in q's dtype, last dim contiguous; config: {"block_n", "chunk", "num_warps",
+    "num_stages"}. Returns (B, Hq, D) in q's dtype. K/V are the values of ``kv_dequant`` (zeros must be integers,
+    as ``kv_quant_pack`` writes them); the products are exact up to the tensor cores' fp32 sums (2^-21 relative for
+    P·V's weights), softmax runs in fp32. When the sequence is split (Tmax > chunk) a second kernel merges the
+    partials. Falls back to ``decode_attention_ref`` where Triton cannot run.
     """
     B, Hq, D, Hkv, Tmax = _check_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
