@@ -11,15 +11,10 @@ case gives its own. A case passes when ptxas reports no spills and the PTX multi
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import os
 import re
 import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sm90
 
 # (label, q dtype, SPLIT, Q16, config overrides)
 CASES = [
@@ -37,20 +32,9 @@ CASES = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--triton", default="/tmp/tri36", help="folder holding the pip-installed triton 3.6")
-    a = p.parse_args(argv)
-    sys.path.insert(0, a.triton)
-    sys.path.insert(1, ROOT)
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cached kernel prints no ptxas log
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    triton = sm90.load(argv, __doc__.split("\n")[0])
     from flatquant.kernels import kv_cache as kv
 
-    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}; target sm_90")
     fn = kv._decode_split_kernel
     ok = True
     for label, qdt, split, q16, over in CASES:
@@ -62,31 +46,23 @@ def main(argv=None) -> int:
                                      "sct", "ssb", "ssh", "sst", "sob", "soh")}, "sm_scale": "fp32"}
         consts = dict(BLOCK_G=cfg["block_g"], BLOCK_N=cfg["block_n"], BLOCK_DH=cfg["block_dh"], SPLIT=split,
                       BF16_RNE=False, Q16=q16)
-        sig.update({k: "constexpr" for k in consts})
-        div16 = [["tt.divisibility", 16]]
-        attrs = {(fn.arg_names.index(k),): div16 for k in ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr",
-                                                           "vz_ptr", "o_ptr", "m_ptr", "l_ptr", "D", "sqb", "sqh",
-                                                           "scb", "sch", "sct", "ssb", "ssh", "sob", "soh")}
-        triton.knobs.nvidia.dump_ptxas_log = True
-        log = io.StringIO()
+        div16 = ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr", "o_ptr", "m_ptr", "l_ptr", "D",
+                 "sqb", "sqh", "scb", "sch", "sct", "ssb", "ssh", "sob", "soh")
         try:
-            with contextlib.redirect_stdout(log):
-                compiled = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+            compiled, st = sm90.compile(triton, fn, sig, consts, div16,
+                                        {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
         except Exception as e:  # one case that does not compile must not hide the others
             ok = False
             print(f"FAIL {label}: {type(e).__name__}: {str(e)[-800:]}")
             continue
         ptx = compiled.asm["ptx"]
         mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma)\.sync\.aligned\.\S+", ptx)))
-        regs = re.search(r"Used (\d+) registers", log.getvalue())
-        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
-        good = bool(mma) and (spill is None or spill.groups() == ("0", "0"))
+        good = bool(mma) and st["spills"] in (None, ("0", "0"))
         ok &= good
         print(f"{'PASS' if good else 'FAIL'} {label}: block_n {cfg['block_n']}, {cfg['num_warps']} warps, "
-              f"{cfg['num_stages']} stages; registers {regs.group(1) if regs else '?'}, "
-              f"spills {spill.groups() if spill else '?'}, shared {compiled.metadata.shared} B, "
-              f"bar.sync {ptx.count('bar.sync')}, shfl {ptx.count('shfl.sync')}\n    mma: {', '.join(mma) or 'none'}")
+              f"{cfg['num_stages']} stages; registers {st['registers']}, spills {st['spills'] or '?'}, "
+              f"shared {compiled.metadata.shared} B, bar.sync {ptx.count('bar.sync')}, shfl {ptx.count('shfl.sync')}"
+              f"\n    mma: {', '.join(mma) or 'none'}")
     return 0 if ok else 1
 
 

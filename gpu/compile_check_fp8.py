@@ -12,14 +12,12 @@ path) and it asks for at most 227 KB of shared memory.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import os
+import importlib
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sm90
+
 SMEM_MAX = 227 * 1024
 
 # (label, tokens, N, asym, bias, config or None for pick_config, fp8); K = 4096 (KH = 2048 bytes)
@@ -35,48 +33,26 @@ CASES = [
 
 
 def compile_case(mod, triton, tokens, N, asym, bias, config, fp8, KH=2048):
-    """Compile one config; returns (compiled, cfg, ptxas log)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Compile one config; returns (compiled, cfg, sm90.compile's stats)."""
     cfg = dict(config or mod.pick_config(tokens, N, KH, True, fp8))
     opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    fn = mod._w4a4_gemm_kernel
     sig = {"a_ptr": "*u8", "w_ptr": "*u8", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32",
            "wsum_ptr": "*i32" if asym else "*fp32", "bias_ptr": "*fp16" if bias else "*fp32", "c_ptr": "*fp16",
            "M": "i32", "N": "i32", "KH": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32"}
     consts = dict(cfg, ASYM=asym, HAS_BIAS=bias, EVEN_K=KH % cfg["BLOCK_KH"] == 0, UNPACK_ASM=True, FP8=fp8)
-    sig.update({k: "constexpr" for k in consts})
-    div16 = [["tt.divisibility", 16]]
-    attrs = {(fn.arg_names.index(k),): div16 for k in ("a_ptr", "w_ptr", "sa_ptr", "za_ptr", "sw_ptr", "wsum_ptr",
-                                                       "bias_ptr", "c_ptr", "N", "KH", "stride_am", "stride_wn",
-                                                       "stride_cm")}
-    triton.knobs.nvidia.dump_ptxas_log = True
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                                  options=opts)
-    return compiled, dict(cfg, **opts), log.getvalue()
+    div16 = ("a_ptr", "w_ptr", "sa_ptr", "za_ptr", "sw_ptr", "wsum_ptr", "bias_ptr", "c_ptr", "N", "KH", "stride_am",
+             "stride_wn", "stride_cm")
+    compiled, stats = sm90.compile(triton, mod._w4a4_gemm_kernel, sig, consts, div16, opts)
+    return compiled, dict(cfg, **opts), stats
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--triton", default="/tmp/tri36", help="folder holding the pip-installed triton 3.6")
-    a = p.parse_args(argv)
-    sys.path.insert(0, a.triton)
-    sys.path.insert(1, ROOT)
-    os.environ.pop("TRITON_INTERPRET", None)
-    import importlib
-
-    import triton
-
+    triton = sm90.load(argv, __doc__.split("\n")[0])
     mod = importlib.import_module("flatquant.kernels.w4a4_gemm")  # the package binds the name to the function
-
-    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}; target sm_90")
     ok = True
     for label, tokens, N, asym, bias, config, fp8 in CASES:
         try:
-            compiled, cfg, log = compile_case(mod, triton, tokens, N, asym, bias, config, fp8)
+            compiled, cfg, st = compile_case(mod, triton, tokens, N, asym, bias, config, fp8)
         except Exception as e:  # one config that does not compile must not hide the others
             ok = False
             print(f"FAIL {label}: {type(e).__name__}: {str(e)[-800:]}")
@@ -84,15 +60,13 @@ def main(argv=None) -> int:
         ptx = compiled.asm["ptx"]
         wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.\S+", ptx)))
         e4m3 = [w for w in wgmma if ".e4m3.e4m3" in w]
-        regs = re.search(r"Used (\d+) registers", log)
-        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        warn = [ln.strip() for ln in log.splitlines() if "warning" in ln.lower() or "serialized" in ln.lower()]
+        warn = [ln.strip() for ln in st["log"].splitlines() if "warning" in ln.lower() or "serialized" in ln.lower()]
         shared = compiled.metadata.shared
         good = shared <= SMEM_MAX and (bool(e4m3) if fp8 else bool(wgmma))
         ok &= good
         print(f"{'PASS' if good else 'FAIL'} {label}: {cfg}\n"
-              f"    shared {shared} B ({shared / 1024:.1f} KB), registers {regs.group(1) if regs else '?'}, "
-              f"spills {spill.groups() if spill else '?'}, fp32 adds {ptx.count('add.f32') + ptx.count('add.rn.f32')}\n"
+              f"    shared {shared} B ({shared / 1024:.1f} KB), registers {st['registers']}, "
+              f"spills {st['spills'] or '?'}, fp32 adds {ptx.count('add.f32') + ptx.count('add.rn.f32')}\n"
               f"    wgmma: {', '.join(wgmma) or 'none'}" + "".join(f"\n    ptxas: {w}" for w in warn))
     return 0 if ok else 1
 
