@@ -187,13 +187,18 @@ def bench_shapes(hidden: int, intermediate: int, num_heads: int, num_kv_heads: i
     res = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
            "copy_GBs": copy_gbs, "shapes": dict(hidden=hidden, intermediate=intermediate, num_heads=num_heads,
                                                 num_kv_heads=num_kv_heads, head_dim=head_dim), "rows": rows}
+    _write(out_dir, "_gemm" if only_gemm else "", res, markdown_table(res))
+    return res
+
+
+def _write(out_dir: str, suffix: str, res: dict, markdown: str) -> None:
+    """<out_dir>/<gpu-name><suffix>.json (res) and .md (markdown)."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, props.name.replace(" ", "_") + ("_gemm" if only_gemm else ""))
+    stem = os.path.join(out_dir, torch.cuda.get_device_properties(0).name.replace(" ", "_") + suffix)
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(markdown_table(res))
-    return res
+        f.write(markdown)
 
 
 _COLS = ("linear", "tokens", "in", "out", "fp16_ms", "w4a4_ms", "speedup", "kron_quant_ms", "kron_quant_GBs",
@@ -445,13 +450,9 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
     if a.only == "decode":
         rows = bench_decode(shape)
-        name = torch.cuda.get_device_properties(0).name.replace(" ", "_")
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"{name}_decode_attention.json"), "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f,
-                      indent=1)
-        with open(os.path.join(a.out, f"{name}_decode_attention.md"), "w") as f:
-            f.write(decode_table(rows) + "\n")
+        res = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
+               "triton": triton.__version__, "rows": rows}
+        _write(a.out, "_decode_attention", res, decode_table(rows) + "\n")
         _log(decode_table(rows))
         return 0 if ok else 1
     only_gemm = a.only == "gemm"
