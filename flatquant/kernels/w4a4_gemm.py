@@ -42,7 +42,8 @@ from .kron_quant import HAS_TRITON, cdiv, use_triton
 # Products per partial sum on the fp8 path (see _w4a4_gemm_kernel): |partial| ≤ 128 · 64 = 2^13 units of 2^-18.
 FP8_PARTIAL = 128
 # path=None takes fp8 from this many tokens on Hopper; None: never. On the H200 the fp8 kernel ran at
-# 0.75–0.78× the int8 kernel's speed in prefill and 0.41–0.66× in decode (flatquant/kernels/NOTES.md).
+# 0.76–0.82× the int8 kernel's speed at 2048–16384 tokens (--only gemm) and an earlier build of it at 0.41–0.66×
+# in decode (flatquant/kernels/NOTES.md).
 FP8_DEFAULT_MIN_TOKENS: int | None = None
 
 if HAS_TRITON:
