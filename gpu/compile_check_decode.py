@@ -28,6 +28,8 @@ CASES = [
     ("fp16, 32 tokens a step, 2 warps", "fp16", True, True, {"block_n": 32, "num_warps": 2}),
     ("fp16, 32 tokens a step, 3 stages", "fp16", True, True, {"block_n": 32, "num_stages": 3}),
     ("fp16, 16 tokens a step", "fp16", True, True, {"block_n": 16}),
+    ("fp16, P·V in tf32", "fp16", True, True, {"pv": "tf32"}),
+    ("fp16, 8 warps, 32 tokens a step", "fp16", True, True, {"num_warps": 8, "block_n": 32}),
 ]
 
 
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
                **{k: "i32" for k in ("Hkv", "G", "D", "Tmax", "chunk", "n_splits", "sqb", "sqh", "scb", "sch",
                                      "sct", "ssb", "ssh", "sst", "sob", "soh")}, "sm_scale": "fp32"}
         consts = dict(BLOCK_G=cfg["block_g"], BLOCK_N=cfg["block_n"], BLOCK_DH=cfg["block_dh"], SPLIT=split,
-                      BF16_RNE=False, Q16=q16)
+                      BF16_RNE=False, QKIND={"fp32": 0, "fp16": 1, "bf16": 2}[qdt] if q16 else 0,
+                      PV_BF16=cfg["pv"] == "bf16", ASM=True)
         div16 = ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr", "o_ptr", "m_ptr", "l_ptr", "D",
                  "sqb", "sqh", "scb", "sch", "sct", "ssb", "ssh", "sob", "soh")
         try:

@@ -369,6 +369,75 @@ def test_kv_cache_writes_gpu_model_shapes(dtype):
                            rope_k_transform_ref(x.cpu(), cos.cpu(), sin.cpu(), tk.cpu()), 0.95)
 
 
+def _run_c16_ptx(asm: str, word: int) -> tuple[int, int]:
+    """Run _c16_asm's PTX on one 32-bit word: a small interpreter of the six instructions it uses (and, shr, mov,
+    prmt, sub.f16x2, sub.rn.bf16x2); returns the two output registers $0, $1."""
+    import re
+
+    import numpy as np
+
+    regs = {"$2": word}
+
+    def val(t):
+        return int(t, 0) if t[0].isdigit() else regs[t]
+
+    def halves(v, dt):
+        lo, hi = v & 0xFFFF, v >> 16
+        if dt == "f16":
+            return [float(np.array([h], np.uint16).view(np.float16)[0]) for h in (lo, hi)]
+        return [float(np.array([h << 16], np.uint32).view(np.float32)[0]) for h in (lo, hi)]
+
+    def pack(xs, dt):
+        if dt == "f16":
+            bits = [int(np.array([x], np.float16).view(np.uint16)[0]) for x in xs]
+        else:  # the differences here are small integers: exact in bf16
+            bits = [int(np.array([x], np.float32).view(np.uint32)[0]) >> 16 for x in xs]
+        return bits[0] | bits[1] << 16
+
+    body = asm.strip().strip("{}")
+    for ins in filter(None, (i.strip() for i in body.split(";"))):
+        op, *args = re.split(r"[\s,]+", ins)
+        if op == ".reg":
+            continue
+        d, srcs = args[0], [val(a) for a in args[1:]]
+        if op == "and.b32":
+            regs[d] = srcs[0] & srcs[1]
+        elif op == "shr.b32":
+            regs[d] = srcs[0] >> srcs[1]
+        elif op == "mov.b32":
+            regs[d] = srcs[0]
+        elif op == "prmt.b32":
+            pool = srcs[0] | srcs[1] << 32
+            regs[d] = sum(((pool >> (8 * ((srcs[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op in ("sub.f16x2", "sub.rn.bf16x2"):
+            dt = "f16" if op == "sub.f16x2" else "bf16"
+            regs[d] = pack([x - y for x, y in zip(halves(srcs[0], dt), halves(srcs[1], dt))], dt)
+        else:
+            raise AssertionError(f"instruction {op} not modelled")
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.skipif(not kv_kernels.HAS_TRITON, reason="triton missing")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_c16_unpack_ptx_gives_centred_codes(bf16):
+    """decode_attention's GPU unpack (_c16_asm), run instruction by instruction: four packed bytes → their low
+    (even) and high (odd) nibbles minus 8, in order, as fp16 or bf16 pairs, for every byte value in every lane."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(int(bf16))
+    lanes = torch.stack([torch.randperm(256, generator=g) for _ in range(4)], 1).tolist()  # (256, 4) bytes
+    for hi in (False, True):
+        asm = kv_kernels._c16_asm(hi, bf16).value
+        for b in lanes:
+            r0, r1 = _run_c16_ptx(asm, b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
+            got = []
+            for r in (r0, r1):
+                for h in (r & 0xFFFF, r >> 16):
+                    got.append(float(np.array([h], np.uint16).view(np.float16)[0]) if not bf16
+                               else float(np.array([h << 16], np.uint32).view(np.float32)[0]))
+            assert got == [float((x >> 4 if hi else x & 15) - 8) for x in b], (hi, b, got)
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

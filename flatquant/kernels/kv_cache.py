@@ -32,11 +32,15 @@ from the reference's only where y/scale sits within a few ulp of a rounding boun
 
 ``decode_attention`` is flash decoding: each program takes one kv head of one sequence (all its Hq/Hkv query
 heads at once, so grouped-query attention reads K/V once) over a chunk of the sequence and runs an online softmax
-in fp32; a second kernel merges the chunks. Both products run on tensor cores over code − zero, an integer in
-[−15, 15] (exact in fp16, bf16 and tf32), with each token's scale applied outside the product: scores =
-(q·eᵀ)·scale, P·V = (p·scale)·e with p·scale split into two tf32 parts. The first version dequantized in
-registers and reduced (heads × tokens × columns) broadcasts: on an H200 it read the cache at 54–109 GB/s and took
-45 of a 53 ms decode step of LLaMA-3-8B shapes at batch 64.
+in fp32; a second kernel merges the chunks. Both products run on tensor cores over the codes centred by 8,
+c − 8 in [−8, 7] (exact in fp16, bf16 and tf32), with each token's zero and scale applied outside the product
+(``_decode_split_kernel``): scores = (q·(c − 8)ᵀ − (z − 8)·Σq)·scale, P·V = w·(c − 8) − Σ w·(z − 8) with
+w = p·scale split into two bf16 parts (2^-18 relative; two tf32 parts, 2^-21, with config pv="tf32" and in the
+CPU interpreter). On the GPU a code becomes a 16-bit float in about one instruction (``_c16_asm``).
+History, H200, batch 64 × 2100 tokens of LLaMA-3-8B's heads: the first version dequantized in registers and
+reduced (heads × tokens × columns) broadcasts, 1.43 ms a call (54–109 GB/s of cache), 45 of a 53 ms decode step;
+the second ran both products on tensor cores over code − zero converted per element, 0.23 ms (685 GB/s; Nsight
+Compute: issue-bound at 2 programs an SM, 189 registers, 41 % of issue slots busy).
 """
 from __future__ import annotations
 
@@ -149,17 +153,40 @@ if HAS_TRITON:
             tl.store(scale_ptr + srow, scale, mask=live)
             tl.store(zero_ptr + srow, zero, mask=live)
 
+    # Nibbles → 16-bit floats, two per 32-bit register: prmt moves each code byte under the high byte of MAGIC
+    # (fp16 0x64: 1024 + c, bf16 0x43: 128 + c, both exact), and one packed subtraction of MAGIC + 8 leaves c − 8,
+    # an integer in [−8, 7]. Four bytes in, two registers (four values) out; LO takes the low nibbles.
+    def _c16_asm(hi: bool, bf16: bool):
+        magic, offset, sub = ("0x43434343", "0x43084308", "sub.rn.bf16x2") if bf16 else \
+            ("0x64646464", "0x64086408", "sub.f16x2")
+        nib = "shr.b32 u, $2, 4; and.b32 u, u, 0x0F0F0F0F; " if hi else "and.b32 u, $2, 0x0F0F0F0F; "
+        return tl.constexpr("{ .reg .b32 u, m, s; " + nib + f"mov.b32 m, {magic}; mov.b32 s, {offset}; "
+                            f"prmt.b32 $0, u, m, 0x4140; prmt.b32 $1, u, m, 0x4342; {sub} $0, $0, s; "
+                            f"{sub} $1, $1, s; }}")
+
+    _ASM_LO_F16, _ASM_HI_F16 = _c16_asm(False, False), _c16_asm(True, False)
+    _ASM_LO_BF16, _ASM_HI_BF16 = _c16_asm(False, True), _c16_asm(True, True)
+
     @triton.jit
-    def _int_tile(c_ptr, s_ptr, z_ptr, c_off, s_off, nmask, j, jmask):
-        """Packed rows at offsets c_off (BLOCK_N,) → code − zero of their even and odd columns (BLOCK_N, BLOCK_DH),
-        integers in [−15, 15] held exactly in fp32 (the zero of a kv_quant_pack row is an integer in [0, 15]), and
-        the rows' scales (BLOCK_N,): value = (code − zero)·scale. Masked tokens read nothing and give 0."""
-        codes = tl.load(c_ptr + c_off[:, None] + j[None, :], mask=nmask[:, None] & jmask[None, :], other=0)
-        scale = tl.load(s_ptr + s_off, mask=nmask, other=0.0)
-        zero = tl.load(z_ptr + s_off, mask=nmask, other=0.0)
-        even = (codes & 15).to(tl.float32) - zero[:, None]
-        odd = (codes >> 4).to(tl.float32) - zero[:, None]
-        return even, odd, scale
+    def _centred(codes, KIND: tl.constexpr, ASM: tl.constexpr):
+        """uint8 tile of packed codes → (even, odd) columns as code − 8, integers in [−8, 7] held exactly in
+        KIND: 0 fp32, 1 fp16, 2 bf16. ASM: the 16-bit kinds through _c16_asm's PTX (GPU); else per-element ops."""
+        if ASM and KIND == 1:
+            even = tl.inline_asm_elementwise(_ASM_LO_F16, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+            odd = tl.inline_asm_elementwise(_ASM_HI_F16, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+        elif ASM and KIND == 2:
+            even = tl.inline_asm_elementwise(_ASM_LO_BF16, "=r,=r,r", [codes], dtype=tl.bfloat16, is_pure=True,
+                                             pack=4)
+            odd = tl.inline_asm_elementwise(_ASM_HI_BF16, "=r,=r,r", [codes], dtype=tl.bfloat16, is_pure=True,
+                                            pack=4)
+        else:
+            even = ((codes & 15).to(tl.int32) - 8).to(tl.float32)
+            odd = ((codes >> 4).to(tl.int32) - 8).to(tl.float32)
+            if KIND == 1:
+                even, odd = even.to(tl.float16), odd.to(tl.float16)
+            elif KIND == 2:
+                even, odd = even.to(tl.bfloat16), odd.to(tl.bfloat16)
+        return even, odd
 
     @triton.jit
     def _tf32_round(x):
@@ -187,14 +214,18 @@ if HAS_TRITON:
         Hkv, G, D, Tmax, chunk, n_splits, sm_scale,
         sqb, sqh, scb, sch, sct, ssb, ssh, sst, sob, soh,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, SPLIT: tl.constexpr,
-        BF16_RNE: tl.constexpr, Q16: tl.constexpr,
+        BF16_RNE: tl.constexpr, QKIND: tl.constexpr, PV_BF16: tl.constexpr, ASM: tl.constexpr,
     ):
         """Program (split s, b·Hkv + h): the G query heads of kv head h over tokens [s·chunk, min(s·chunk + chunk,
         length_b)). Columns stay split into even and odd halves (the two nibbles of a byte), q is read so too.
-        Both products run on tensor cores over the integer tiles e = code − zero (exact in fp16, bf16 and tf32),
-        with the per-token scale applied outside: scores = (q·eᵀ)·scale·sm_scale, where Q16 multiplies q in its
-        own 16-bit dtype (exact products) and otherwise q is split into three tf32 parts (exact products);
-        P·V = (p·scale)·e with p·scale split into two tf32 parts (2^-21). Sums are the tensor cores' fp32.
+
+        Both products run on tensor cores over the codes centred by 8, c − 8 in [−8, 7] (exact in fp16, bf16 and
+        tf32), and each token's zero and scale stay outside them: with value = (c − z)·s,
+        q·k = (q·(c − 8) − (z − 8)·Σq)·s and Σ_n w_n·v_n = Σ_n w_n·(c_n − 8) − Σ_n w_n·(z_n − 8) with w = p·s, so a
+        code is unpacked once and never corrected per element. QKIND 1/2: q·(c − 8) in q's own fp16/bf16 (exact
+        products); 0: q in fp32 split into three tf32 parts (exact products). PV_BF16: w split into two bf16
+        parts (w = w1 + w2 + O(2^-18·w)), else two tf32 parts (2^-21). Sums are the tensor cores' fp32.
+        ASM: codes → 16-bit floats by _c16_asm's PTX (GPU).
         SPLIT: writes the unnormalised partial (acc, max m, sum l) for _decode_merge_kernel, or nothing when the
         chunk starts past the length; else (one split) the normalised output, 0 for length 0."""
         s_id = tl.program_id(0)
@@ -213,8 +244,9 @@ if HAS_TRITON:
         q_off = b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + 2 * j[None, :]
         q_even = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
         q_odd = tl.load(q_ptr + q_off + 1, mask=qmask, other=0.0)
-        if not Q16:
+        if QKIND == 0:
             q_even, q_odd = q_even.to(tl.float32), q_odd.to(tl.float32)
+        q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
         c_base = b.to(tl.int64) * scb + h.to(tl.int64) * sch
         s_base = b.to(tl.int64) * ssb + h.to(tl.int64) * ssh
         m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
@@ -225,25 +257,40 @@ if HAS_TRITON:
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
             nl = n.to(tl.int64)
-            k_even, k_odd, k_scale = _int_tile(kc_ptr, ks_ptr, kz_ptr, c_base + nl * sct, s_base + nl * sst, nmask,
-                                               j, jmask)
+            c_off = c_base + nl[:, None] * sct + j[None, :]
+            cmask = nmask[:, None] & jmask[None, :]
+            s_off = s_base + nl * sst
+            k_even, k_odd = _centred(tl.load(kc_ptr + c_off, mask=cmask, other=0), QKIND, ASM)
+            k_scale = tl.load(ks_ptr + s_off, mask=nmask, other=0.0)
+            k_zero = tl.load(kz_ptr + s_off, mask=nmask, other=8.0)
             sc = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
-            if Q16:
-                sc = tl.dot(q_even, tl.trans(k_even.to(q_even.dtype)), sc)
-                sc = tl.dot(q_odd, tl.trans(k_odd.to(q_odd.dtype)), sc)
-            else:
+            if QKIND == 0:
                 sc = _dot_exact(q_even, tl.trans(k_even), sc, 3)
                 sc = _dot_exact(q_odd, tl.trans(k_odd), sc, 3)
-            sc = tl.where(nmask[None, :], sc * (k_scale * sm_scale)[None, :], -float("inf"))
+            else:
+                sc = tl.dot(q_even, tl.trans(k_even), sc)
+                sc = tl.dot(q_odd, tl.trans(k_odd), sc)
+            sc = (sc - q_sum[:, None] * (k_zero - 8.0)[None, :]) * (k_scale * sm_scale)[None, :]
+            sc = tl.where(nmask[None, :], sc, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_even, v_odd, v_scale = _int_tile(vc_ptr, vs_ptr, vz_ptr, c_base + nl * sct, s_base + nl * sst, nmask,
-                                               j, jmask)
+            v_scale = tl.load(vs_ptr + s_off, mask=nmask, other=0.0)
+            v_zero = tl.load(vz_ptr + s_off, mask=nmask, other=8.0)
             w = p * v_scale[None, :]
-            acc_even = _dot_exact(w, v_even, acc_even * alpha[:, None], 2)
-            acc_odd = _dot_exact(w, v_odd, acc_odd * alpha[:, None], 2)
+            w_zero = tl.sum(w * (v_zero - 8.0)[None, :], axis=1)[:, None]
+            v_codes = tl.load(vc_ptr + c_off, mask=cmask, other=0)
+            if PV_BF16:
+                v_even, v_odd = _centred(v_codes, 2, ASM)
+                w1 = w.to(tl.bfloat16)
+                w2 = (w - w1.to(tl.float32)).to(tl.bfloat16)
+                acc_even = tl.dot(w2, v_even, tl.dot(w1, v_even, acc_even * alpha[:, None])) - w_zero
+                acc_odd = tl.dot(w2, v_odd, tl.dot(w1, v_odd, acc_odd * alpha[:, None])) - w_zero
+            else:
+                v_even, v_odd = _centred(v_codes, 0, False)
+                acc_even = _dot_exact(w, v_even, acc_even * alpha[:, None], 2) - w_zero
+                acc_odd = _dot_exact(w, v_odd, acc_odd * alpha[:, None], 2) - w_zero
             m_i = m_new
         if SPLIT:
             row = (b * (Hkv * G) + hq).to(tl.int64) * n_splits + s_id
@@ -523,11 +570,14 @@ def _copy_into(out, res, at=None):
 
 def _decode_config(G: int, D: int, config: dict | None) -> dict:
     """Tiles of _decode_split_kernel: all G query heads of a kv head, padded to the 16 rows a tensor-core product
-    needs, BLOCK_N tokens per step (tensor cores want ≥ 16)."""
+    needs, BLOCK_N tokens per step (tensor cores want ≥ 16); "pv": the P·V weights in two bf16 parts ("bf16", on the
+    GPU) or two tf32 parts ("tf32"; what the CPU interpreter always runs)."""
     block_g, block_dh = max(16, next_pow2(G)), max(16, next_pow2(D // 2))
-    cfg = {"block_n": 64, "chunk": None, "num_warps": 4, "num_stages": 2, **(config or {})}
+    cfg = {"block_n": 64, "chunk": None, "num_warps": 4, "num_stages": 2, "pv": "bf16", **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two ≥ 16, got {cfg['block_n']}")
+    if cfg["pv"] not in ("bf16", "tf32"):
+        raise ValueError(f"pv must be 'bf16' or 'tf32', got {cfg['pv']!r}")
     return {**cfg, "block_g": block_g, "block_dh": block_dh}
 
 
@@ -553,9 +603,9 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     tokens per sequence (positions ≥ length are never read; 0 gives 0; clamped to [0, Tmax] on the device, as the
     reference's mask does, so that no value of lengths reads outside the cache); sm_scale: default 1/√D;
     out: optional (B, Hq, D) buffer in q's dtype, last dim contiguous; config: {"block_n", "chunk", "num_warps",
-    "num_stages"}. Returns (B, Hq, D) in q's dtype. K/V are the values of ``kv_dequant`` (zeros must be integers,
-    as ``kv_quant_pack`` writes them); the products are exact up to the tensor cores' fp32 sums (2^-21 relative for
-    P·V's weights), softmax runs in fp32. When the sequence is split (Tmax > chunk) a second kernel merges the
+    "num_stages", "pv"} (``_decode_config``). Returns (B, Hq, D) in q's dtype. K/V are the values of ``kv_dequant`` (zeros must be integers,
+    as ``kv_quant_pack`` writes them); the products are exact up to the tensor cores' fp32 sums and the split of
+    P·V's weights (2^-18 relative in bf16 parts, 2^-21 in tf32), softmax runs in fp32. When the sequence is split (Tmax > chunk) a second kernel merges the
     partials. Falls back to ``decode_attention_ref`` where Triton cannot run.
     """
     B, Hq, D, Hkv, Tmax = _check_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths)
@@ -590,12 +640,13 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     bf16_rne = not q.is_cuda and q.dtype == torch.bfloat16
     # q's own 16-bit products on tensor cores; fp32 q (and bf16 in the CPU interpreter, whose dot cannot take it)
     # through the exact tf32 split
-    q16 = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.is_cuda)
+    qkind = {torch.float16: 1, torch.bfloat16: 2 if q.is_cuda else 0, torch.float32: 0}[q.dtype]
     _decode_split_kernel[(n_splits, B * Hkv)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3], lengths, work, m, l_sum,
         Hkv, G, D, Tmax, chunk, n_splits, sm_scale,
         q.stride(0), q.stride(1), *k_codes.stride()[:3], *scales[0].stride(), out.stride(0), out.stride(1),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DH=block_dh, SPLIT=split, BF16_RNE=bf16_rne, Q16=q16,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DH=block_dh, SPLIT=split, BF16_RNE=bf16_rne, QKIND=qkind,
+        PV_BF16=cfg["pv"] == "bf16" and q.is_cuda, ASM=q.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split:
