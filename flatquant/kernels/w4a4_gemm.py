@@ -27,7 +27,11 @@ activations (q_a in [0, 15]); weights are symmetric (q_w in [-8, 7]). The intege
 |acc| < 2^24 for k ≤ 2^17, so it is exact in fp32 too.
 
 One kernel serves prefill (128×128 tiles, grouped order for L2 reuse) and decode (1–16 tokens: a 16-row
-tile and narrow column blocks, a GEMV-like grid over output channels that streams the 4-bit weights).
+tile and narrow column blocks, a GEMV-like grid over output channels that streams the 4-bit weights, with k
+split over SPLIT_K programs per tile: N/64 tiles alone left half of an H200's SMs idle; see ``pick_config``).
+Split-K keeps a zeroed int32 workspace and tile counters per device (``_split_workspace``); calls that share
+them must run one after another, on one CUDA stream (or as CUDA graphs replayed on one stream): concurrent
+calls on different streams are not supported.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import torch
 
 from flatquant.packing import unpack_int4_twos
 
-from .kron_quant import HAS_TRITON, cdiv, use_triton
+from .kron_quant import HAS_TRITON, _sm_count, cdiv, use_triton
 
 # Products per partial sum on the fp8 path (see _w4a4_gemm_kernel): |partial| ≤ 128 · 64 = 2^13 units of 2^-18.
 FP8_PARTIAL = 128
@@ -117,15 +121,42 @@ if HAS_TRITON:
         return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
+    def _epilogue(acc, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
+                  ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr):
+        """The accumulator tile → s_a · s_w · (acc − z_a · Σ_k q_w) (+ bias), stored masked to m < M, n < N."""
+        sa = tl.load(sa_ptr + rm)
+        sw = tl.load(sw_ptr + rn)
+        accf = acc * 262144.0 if FP8 else acc.to(tl.float32)  # fp8: units of 2^-18 → integers
+        if ASYM:
+            za = tl.load(za_ptr + rm)
+            if FP8:
+                za -= 8.0  # the sums were of q_a − 8
+            ws = tl.load(wsum_ptr + rn).to(tl.float32)
+            accf = accf - za[:, None] * ws[None, :]
+        c = accf * sa[:, None] * sw[None, :]
+        if HAS_BIAS:
+            c = c + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    @triton.jit
     def _w4a4_gemm_kernel(
-        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr,
-        M, N, KH,
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr,
+        M, N, KH, kb_per_split,
         stride_am, stride_wn, stride_cm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
         ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UNPACK_ASM: tl.constexpr,
-        FP8: tl.constexpr,
+        FP8: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         """C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]); KH = k/2 bytes per row of A and W.
+
+        SPLIT_K > 1 (int8 only): program (tile, s) sums k-blocks [s·kb_per_split, (s+1)·kb_per_split) ∩ the
+        cdiv(KH, BLOCK_KH) blocks (possibly none: a zero partial), atomically adds its int32 tile to the workspace
+        ``ws_ptr`` (row stride N, rows m < M) and then increments the tile's counter; the program that finds
+        SPLIT_K − 1 there is the last one: it takes the total and zeroes the workspace in one ``atomic_xchg``
+        (at L2, so no stale L1 line), zeroes the counter and runs the epilogue; the others store nothing.
+        Integer sums are exact, so the output is bit-identical to SPLIT_K = 1 in any arrival order, and the
+        workspace and counters are left at zero for the next call (a CUDA graph can replay the launch).
 
         FP8: e4m3 operands (asymmetric activations centred, q_a − 8, so every product is an integer in
         [-64, 64] units of 2^-18) and an fp32 accumulator. Hopper's fp8 wgmma accumulates with ~14
@@ -156,7 +187,15 @@ if HAS_TRITON:
         a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
-        for kb in range(tl.cdiv(KH, BLOCK_KH)):
+        if SPLIT_K > 1:
+            kb_lo = tl.program_id(1) * kb_per_split
+            kb_hi = tl.minimum(kb_lo + kb_per_split, tl.cdiv(KH, BLOCK_KH))
+            a_ptrs += kb_lo * BLOCK_KH
+            w_ptrs += kb_lo * BLOCK_KH
+        else:
+            kb_lo = 0
+            kb_hi = tl.cdiv(KH, BLOCK_KH)
+        for kb in range(kb_lo, kb_hi):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 w = tl.load(w_ptrs)
@@ -179,28 +218,38 @@ if HAS_TRITON:
                 acc = tl.dot(a_hi, w_hi, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_KH
             w_ptrs += BLOCK_KH
-        sa = tl.load(sa_ptr + rm)
-        sw = tl.load(sw_ptr + rn)
-        accf = acc * 262144.0 if FP8 else acc.to(tl.float32)  # fp8: units of 2^-18 → integers
-        if ASYM:
-            za = tl.load(za_ptr + rm)
-            if FP8:
-                za -= 8.0  # the sums were of q_a − 8
-            ws = tl.load(wsum_ptr + rn).to(tl.float32)
-            accf = accf - za[:, None] * ws[None, :]
-        c = accf * sa[:, None] * sw[None, :]
-        if HAS_BIAS:
-            c = c + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        if SPLIT_K > 1:
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+            # a CTA barrier: every thread's adds come before the counter's release (one thread does the scalar
+            # atomic; a release is cumulative over what the barrier ordered before it)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+                acc = tl.atomic_xchg(ws_ptrs, 0, mask=mask)
+                tl.atomic_xchg(cnt_ptr + pid, 0)
+                _epilogue(acc, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr, offs_m, offs_n, rm, rn, M, N,
+                          stride_cm, ASYM, HAS_BIAS, FP8)
+        else:
+            _epilogue(acc, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr, offs_m, offs_n, rm, rn, M, N,
+                      stride_cm, ASYM, HAS_BIAS, FP8)
 
 
-def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False) -> dict:
+def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False, sms: int | None = None) -> dict:
     """Tile sizes by problem shape, from the sweeps on an H100 (int8) and an H200 (fp8; flatquant/kernels/NOTES.md).
     int8: decode (M ≤ 16) a 16-row tile and 64-column blocks (128 for wide layers), so N/BLOCK_N programs each
     stream a slab of 4-bit weights; prefill 128×128 tiles, 4 warps (one warpgroup), 4 stages. fp8: 128×128
     tiles of 8 warps (at 4 warps the two accumulators spill), BLOCK_KH=128, 3 stages; 64-row tiles up to 64
-    tokens. Rows stay multiples of 64 (a wgmma per warpgroup: smaller tiles would lower to mma.sync)."""
+    tokens. Rows stay multiples of 64 (a wgmma per warpgroup: smaller tiles would lower to mma.sync).
+
+    int8 decode also splits k (SPLIT_K, see ``_w4a4_gemm_kernel``): measured on an H200, the N/64 grid is 64–96
+    programs (o_proj and down_proj N=4096, qkv N=6144) on 132 SMs, half of them idle, and the weights streamed
+    at ~42 % of HBM bandwidth. SPLIT_K is the smallest split giving tiles · SPLIT_K ≥ 2 · ``sms`` programs,
+    capped so that a split keeps cdiv(blocks, SPLIT_K) ≥ ``_MIN_SPLIT_KB`` k-blocks of BLOCK_KH (a slab worth
+    streaming; the last split the remainder) and at 16; 1 when the tiles alone reach 2 · sms, or ``sms`` is None.
+    Other configs have no SPLIT_K (1).
+    At LLaMA-3-8B's shapes on 132 SMs: down_proj (K=14336, 28 blocks) 5 splits, 320 programs; at K=4096 the
+    floor binds (8 blocks of 256 bytes: 2 splits), so o_proj gets 128 programs and qkv 192."""
     if not cuda:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KH=32, GROUP_M=4, num_warps=4, num_stages=1)
     if fp8:
@@ -210,11 +259,47 @@ def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False) -
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= 16:
         if N >= 16384:
-            return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4)
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4)
+            cfg = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4)
+        else:
+            cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4)
+        cfg["SPLIT_K"] = _split_k(cdiv(M, 16) * cdiv(N, cfg["BLOCK_N"]), cdiv(KH, cfg["BLOCK_KH"]), sms)
+        return cfg
     if M <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+_MIN_SPLIT_KB = 4  # k-blocks per split at least (pick_config)
+_MAX_SPLIT_K = 16
+
+
+def _split_k(tiles: int, kblocks: int, sms: int | None) -> int:
+    """pick_config's split of k: programs ≥ 2·sms if ≥ _MIN_SPLIT_KB blocks a split allow it, ≤ _MAX_SPLIT_K,
+    and no split left empty (cdiv(kblocks, cdiv(kblocks, s)) splits cover the blocks that s would)."""
+    if sms is None or tiles >= 2 * sms:
+        return 1
+    split = max(1, min(cdiv(2 * sms, tiles), kblocks // _MIN_SPLIT_KB, _MAX_SPLIT_K))
+    return cdiv(kblocks, cdiv(kblocks, split))
+
+
+# Split-K workspaces by device: [(int32 partial sums, int32 tile counters), ...], the last the one in use, all
+# zero between calls. Outgrown ones are kept (never freed): a captured CUDA graph holds their addresses.
+_WORKSPACES: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The device's zeroed split-K workspace (≥ numel int32) and counters (≥ tiles), grown if smaller; None when
+    it would have to be allocated during CUDA graph capture (the caller then runs without the split)."""
+    have = _WORKSPACES.get(device)
+    if have and have[-1][0].numel() >= numel and have[-1][1].numel() >= tiles:
+        return have[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    old_ws, old_cnt = have[-1] if have else (None, None)
+    ws = torch.zeros(max(numel, 0 if old_ws is None else old_ws.numel()), dtype=torch.int32, device=device)
+    cnt = torch.zeros(max(tiles, 0 if old_cnt is None else old_cnt.numel()), dtype=torch.int32, device=device)
+    _WORKSPACES.setdefault(device, []).append((ws, cnt))
+    return ws, cnt
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,7 +341,8 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     sa: (tokens,) fp32 per-token scales; za: (tokens,) fp32 zero points (asymmetric) or None;
     qw: (out, k/2) uint8 packed signed weights; sw: (out,) fp32 per-channel scales;
     wsum: (out,) int32 Σ_k q_w (computed if None and za is given); bias: (out,) or None;
-    out: optional preallocated (tokens, out) output; config: tile sizes (``pick_config`` if None);
+    out: optional preallocated (tokens, out) output; config: tile sizes (``pick_config`` if None), with an
+    optional "SPLIT_K" (default 1; > 1 on the int8 path only, see ``_w4a4_gemm_kernel``);
     path: "int8", "fp8" (Hopper, or the interpreter) or None (``default_path``).
     Returns (tokens, out) in ``out_dtype`` (fp16/bf16; float32 keeps the exact integer sums for unit scales).
     """
@@ -275,7 +361,12 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     if not use_triton(qa):
         return w4a4_gemm_ref(qa, sa, qw, sw, za, bias, out_dtype)
     fp8 = (path or default_path(M, qa.device)) == "fp8"
-    cfg = config or pick_config(M, N, KH, qa.is_cuda, fp8)
+    cfg = dict(config or pick_config(M, N, KH, qa.is_cuda, fp8, _sm_count(qa.device) if qa.is_cuda else None))
+    split = cfg.pop("SPLIT_K", 1)
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"SPLIT_K must be a positive int, got {split!r}")
+    if fp8 and split > 1:
+        raise ValueError(f"split-K is int8 only (its workspace sums int32), got SPLIT_K={split} on the fp8 path")
     if fp8 and cfg["BLOCK_KH"] > FP8_PARTIAL:
         raise ValueError(f"the fp8 path sums at most {FP8_PARTIAL} products per dot: BLOCK_KH {cfg['BLOCK_KH']}")
     if fp8 and qa.is_cuda and (not fp8_supported(qa.device) or cfg["BLOCK_M"] % 64 or cfg["num_warps"] % 4):
@@ -286,13 +377,18 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     c = torch.empty(M, N, dtype=out_dtype, device=qa.device) if out is None else out
     if M == 0:
         return c
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    kblocks = cdiv(KH, cfg["BLOCK_KH"])
+    ws = _split_workspace(qa.device, cdiv(M, cfg["BLOCK_M"]) * cfg["BLOCK_M"] * N, tiles) if split > 1 else None
+    if ws is None:  # no split, or a workspace it cannot allocate during graph capture: SPLIT_K = 1 is exact too
+        split, ws = 1, (sa, sa)  # the pointers are not used
     cfg = {"UNPACK_ASM": qa.is_cuda, "FP8": fp8, **cfg}
-    _w4a4_gemm_kernel[(cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)](
+    _w4a4_gemm_kernel[(tiles, split)](
         qa, qw, sa, sa if za is None else za.float().contiguous(), sw,
-        sw if wsum is None else wsum.contiguous(), sw if bias is None else bias.contiguous(), c,
-        M, N, KH,
+        sw if wsum is None else wsum.contiguous(), sw if bias is None else bias.contiguous(), c, ws[0], ws[1],
+        M, N, KH, cdiv(kblocks, split),
         qa.stride(0), qw.stride(0), c.stride(0),
-        ASYM=za is not None, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0,
+        ASYM=za is not None, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0, SPLIT_K=split,
         **cfg,
     )
     return c
