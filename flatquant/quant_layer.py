@@ -252,11 +252,16 @@ class QuantLayer(nn.Module):
         (after RoPE and its transform) and V across generation steps; None evaluates the sequence on its own."""
         cache = cache if cache is not None else past_key_values
         dtype = hidden_states.dtype
-        h = rms_norm(hidden_states, self.norm1.to(dtype), self.eps1)
+        if hidden_states.is_cuda:  # one kernel a norm, not seven and a cast (flatquant/kernels/fused.py)
+            from flatquant.kernels.fused import rms_norm as norm
+        else:
+            def norm(x, w, eps):
+                return rms_norm(x, w.to(dtype), eps)
+        h = norm(hidden_states, self.norm1, self.eps1)
         q, k, v = self.qkv(h).split(self.qkv.splits, dim=-1)
         attn = self.attn(q, k, v, position_embeddings, attention_mask, cache, self.k_transform)
         hidden_states = hidden_states + self.o(attn)
-        h = rms_norm(hidden_states, self.norm2.to(dtype), self.eps2)
+        h = norm(hidden_states, self.norm2, self.eps2)
         return hidden_states + self.down(self.act(self.upgate(h)))
 
     # ---- inspection --------------------------------------------------------------------------------------------
