@@ -5,6 +5,7 @@ Usage::
     python -m flatquant.kernels.bench --check --out results/bench          # check every kernel, then time
     python -m flatquant.kernels.bench --sweep --out $OUT                   # also time tile configs of each kernel
     python -m flatquant.kernels.bench --only gemm --out $OUT               # GEMMs only: fp16, int8, fp8 (< 1 min)
+    python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
 
     from flatquant.kernels.bench import bench_shapes
     res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
@@ -33,7 +34,7 @@ from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref
 from .qlinear import QuantLinear
-from .w4a4_gemm import default_path, fp8_supported, w4a4_gemm, w4a4_gemm_ref, weight_sums
+from .w4a4_gemm import default_path, fp8_supported, pick_config, w4a4_gemm, w4a4_gemm_ref, weight_sums
 
 if HAS_TRITON:
     import triton
@@ -409,6 +410,50 @@ def bench_decode(shape, rows=DECODE_ROWS) -> list[dict]:
     return out
 
 
+def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
+    """w4a4_gemm at decode sizes on every split of k in ``splits`` and pick_config's default, against fp16
+    F.linear, both replayed from CUDA graphs over rotating weights (3× L2, so the weights come from HBM); weight
+    GB/s is the packed weight's bytes over the time. Each config's output is checked against w4a4_gemm_ref
+    (the splits are exact integer sums: equal to SPLIT_K=1 bit for bit)."""
+    from .kron_quant import _sm_count
+
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    sms = _sm_count(torch.device("cuda"))
+    out = []
+    for name, (K, N, _) in layer_linears(*shape).items():
+        for M in tokens:
+            ref_sets = [(torch.randn(M, K, device="cuda", dtype=torch.float16),
+                         torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02)
+                        for _ in range(_n_sets(N * K * 2, l2))]
+            fp16_ms = _time(lambda x, w: F.linear(x, w), ref_sets, True)
+            del ref_sets
+            qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
+                      torch.rand(M, device="cuda") + 0.5,
+                      torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8),
+                      torch.rand(N, device="cuda") * 1e-2 + 1e-3) for _ in range(_n_sets(N * K // 2, l2))]
+            ref = w4a4_gemm_ref(*(t.cpu() for t in qsets[0]), out_dtype=torch.float32)
+            default = pick_config(M, N, K // 2, True, False, sms)
+            for split in sorted(set(splits) | {default.get("SPLIT_K", 1)}):
+                cfg = dict(default, SPLIT_K=split)
+                ms = _time(lambda qa, sa, qw, sw, cfg=cfg: w4a4_gemm(qa, sa, qw, sw, config=cfg), qsets, True)
+                y = w4a4_gemm(*qsets[0], config=cfg, out_dtype=torch.float32).cpu()
+                out.append({"linear": name, "tokens": M, "in": K, "out": N, "split_k": split,
+                            "default": split == default.get("SPLIT_K", 1), "us": 1e3 * ms, "fp16_us": 1e3 * fp16_ms,
+                            "vs_fp16": fp16_ms / ms, "weight_GBps": N * K / 2 / ms / 1e6,
+                            "max_rel_err": float(((y - ref).abs() / ref.abs().clamp_min(1e-6)).max())})
+                _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out[-1].items()}))
+            del qsets
+    return out
+
+
+def decode_gemm_table(rows: list[dict]) -> str:
+    lines = ["| linear | tokens | split_k | ours µs | weight GB/s | fp16 µs | vs fp16 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['linear']} | {r['tokens']} | {r['split_k']}{' (default)' if r['default'] else ''} | "
+              f"{r['us']:.1f} | {r['weight_GBps']:.0f} | {r['fp16_us']:.1f} | {r['vs_fp16']:.2f}× |" for r in rows]
+    return "\n".join(lines)
+
+
 def decode_table(rows: list[dict]) -> str:
     lines = ["| batch | tokens | ours µs | cache GB/s | fp16 SDPA µs | ours vs SDPA |",
              "|---:|---:|---:|---:|---:|---:|"]
@@ -423,9 +468,10 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
-    p.add_argument("--only", choices=("all", "gemm", "decode"), default="all",
+    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm"), default="all",
                    help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by "
-                        "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json)")
+                        "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json); "
+                        "decode-gemm: the decode GEMM on each split of k against fp16 (<gpu>_decode_gemm.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm)")
@@ -454,6 +500,13 @@ def main(argv=None) -> int:
                "triton": triton.__version__, "rows": rows}
         _write(a.out, "_decode_attention", res, decode_table(rows) + "\n")
         _log(decode_table(rows))
+        return 0 if ok else 1
+    if a.only == "decode-gemm":
+        rows = bench_decode_gemm(shape)
+        res = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
+               "triton": triton.__version__, "rows": rows}
+        _write(a.out, "_decode_gemm", res, decode_gemm_table(rows) + "\n")
+        _log(decode_gemm_table(rows))
         return 0 if ok else 1
     only_gemm = a.only == "gemm"
     tokens = a.tokens or ",".join(map(str, PREFILL if only_gemm else DECODE + PREFILL))

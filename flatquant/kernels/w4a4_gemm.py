@@ -248,8 +248,9 @@ def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False, s
     capped so that a split keeps cdiv(blocks, SPLIT_K) ≥ ``_MIN_SPLIT_KB`` k-blocks of BLOCK_KH (a slab worth
     streaming; the last split the remainder) and at 16; 1 when the tiles alone reach 2 · sms, or ``sms`` is None.
     Other configs have no SPLIT_K (1).
-    At LLaMA-3-8B's shapes on 132 SMs: down_proj (K=14336, 28 blocks) 5 splits, 320 programs; at K=4096 the
-    floor binds (8 blocks of 256 bytes: 2 splits), so o_proj gets 128 programs and qkv 192."""
+    At LLaMA-3-8B's shapes on 132 SMs: o_proj (K=4096: 8 blocks of 256 bytes) 4 splits, 256 programs; qkv 3,
+    288; down_proj (K=14336, 28 blocks) 5, 320; up/gate (224 tiles of 128 columns) 2, 448. The floor of two blocks
+    (32 KB of weights a program at K=4096) is a guess: `bench --only decode-gemm` times each split."""
     if not cuda:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KH=32, GROUP_M=4, num_warps=4, num_stages=1)
     if fp8:
@@ -269,7 +270,7 @@ def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False, s
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
-_MIN_SPLIT_KB = 4  # k-blocks per split at least (pick_config)
+_MIN_SPLIT_KB = 2  # k-blocks per split at least (pick_config)
 _MAX_SPLIT_K = 16
 
 
