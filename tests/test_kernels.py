@@ -443,15 +443,25 @@ def test_rms_norm_matches_llama_rms_norm():
     """The fused RMSNorm against transformers' LlamaRMSNorm computed in float64 from the same inputs: within one
     rounding of the output dtype (plus fp32's of the statistics), for a weight in fp32 (rounded to x's dtype in the
     kernel) or in x's dtype, strided rows, a row of zeros, 3-D input and a width that is not a power of two."""
+    _check_rms_norm(DEVICE)
+
+
+@gpu
+@needs_cuda
+def test_rms_norm_matches_llama_rms_norm_gpu():
+    _check_rms_norm("cuda")
+
+
+def _check_rms_norm(device):
     from flatquant.kernels.fused import rms_norm, rms_norm_ref
 
     g = torch.Generator().manual_seed(21)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for N in (576, 1024):
             x = (torch.randn(2, 7, 2 * N, generator=g) * 4).to(dtype)[..., ::2].contiguous()[:, :, :N]
-            x = torch.cat([x, torch.zeros(2, 1, N, dtype=dtype)], 1).to(DEVICE)
+            x = torch.cat([x, torch.zeros(2, 1, N, dtype=dtype)], 1).to(device)
             for w in (torch.rand(N, generator=g) + 0.5, (torch.rand(N, generator=g) + 0.5).to(dtype)):
-                w = w.to(DEVICE)
+                w = w.to(device)
                 y = rms_norm(x, w, 1e-6)
                 xd = x.double()
                 h = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).double()
@@ -463,7 +473,7 @@ def test_rms_norm_matches_llama_rms_norm():
                 same = (y == rms_norm_ref(x, w, 1e-6)).double().mean()
                 assert same > (0.99 if dtype != torch.float32 else 0.5), (dtype, float(same))
     with pytest.raises(ValueError, match="weight must be"):
-        rms_norm(torch.randn(2, 8, device=DEVICE), torch.ones(4, device=DEVICE), 1e-6)
+        rms_norm(torch.randn(2, 8, device=device), torch.ones(4, device=device), 1e-6)
 
 
 def test_packed_ok_rejects_real_mismatches():
