@@ -143,24 +143,28 @@ def test_w4a4_gemm_split_k_equals_unsplit(M):
 
 
 def test_pick_config_split_k():
-    """Decode (M ≤ 16, int8): the smallest split reaching 2·sms programs that keeps ≥ 2 k-blocks a split, at
-    most 16, no split empty; no split where the tiles alone reach 2·sms, without an SM count, off CUDA, for
-    fp8 and for prefill."""
+    """Decode (M ≤ 16, int8): k is split only where a tile streams ≥ 2·_SPLIT_BYTES of weights, into at most
+    tile_bytes // _SPLIT_BYTES splits, no more than 2·sms programs need, ≥ 2 k-blocks a split, at most 16, none
+    empty; at LLaMA-3-8B's shapes only down_proj splits (what the H200 measured faster); no split where the tiles
+    alone reach 2·sms, without an SM count, off CUDA, for fp8 and for prefill."""
     from flatquant.kernels.kron_quant import cdiv
+    from flatquant.kernels.w4a4_gemm import _SPLIT_BYTES
 
     for M in (1, 7, 16):
-        for N, KH in ((4096, 7168), (4096, 2048), (6144, 2048), (6144, 7168), (28672, 2048), (1000, 800)):
+        for N, KH in ((4096, 7168), (4096, 2048), (6144, 2048), (6144, 7168), (28672, 2048), (1000, 800),
+                      (512, 32768)):
             cfg = pick_config(M, N, KH, True, False, 132)
             split, tiles, kb = cfg["SPLIT_K"], cdiv(N, cfg["BLOCK_N"]), cdiv(KH, cfg["BLOCK_KH"])
             per = cdiv(kb, split)
             case = (M, N, KH, split)
             assert 1 <= split <= 16 and cdiv(kb, per) == split, case  # every split gets blocks
-            assert split == 1 or per >= 2, case
-            assert tiles * split >= 264 or split == cdiv(kb, cdiv(kb, max(1, min(16, kb // 2)))), case  # capped
-    down = pick_config(1, 4096, 7168, True, False, 132)  # K=14336: 64 tiles × 5 splits of 6, 6, 6, 6, 4 blocks
-    assert down["SPLIT_K"] == 5 and 64 * down["SPLIT_K"] >= 2 * 132
-    assert pick_config(1, 4096, 2048, True, False, 132)["SPLIT_K"] == 4  # o_proj: 64 tiles × 4 splits of 2 blocks
-    assert pick_config(1, 6144, 2048, True, False, 132)["SPLIT_K"] == 3  # qkv: 96 tiles × 3 (3, 3, 2 blocks)
+            assert split == 1 or (per >= 2 and cfg["BLOCK_N"] * KH // split >= _SPLIT_BYTES // 2), case
+            assert split <= max(1, cdiv(2 * 132, tiles)), case
+    assert pick_config(1, 4096, 7168, True, False, 132)["SPLIT_K"] == 2  # down_proj: 64 tiles of 448 KB
+    assert pick_config(16, 4096, 7168, True, False, 132)["SPLIT_K"] == 2
+    for N in (6144, 4096, 28672):  # qkv, o_proj, up/gate: 128–256 KB a tile
+        assert pick_config(1, N, 2048, True, False, 132)["SPLIT_K"] == 1
+    assert pick_config(1, 512, 32768, True, False, 132)["SPLIT_K"] == 10  # 8 tiles of 2 MB: 2 MB // 192 KB
     assert pick_config(1, 4096, 7168, True, False, 32)["SPLIT_K"] == 1  # 64 tiles ≥ 2·32
     assert pick_config(1, 4096, 7168, True, False, None)["SPLIT_K"] == 1
     for cfg in (pick_config(1024, 4096, 2048, True, False, 132), pick_config(1, 4096, 7168, False),
@@ -514,7 +518,8 @@ def test_w4a4_gemm_gpu(M):
 @pytest.mark.parametrize("M", [1, 16])
 def test_w4a4_gemm_split_k_gpu(M, K, N, monkeypatch):
     """LLaMA-3-8B decode shapes with the default config (pick_config's split), unit scales, float32 out: exactly
-    w4a4_gemm_ref's integers and bit for bit the SPLIT_K=1 output, signed and asymmetric; inside a CUDA graph
+    w4a4_gemm_ref's integers and bit for bit the SPLIT_K=1 and a forced SPLIT_K=3 output, signed and
+    asymmetric; inside a CUDA graph
     (warmed up first), replayed twice on new activations copied into its static inputs; captured with no
     workspace cached, the call runs unsplit and allocates nothing; the workspace is left all zero."""
     from flatquant.kernels.kron_quant import _sm_count, cdiv
@@ -524,8 +529,8 @@ def test_w4a4_gemm_split_k_gpu(M, K, N, monkeypatch):
     dev = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator(device=dev).manual_seed(M * N + K)
     cfg = pick_config(M, N, K // 2, True, False, _sm_count(dev))
-    if cdiv(N, cfg["BLOCK_N"]) < 2 * _sm_count(dev):
-        assert cfg["SPLIT_K"] > 1, cfg
+    if K == 14336 and cdiv(N, cfg["BLOCK_N"]) < 2 * _sm_count(dev):
+        assert cfg["SPLIT_K"] > 1, cfg  # down_proj splits by default (qkv does not: forced below)
     sa, sw = torch.ones(M, device=dev), torch.ones(N, device=dev)
 
     def acts(asym):
@@ -566,6 +571,8 @@ def test_w4a4_gemm_split_k_gpu(M, K, N, monkeypatch):
         y1 = w4a4_gemm(qa, sa, qw, sw, za, wsum, None, torch.float32, out=outs[1], config=dict(cfg, SPLIT_K=1))
         assert torch.equal(y.double(), ref), (asym, int((y.double() != ref).sum()))
         assert torch.equal(y, y1), asym
+        y3 = w4a4_gemm(qa, sa, qw, sw, za, wsum, None, torch.float32, config=dict(cfg, SPLIT_K=3))
+        assert torch.equal(y3, y1), asym  # a forced split of 3 (uneven blocks at K=14336) is exact too
         replays_exact(*captured(qa, za, qw, wsum), qa, za, qw, asym)
         assert _split_k_workspaces_zero(dev)
         with monkeypatch.context() as mp:  # nothing cached: the captured call runs unsplit, allocating nothing

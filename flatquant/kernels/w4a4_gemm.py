@@ -242,15 +242,11 @@ def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False, s
     tiles of 8 warps (at 4 warps the two accumulators spill), BLOCK_KH=128, 3 stages; 64-row tiles up to 64
     tokens. Rows stay multiples of 64 (a wgmma per warpgroup: smaller tiles would lower to mma.sync).
 
-    int8 decode also splits k (SPLIT_K, see ``_w4a4_gemm_kernel``): measured on an H200, the N/64 grid is 64–96
-    programs (o_proj and down_proj N=4096, qkv N=6144) on 132 SMs, half of them idle, and the weights streamed
-    at ~42 % of HBM bandwidth. SPLIT_K is the smallest split giving tiles · SPLIT_K ≥ 2 · ``sms`` programs,
-    capped so that a split keeps cdiv(blocks, SPLIT_K) ≥ ``_MIN_SPLIT_KB`` k-blocks of BLOCK_KH (a slab worth
-    streaming; the last split the remainder) and at 16; 1 when the tiles alone reach 2 · sms, or ``sms`` is None.
-    Other configs have no SPLIT_K (1).
-    At LLaMA-3-8B's shapes on 132 SMs: o_proj (K=4096: 8 blocks of 256 bytes) 4 splits, 256 programs; qkv 3,
-    288; down_proj (K=14336, 28 blocks) 5, 320; up/gate (224 tiles of 128 columns) 2, 448. The floor of two blocks
-    (32 KB of weights a program at K=4096) is a guess: `bench --only decode-gemm` times each split."""
+    int8 decode also splits k (SPLIT_K, see ``_w4a4_gemm_kernel``) where a tile's weights are many: a program
+    then streams about ``_SPLIT_BYTES`` or more, and no more programs than 2 · ``sms`` need are made (1 when the
+    tiles alone reach that, or ``sms`` is None). Other configs have no SPLIT_K (1). At LLaMA-3-8B's shapes on 132
+    SMs only down_proj splits (K=14336: 448 KB a tile, 2 splits); qkv, o_proj and up/gate do not (measured on an
+    H200: a split was slower there, ``_SPLIT_BYTES``' comment)."""
     if not cuda:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KH=32, GROUP_M=4, num_warps=4, num_stages=1)
     if fp8:
@@ -263,23 +259,30 @@ def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False, s
             cfg = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4)
         else:
             cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4)
-        cfg["SPLIT_K"] = _split_k(cdiv(M, 16) * cdiv(N, cfg["BLOCK_N"]), cdiv(KH, cfg["BLOCK_KH"]), sms)
+        cfg["SPLIT_K"] = _split_k(cdiv(M, 16) * cdiv(N, cfg["BLOCK_N"]), cdiv(KH, cfg["BLOCK_KH"]),
+                                  cfg["BLOCK_N"] * KH, sms)
         return cfg
     if M <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
-_MIN_SPLIT_KB = 2  # k-blocks per split at least (pick_config)
+# A program streams a tile's BLOCK_N rows of packed weights; split k only past this many bytes a program. H200,
+# --only decode-gemm (results/bench/NVIDIA_H200_decode_gemm.md): at 128 KB (qkv, o_proj) and 256 KB (up/gate) a
+# tile, any split was slower (the split's atomics and the last program's epilogue are a serial tail of a few µs);
+# at 448 KB (down_proj, K=14336) two splits were fastest at 4 and 16 tokens (22.8 → 16.7 µs) and near it at 1.
+_SPLIT_BYTES = 192 * 1024
+_MIN_SPLIT_KB = 2  # k-blocks per split at least
 _MAX_SPLIT_K = 16
 
 
-def _split_k(tiles: int, kblocks: int, sms: int | None) -> int:
-    """pick_config's split of k: programs ≥ 2·sms if ≥ _MIN_SPLIT_KB blocks a split allow it, ≤ _MAX_SPLIT_K,
-    and no split left empty (cdiv(kblocks, cdiv(kblocks, s)) splits cover the blocks that s would)."""
+def _split_k(tiles: int, kblocks: int, tile_bytes: int, sms: int | None) -> int:
+    """pick_config's split of k: tile_bytes // _SPLIT_BYTES splits (a program keeps ≥ _SPLIT_BYTES of weights),
+    no more than 2·sms programs need and ≥ _MIN_SPLIT_KB blocks a split allow, ≤ _MAX_SPLIT_K, no split left
+    empty (cdiv(kblocks, cdiv(kblocks, s)) splits cover the blocks that s would); 1 without an SM count."""
     if sms is None or tiles >= 2 * sms:
         return 1
-    split = max(1, min(cdiv(2 * sms, tiles), kblocks // _MIN_SPLIT_KB, _MAX_SPLIT_K))
+    split = max(1, min(tile_bytes // _SPLIT_BYTES, cdiv(2 * sms, tiles), kblocks // _MIN_SPLIT_KB, _MAX_SPLIT_K))
     return cdiv(kblocks, cdiv(kblocks, split))
 
 
