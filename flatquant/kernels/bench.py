@@ -5,6 +5,7 @@ Usage::
     python -m flatquant.kernels.bench --check --out results/bench          # check every kernel, then time
     python -m flatquant.kernels.bench --sweep --out $OUT                   # also time tile configs of each kernel
     python -m flatquant.kernels.bench --only gemm --out $OUT               # GEMMs only: fp16, int8, fp8 (< 1 min)
+    python -m flatquant.kernels.bench --only decode --out $OUT             # decode_attention vs fp16 SDPA
     python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
 
     from flatquant.kernels.bench import bench_shapes
@@ -15,7 +16,8 @@ time would exceed the GPU time, the same calls replayed from a CUDA graph (``do_
 for fp16 and ours alike. Inputs and weights rotate over enough buffer sets to exceed 3× the L2 cache.
 The GEMM is timed on both paths (``gemm_int8_ms``, ``gemm_fp8_ms`` where the GPU runs fp8; ``gemm_ms`` is the
 default path's) with the ratios fp8_vs_int8 and fp8_vs_fp16 (fp16 F.linear time / ours).
-Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md).
+Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md; ``--only decode``:
+_decode_attention; ``--only decode-gemm``: _decode_gemm).
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ CPU interpreter). On the GPU a code becomes a 16-bit float in about one instruct
 History, H200, batch 64 × 2100 tokens of LLaMA-3-8B's heads: the first version dequantized in registers and
 reduced (heads × tokens × columns) broadcasts, 1.43 ms a call (54–109 GB/s of cache), 45 of a 53 ms decode step;
 the second ran both products on tensor cores over code − zero converted per element, 0.23 ms (685 GB/s; Nsight
-Compute: issue-bound at 2 programs an SM, 189 registers, 41 % of issue slots busy).
+Compute: latency-bound at 2 programs an SM, 189 registers, 41 % of issue slots busy).
 """
 from __future__ import annotations
 
