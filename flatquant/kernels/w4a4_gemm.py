@@ -28,7 +28,7 @@ activations (q_a in [0, 15]); weights are symmetric (q_w in [-8, 7]). The intege
 
 One kernel serves prefill (128×128 tiles, grouped order for L2 reuse) and decode (1–16 tokens: a 16-row
 tile and narrow column blocks, a GEMV-like grid over output channels that streams the 4-bit weights, with k
-split over SPLIT_K programs per tile: N/64 tiles alone left half of an H200's SMs idle; see ``pick_config``).
+split over SPLIT_K programs where a tile's weights are many, as down_proj's: see ``pick_config``).
 Split-K keeps a zeroed int32 workspace and tile counters per device (``_split_workspace``); calls that share
 them must run one after another, on one CUDA stream (or as CUDA graphs replayed on one stream): concurrent
 calls on different streams are not supported.
