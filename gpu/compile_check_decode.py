@@ -31,6 +31,8 @@ CASES = [
     ("fp16, 16 tokens a step (spills 4 bytes since v3; not a default)", "fp16", True, True, {"block_n": 16}),
     ("fp16, P·V in tf32", "fp16", True, True, {"pv": "tf32"}),
     ("fp16, 8 warps, 32 tokens a step", "fp16", True, True, {"num_warps": 8, "block_n": 32}),
+    ("fp16, 1 warp, 32 tokens a step (4 bar.sync: no cross-warp row reductions)", "fp16", True, True,
+     {"num_warps": 1, "block_n": 32}),
 ]
 
 
