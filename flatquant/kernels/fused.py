@@ -30,7 +30,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: x + M − M rounds fp32 |x| < 2^22 half to even
+    from .kron_quant import _ROUND_MAGIC, _rne_bf16  # x + M − M rounds fp32 half to even; fp32 → bf16 by hand
 
     @triton.jit
     def _div(a, b, EXACT: tl.constexpr):
@@ -65,10 +65,7 @@ if HAS_TRITON:
             y = (q - zero[:, None]) * scale[:, None]
         out = row.to(tl.int64)[:, None] * stride_ym + (grp * G)[:, None] + cols[None, :]
         if BF16_RNE:
-            # The interpreter truncates fp32 → bf16; round to nearest even by hand there (as kron_quant does).
-            bits = y.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            y = bits.to(tl.float32, bitcast=True)
+            y = _rne_bf16(y)  # the interpreter truncates fp32 → bf16
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -95,17 +92,11 @@ if HAS_TRITON:
         h = x.to(tl.float32)
         h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # any float dtype, rounded to x's
-        if BF16_RNE:  # the interpreter truncates fp32 → bf16: round to nearest even by hand (as kron_quant does)
+        if BF16_RNE:  # the interpreter truncates fp32 → bf16
             y = _rne_bf16(_rne_bf16(w) * _rne_bf16(h))
         else:
             y = w.to(x.dtype).to(tl.float32) * h.to(x.dtype).to(tl.float32)
         tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _rne_bf16(v):
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -63,14 +63,19 @@ if HAS_TRITON:
     _ROUND_MAGIC = tl.constexpr(12582912.0)
 
     @triton.jit
+    def _rne_bf16(v):
+        """fp32 v rounded to the nearest bf16 (ties to even), as fp32: the interpreter truncates fp32 → bf16, so
+        the kernels do it by hand there."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _kron_tile(x, lt, r, DOT_F32: tl.constexpr):
         """Lᵀ·(X_t·R) in fp32; X_t·R is rounded to x's dtype in between (fp32 operands in the interpreter)."""
         t = tl.dot(x.to(r.dtype), r, input_precision="ieee" if DOT_F32 else None)
         if DOT_F32 and x.dtype == tl.bfloat16:
-            # The interpreter truncates fp32 → bf16; round to nearest even by hand there.
-            bits = t.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            t = bits.to(tl.float32, bitcast=True)
+            t = _rne_bf16(t)  # the interpreter truncates fp32 → bf16
         t = t.to(x.dtype).to(r.dtype)
         return tl.dot(lt, t, input_precision="ieee" if DOT_F32 else None)
 

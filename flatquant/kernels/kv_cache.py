@@ -58,7 +58,8 @@ if HAS_TRITON:
     import triton.language as tl
     from triton.language.extra import libdevice
 
-    from .fused import _ROUND_MAGIC, _div  # x + M − M rounds fp32 half to even; correctly rounded division
+    from .fused import _div  # correctly rounded division
+    from .kron_quant import _ROUND_MAGIC, _rne_bf16  # x + M − M rounds fp32 half to even; fp32 → bf16 by hand
 
     @triton.jit
     def _mul(a, b, EXACT: tl.constexpr):
@@ -66,14 +67,6 @@ if HAS_TRITON:
         if EXACT:
             return libdevice.mul_rn(a, b)
         return a * b
-
-    @triton.jit
-    def _rne_bf16(v):
-        """fp32 v rounded to the nearest bf16 (ties to even), as fp32: the interpreter truncates fp32 → bf16, so
-        it is done by hand there (as kron_quant does)."""
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _round_like(v, like, BF16_RNE: tl.constexpr):
