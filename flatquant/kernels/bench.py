@@ -435,12 +435,13 @@ def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
                       torch.rand(N, device="cuda") * 1e-2 + 1e-3) for _ in range(_n_sets(N * K // 2, l2))]
             ref = w4a4_gemm_ref(*(t.cpu() for t in qsets[0]), out_dtype=torch.float32)
             default = pick_config(M, N, K // 2, True, False, sms)
-            for split in sorted(set(splits) | {default.get("SPLIT_K", 1)}):
+            default_split = default.get("SPLIT_K", 1)
+            for split in sorted(set(splits) | {default_split}):
                 cfg = dict(default, SPLIT_K=split)
                 ms = _time(lambda qa, sa, qw, sw, cfg=cfg: w4a4_gemm(qa, sa, qw, sw, config=cfg), qsets, True)
                 y = w4a4_gemm(*qsets[0], config=cfg, out_dtype=torch.float32).cpu()
                 out.append({"linear": name, "tokens": M, "in": K, "out": N, "split_k": split,
-                            "default": split == default.get("SPLIT_K", 1), "us": 1e3 * ms, "fp16_us": 1e3 * fp16_ms,
+                            "default": split == default_split, "us": 1e3 * ms, "fp16_us": 1e3 * fp16_ms,
                             "vs_fp16": fp16_ms / ms, "weight_GBps": N * K / 2 / ms / 1e6,
                             "max_rel_err": float(((y - ref).abs() / ref.abs().clamp_min(1e-6)).max())})
                 _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out[-1].items()}))
@@ -496,19 +497,15 @@ def main(argv=None) -> int:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "sweep.json"), "w") as f:
             json.dump(rows, f, indent=1)
-    if a.only == "decode":
-        rows = bench_decode(shape)
+    decode_only = {"decode": (bench_decode, "_decode_attention", decode_table),
+                   "decode-gemm": (bench_decode_gemm, "_decode_gemm", decode_gemm_table)}
+    if a.only in decode_only:
+        bench, suffix, table = decode_only[a.only]
+        rows = bench(shape)
         res = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
                "triton": triton.__version__, "rows": rows}
-        _write(a.out, "_decode_attention", res, decode_table(rows) + "\n")
-        _log(decode_table(rows))
-        return 0 if ok else 1
-    if a.only == "decode-gemm":
-        rows = bench_decode_gemm(shape)
-        res = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
-               "triton": triton.__version__, "rows": rows}
-        _write(a.out, "_decode_gemm", res, decode_gemm_table(rows) + "\n")
-        _log(decode_gemm_table(rows))
+        _write(a.out, suffix, res, table(rows) + "\n")
+        _log(table(rows))
         return 0 if ok else 1
     only_gemm = a.only == "gemm"
     tokens = a.tokens or ",".join(map(str, PREFILL if only_gemm else DECODE + PREFILL))
