@@ -57,12 +57,11 @@ def main(argv=None) -> int:
     mod = importlib.import_module("flatquant.kernels.w4a4_gemm")  # the package binds the name to the function
     ok = True
     for label, tokens, N, asym, bias, config, fp8 in CASES:
-        try:
-            compiled, cfg, st = compile_case(mod, triton, tokens, N, asym, bias, config, fp8)
-        except Exception as e:  # one config that does not compile must not hide the others
+        got = sm90.attempt(label, lambda: compile_case(mod, triton, tokens, N, asym, bias, config, fp8))
+        if got is None:
             ok = False
-            print(f"FAIL {label}: {type(e).__name__}: {str(e)[-800:]}")
             continue
+        compiled, cfg, st = got
         ptx = compiled.asm["ptx"]
         wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.\S+", ptx)))
         e4m3 = [w for w in wgmma if ".e4m3.e4m3" in w]

@@ -2,6 +2,7 @@
 
     triton = sm90.load(argv, description)           # --triton folder (pip install --target … triton==3.6.0)
     compiled, stats = sm90.compile(triton, fn, sig, consts, div16, options)
+    got = sm90.attempt(label, lambda: ...)          # its value, or None after printing FAIL label: error
 
 ``compile`` runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` with the divisibility-by-16
 attributes the launcher gives the named arguments (flatquant/kernels/NOTES.md: without them shared-memory sizes
@@ -53,3 +54,13 @@ def compile(triton, fn, sig: dict, consts: dict, div16, options: dict):
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return compiled, {"registers": regs.group(1) if regs else "?", "spills": spill.groups() if spill else None,
                       "log": text}
+
+
+def attempt(label: str, build):
+    """build()'s value, or None after printing "FAIL label: error" when it raises: in the compile-check scripts
+    one case that does not compile must not hide the others."""
+    try:
+        return build()
+    except Exception as e:
+        print(f"FAIL {label}: {type(e).__name__}: {str(e)[-800:]}")
+        return None
