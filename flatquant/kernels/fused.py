@@ -100,10 +100,11 @@ if HAS_TRITON:
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm as transformers computes it (flatquant.quant_layer.rms_norm), the weight cast to x's dtype."""
-    from flatquant.quant_layer import rms_norm as llama_rms_norm
-
-    return llama_rms_norm(x, weight.to(x.dtype), eps)
+    """LlamaRMSNorm as transformers computes it: fp32 statistics, the row rounded to x's dtype, times the weight
+    in x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(x.dtype) * h.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
