@@ -101,7 +101,8 @@ if HAS_TRITON:
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm as transformers computes it: fp32 statistics, the row rounded to x's dtype, times the weight
-    in x's dtype."""
+    in x's dtype. The same as flatquant.quant_layer.rms_norm with the weight cast, restated because the kernels
+    import no layer code (tests/test_packing.py::test_kernels_import_only_the_leaf)."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight.to(x.dtype) * h.to(x.dtype)
