@@ -17,7 +17,7 @@ import sys
 
 import sm90
 
-# (label, q dtype, SPLIT, config overrides)
+# (label, q dtype, SPLIT, config overrides or "one warp": the tiles the wrapper picks for long decodes)
 CASES = [
     ("fp16, split", "fp16", True, {}),
     ("fp16, one pass", "fp16", False, {}),
@@ -33,6 +33,10 @@ CASES = [
     ("fp16, 8 warps, 32 tokens a step", "fp16", True, {"num_warps": 8, "block_n": 32}),
     ("fp16, 1 warp, 32 tokens a step (4 bar.sync: no cross-warp row reductions)", "fp16", True,
      {"num_warps": 1, "block_n": 32}),
+    ("fp16, long decodes' tiles (kv_cache._ONE_WARP)", "fp16", True, "one warp"),
+    ("fp16, long decodes' tiles, one pass", "fp16", False, "one warp"),
+    ("bf16, long decodes' tiles", "bf16", True, "one warp"),
+    ("fp32 at long decodes' tiles spills 12 bytes (tf32 x3; so fp32 q keeps 4 warps)", "fp32", True, "one warp"),
 ]
 
 
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
     fn = kv._decode_split_kernel
     ok = True
     for label, qdt, split, over in CASES:
-        cfg = kv._decode_config(4, 128, over)
+        cfg = kv._decode_config(4, 128, kv._ONE_WARP if over == "one warp" else over)
         sig = {"q_ptr": f"*{qdt}", "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*fp32", "vc_ptr": "*u8",
                "vs_ptr": "*fp32", "vz_ptr": "*fp32", "len_ptr": "*i32",
                "o_ptr": "*fp32" if split else f"*{qdt}", "m_ptr": "*fp32", "l_ptr": "*fp32",

@@ -317,6 +317,30 @@ def test_tf32_split_is_exact():
 
 
 @needs_triton
+@pytest.mark.parametrize("B,Tmax,dtype,config,warps,splits", [
+    (64, 2100, torch.float16, None, 1, 2),        # 512 sequence-heads: one wave of 1024 one-warp programs
+    (8, 8244, torch.bfloat16, None, 1, 16),       # 16 chunks of 544 tokens: 1024 programs, not a wave and a bit
+    (32, 8244, torch.float16, None, 1, 4),
+    (8, 2100, torch.float16, None, 4, 9),         # too few long programs: 4 warps, 9 chunks of 256
+    (1, 8244, torch.float16, None, 4, 43),        # 192-token chunks: at most MAX_SPLITS = 64 partials
+    (64, 2100, torch.float32, None, 4, 2),        # fp32 q spills at one warp
+    (64, 2100, torch.float16, {"num_warps": 4}, 4, 2),  # a config's tiles are kept
+])
+def test_decode_tiles_by_shape(monkeypatch, B, Tmax, dtype, config, warps, splits):
+    """The tiles and splits the wrapper picks on a 132-SM GPU (no GPU needed: only the SM count is read)."""
+    monkeypatch.setattr(kv_kernels, "_sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    cfg = kv_kernels._decode_config(4, 128, config, B, 8, Tmax, dev, dtype)
+    chunk = kv_kernels._decode_chunk(B, 8, Tmax, cfg["block_n"], dev, cfg["chunk"], cfg["num_warps"])
+    assert cfg["num_warps"] == warps and chunk % cfg["block_n"] == 0
+    assert (cfg["block_n"], cfg["num_stages"]) == ((32, 3) if warps == 1 else (64, 2))
+    assert math.ceil(Tmax / chunk) == splits
+    if warps == 1:  # at most one wave of one-warp programs, each at least 256 tokens
+        assert chunk >= 256 and B * 8 * splits <= max(kv_kernels._ONE_WARP_PER_SM * 132, B * 8)
+    cpu = kv_kernels._decode_config(4, 128, config, B, 8, Tmax, torch.device("cpu"), dtype)
+    assert cpu["num_warps"] == (config or {}).get("num_warps", 4) and cpu["block_n"] == 64
+
+
 def test_decode_attention_checks_shapes():
     cache = _cache(2, 2, 8, 64, [8, 8], seed=1)
     lengths = torch.tensor([8, 8], dtype=torch.int32, device=DEVICE)
@@ -443,8 +467,9 @@ def test_c16_unpack_ptx_gives_centred_codes(bf16):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lengths", [[8192], [1, 8191, 4097, 300], [5000] * 16])
 def test_decode_attention_gpu_model_shapes(dtype, lengths):
-    """The default split (on 132 SMs: 64 chunks of 128 tokens for one sequence, 17 of 496 for four, 5 of 1648 for
-    sixteen) and a forced single pass, against the float64 reference, with the CPU run's tolerance."""
+    """The default split (on 132 SMs: 64 chunks of 128 tokens for one sequence, 17 of 496 for four; for sixteen 8 of
+    1024 at one warp a program, fp32 q 5 of 1648 at four) and a forced single pass, against the float64 reference,
+    with the CPU run's tolerance."""
     B, Tmax = len(lengths), 8192
     cache = _cache(B, 8, Tmax, 128, lengths, seed=B)
     q = torch.randn(B, 32, 128, device="cuda").to(dtype)

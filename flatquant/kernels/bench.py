@@ -7,6 +7,7 @@ Usage::
     python -m flatquant.kernels.bench --only gemm --out $OUT               # GEMMs only: fp16, int8, fp8 (< 1 min)
     python -m flatquant.kernels.bench --only decode --out $OUT             # decode_attention vs fp16 SDPA
     python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
+    python -m flatquant.kernels.bench --only decode-tiles --out $OUT       # decode_attention per tile config
 
     from flatquant.kernels.bench import bench_shapes
     res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
@@ -17,7 +18,7 @@ for fp16 and ours alike. Inputs and weights rotate over enough buffer sets to ex
 The GEMM is timed on both paths (``gemm_int8_ms``, ``gemm_fp8_ms`` where the GPU runs fp8; ``gemm_ms`` is the
 default path's) with the ratios fp8_vs_int8 and fp8_vs_fp16 (fp16 F.linear time / ours).
 Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md; ``--only decode``:
-_decode_attention; ``--only decode-gemm``: _decode_gemm).
+_decode_attention; ``--only decode-gemm``: _decode_gemm; ``--only decode-tiles``: _decode_attention_tiles).
 """
 from __future__ import annotations
 
@@ -412,6 +413,52 @@ def bench_decode(shape, rows=DECODE_ROWS) -> list[dict]:
     return out
 
 
+DECODE_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 1), (32, 4, 2), (32, 2, 2), (64, 2, 2), (32, 1, 1), (32, 1, 2),
+                (32, 1, 3), (16, 1, 2), (16, 1, 3))  # (block_n, num_warps, num_stages); the first is the default
+
+
+def bench_decode_tiles(shape, rows=DECODE_ROWS, tiles=DECODE_TILES) -> list[dict]:
+    """decode_attention (fp16 q, every sequence full) on each (block_n, num_warps, num_stages) of ``tiles``; each
+    config's output is checked against the float64 reference with the tests' tolerance (1e-5·max|V| + half an
+    fp16 ulp of the output): ``err_over_tol`` ≤ 1 passes."""
+    from .kv_cache import bench_decode_attention, decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack
+
+    _, _, heads, kv_heads, head_dim = shape
+    out = []
+    for B, T in rows:
+        x = torch.randn(B, kv_heads, T, head_dim, device="cuda", dtype=torch.float16)
+        cache = (*kv_quant_pack(x), *kv_quant_pack(x.flip(2)))
+        del x
+        q = torch.randn(B, heads, head_dim, device="cuda", dtype=torch.float16)
+        lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+        ref = decode_attention_ref(q, *cache, lengths, out_dtype=torch.float64)
+        tol = 1e-5 * float(kv_dequant(*cache[3:]).abs().max()) + 2**-11 * ref.abs()
+        for bn, warps, stages in tiles:
+            cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages}
+            try:
+                o = torch.full_like(q, math.nan)
+                decode_attention(q, *cache, lengths, out=o, config=cfg)
+                err = float(((o.double() - ref).abs() / tol).nan_to_num(math.inf).max())
+                r = bench_decode_attention(B, heads, kv_heads, T, head_dim, config=cfg)
+            except Exception as e:  # a config that does not compile must not stop the sweep
+                _log(f"decode tiles B={B} T={T} {cfg} failed: {type(e).__name__}: {str(e)[-200:]}")
+                continue
+            out.append({**r, **cfg, "default": (bn, warps, stages) == tiles[0], "err_over_tol": err})
+            _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out[-1].items()}))
+        del cache, ref, tol
+        torch.cuda.empty_cache()
+    return out
+
+
+def decode_tiles_table(rows: list[dict]) -> str:
+    lines = ["| batch | tokens | block_n / warps / stages | ours µs | cache GB/s | fp16 SDPA µs | ours vs SDPA | "
+             "error / tolerance |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['B']} | {r['T']} | {r['block_n']}/{r['num_warps']}/{r['num_stages']}"
+              f"{' (default)' if r['default'] else ''} | {r['us']:.1f} | {r['cache_GBps']:.0f} | "
+              f"{r['fp16_sdpa_us']:.1f} | {r['vs_fp16_sdpa']:.2f}× | {r['err_over_tol']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
     """w4a4_gemm at decode sizes on every split of k in ``splits`` and pick_config's default, against fp16
     F.linear, both replayed from CUDA graphs over rotating weights (3× L2, so the weights come from HBM); weight
@@ -471,10 +518,11 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
-    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm"), default="all",
+    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-tiles"), default="all",
                    help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by "
                         "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json); "
-                        "decode-gemm: the decode GEMM on each split of k against fp16 (<gpu>_decode_gemm.json)")
+                        "decode-gemm: the decode GEMM on each split of k against fp16 (<gpu>_decode_gemm.json); "
+                        "decode-tiles: decode_attention on each tile config, checked (<gpu>_decode_attention_tiles.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm)")
@@ -498,7 +546,8 @@ def main(argv=None) -> int:
         with open(os.path.join(a.out, "sweep.json"), "w") as f:
             json.dump(rows, f, indent=1)
     decode_only = {"decode": (bench_decode, "_decode_attention", decode_table),
-                   "decode-gemm": (bench_decode_gemm, "_decode_gemm", decode_gemm_table)}
+                   "decode-gemm": (bench_decode_gemm, "_decode_gemm", decode_gemm_table),
+                   "decode-tiles": (bench_decode_tiles, "_decode_attention_tiles", decode_tiles_table)}
     if a.only in decode_only:
         bench, suffix, table = decode_only[a.only]
         rows = bench(shape)

@@ -561,12 +561,31 @@ def _copy_into(out, res, at=None):
     return out
 
 
-def _decode_config(G: int, D: int, config: dict | None) -> dict:
+# Long decodes run one warp a program, 32 tokens a step, 3 stages. H200 (`--only decode-tiles` and a chunk sweep,
+# flatquant/kernels/NOTES.md): at batch 64 × 2100 tokens 166 → 103 µs, 32 × 8244 278 → 222, 8 × 8244 99 → 60, but
+# slower where few programs each take few steps (1 × 2100: 10.2 → 14.2; 8 × 2100: 27.9 → 29.4). Such a program
+# needs 255 registers, so 8 fit an SM (no cross-warp reductions: 4 bar.sync a step against 21 at 4 warps).
+_ONE_WARP = {"block_n": 32, "num_warps": 1, "num_stages": 3}
+_ONE_WARP_PER_SM = 8
+_ONE_WARP_MIN_CHUNK = 256
+_ONE_WARP_MIN_PROGRAMS = 12  # per SM, counting 256-token chunks: below it the 4-warp tiles were as fast or faster
+
+
+def _decode_config(G: int, D: int, config: dict | None, B: int = 1, Hkv: int = 1, Tmax: int = 0,
+                   device: torch.device | None = None, dtype: torch.dtype = torch.float16) -> dict:
     """Tiles of _decode_split_kernel: all G query heads of a kv head, padded to the 16 rows a tensor-core product
     needs, BLOCK_N tokens per step (tensor cores want ≥ 16); "pv": the P·V weights in two bf16 parts ("bf16", on the
-    GPU) or two tf32 parts ("tf32"; what the CPU interpreter always runs)."""
+    GPU) or two tf32 parts ("tf32"; what the CPU interpreter always runs). On a GPU, a decode of fp16/bf16 queries
+    with at least ``_ONE_WARP_MIN_PROGRAMS`` 256-token chunks an SM over its B·Hkv sequence-heads takes ``_ONE_WARP``
+    tiles unless ``config`` sets any of block_n, num_warps, num_stages (fp32 queries' three tf32 parts spill at one
+    warp); anything else takes 64 tokens × 4 warps × 2 stages."""
     block_g, block_dh = max(16, next_pow2(G)), max(16, next_pow2(D // 2))
-    cfg = {"block_n": 64, "chunk": None, "num_warps": 4, "num_stages": 2, "pv": "bf16", **(config or {})}
+    cfg = {"block_n": 64, "chunk": None, "num_warps": 4, "num_stages": 2, "pv": "bf16"}
+    if (device is not None and device.type == "cuda" and dtype != torch.float32
+            and not {"block_n", "num_warps", "num_stages"} & set(config or {})
+            and B * Hkv * cdiv(Tmax, _ONE_WARP_MIN_CHUNK) >= _ONE_WARP_MIN_PROGRAMS * _sm_count(device)):
+        cfg.update(_ONE_WARP)
+    cfg.update(config or {})
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two ≥ 16, got {cfg['block_n']}")
     if cfg["pv"] not in ("bf16", "tf32"):
@@ -574,14 +593,20 @@ def _decode_config(G: int, D: int, config: dict | None) -> dict:
     return {**cfg, "block_g": block_g, "block_dh": block_dh}
 
 
-def _decode_chunk(B: int, Hkv: int, Tmax: int, block_n: int, device: torch.device, chunk: int | None) -> int:
-    """Tokens per program: enough programs to fill the GPU (≈ 4 per SM over B·Hkv sequence-heads), at least 128
-    tokens each (so a partial, 4·D·G bytes, stays small next to the ≥ 18 KB of cache a program reads), at most
-    MAX_SPLITS partials per sequence-head; a multiple of block_n. Set from the capacity Tmax, not from lengths,
-    which live on the device (reading them would synchronise and break CUDA graphs)."""
+def _decode_chunk(B: int, Hkv: int, Tmax: int, block_n: int, device: torch.device, chunk: int | None,
+                  num_warps: int = 4) -> int:
+    """Tokens per program. 4 warps: enough programs to fill the GPU (≈ 4 per SM over B·Hkv sequence-heads), at
+    least 128 tokens each (so a partial, 4·D·G bytes, stays small next to the ≥ 18 KB of cache a program reads).
+    1 warp: at most one wave of ``_ONE_WARP_PER_SM`` programs an SM, at least 256 tokens each (a wave and a few
+    programs more took twice a wave's time on the H200). Both at most MAX_SPLITS partials per sequence-head; a
+    multiple of block_n. Set from the capacity Tmax, not from lengths, which live on the device (reading them
+    would synchronise and break CUDA graphs)."""
     if chunk is None:
-        programs = 4 * _sm_count(device) if device.type == "cuda" else 8
-        chunk = max(128, cdiv(Tmax, cdiv(programs, B * Hkv)))
+        sms = _sm_count(device) if device.type == "cuda" else 2
+        if num_warps == 1:
+            chunk = max(_ONE_WARP_MIN_CHUNK, cdiv(Tmax, max(1, _ONE_WARP_PER_SM * sms // (B * Hkv))))
+        else:
+            chunk = max(128, cdiv(Tmax, cdiv(4 * sms, B * Hkv)))
     chunk = max(chunk, cdiv(Tmax, MAX_SPLITS), 1)
     return cdiv(chunk, block_n) * block_n
 
@@ -619,9 +644,9 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         scales = tuple(t.contiguous() for t in scales)
     lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
     G = Hq // Hkv
-    cfg = _decode_config(G, D, config)
+    cfg = _decode_config(G, D, config, B, Hkv, Tmax, q.device, q.dtype)
     block_g, block_dh, block_n = cfg["block_g"], cfg["block_dh"], cfg["block_n"]
-    chunk = _decode_chunk(B, Hkv, Tmax, block_n, q.device, cfg["chunk"])
+    chunk = _decode_chunk(B, Hkv, Tmax, block_n, q.device, cfg["chunk"], cfg["num_warps"])
     n_splits = cdiv(max(Tmax, 1), chunk)
     split = n_splits > 1
     if split:
