@@ -112,14 +112,17 @@ def test_sweep_is_tracked(sweep, work):
 
 def test_calibrate_stage_then_eval_on_the_kernels(sweep, work):
     """stage=calibrate (+export) then stage=eval kernels=true reuse the sweep's store: no layer is trained again;
-    the W4A4 kernels are no worse than fake quantization (+1 %); load_quantized of the export, on the GPU, gives the
-    fake-quant perplexity of the run.
+    the W4A4 kernels are no worse than fake quantization (+5 %); load_quantized of the export, on the GPU,
+    gives the fake-quant perplexity of the run.
 
-    Why not "kernels within 1 %": at 4 bits a rounding difference anywhere upstream can flip an activation code (a
-    step of max|x|/7), and this 1-epoch model amplifies such flips over 30 layers. On one H200 (fp16) the kernels
-    gave 97.38 against fake quantization's 100.37 at seed 7 and fell within 1 % at seed 0; at the reference
-    schedule they gave 29.32 against 29.27 (+0.17 %). The kernels round fewer intermediates to 16 bits
-    (test_kernel_groups_are_not_less_accurate_than_fake_quant measures that per group), hence the one-sided bound."""
+    Why 5 %: at 4 bits a rounding difference anywhere upstream can flip an activation code (a step of
+    max|x|/7), and this 1-epoch model amplifies such flips over 30 layers, either way. On one H200 (fp16, these
+    settings): seed 0 fake 109.85, kernels 112.55 (+2.5 %), and the same kernels with the fused RMSNorm replaced by
+    its PyTorch reference (equal but for the order of the sum of squares) 109.22 (−0.6 %); seed 1 fake 101.97,
+    kernels 98.01 (−3.9 %); an earlier build: seed 7 97.38 against 100.37. A broken kernel gives hundreds or more.
+    One-sided because the kernels round fewer intermediates to 16 bits than fake quantization. The accuracy claim
+    is measured at the reference schedule (29.32 against 29.27, +0.17 %) and per linear group by
+    test_kernel_groups_are_not_less_accurate_than_fake_quant."""
     base = ["method=flatquant", "wquant=rtn", *SHORT]
     run_py(work, *base, "stage=calibrate", "export=true", "+metrics_out=stage_calibrate.json")
     cal = metrics(work / "stage_calibrate.json")
@@ -128,7 +131,7 @@ def test_calibrate_stage_then_eval_on_the_kernels(sweep, work):
     ev = metrics(work / "stage_eval.json")
     fake = sweep[("flatquant", "rtn")][PPL]
     assert ev["calibrate/resumed_layers"] == LAYERS
-    assert ev[f"{PPL}_fp"] < ev[PPL] <= fake * 1.01
+    assert ev[f"{PPL}_fp"] < ev[PPL] <= fake * 1.05
 
     from flatquant.data import eval_windows, load_tokens
     from flatquant.evaluate import perplexity
@@ -152,9 +155,10 @@ def test_offloaded_layers_give_the_same_numbers(sweep, work):
 def test_bfloat16_model_on_the_kernels(work):
     """model.dtype=bfloat16: every tensor a stage makes follows the model's dtype. A bf16 FlatQuant run (its own
     store: the model's dtype is part of the key), then stage=eval on the kernels from that store: no worse than
-    fake quantization (+1 %), and still above the FP model's.
+    fake quantization (+5 %, the bound of test_calibrate_stage_then_eval_on_the_kernels, which says why), and still
+    above the FP model's.
 
-    Not "within 1 %" as in fp16: bf16 keeps 8 significant bits to fp16's 11, and this 1-epoch model amplifies
+    Not two-sided: bf16 keeps 8 significant bits to fp16's 11, and this 1-epoch model amplifies
     rounding. On one H200 the kernels gave 96.89 against fake quantization's 102.16 — lower, as the kernels round
     fewer intermediates to bf16 (test_kernel_groups_are_not_less_accurate_than_fake_quant measures that per group).
     For scale, on a CPU the same kind of 1-epoch model (2 windows) gave 69.81 in float32 and 75.29 with its
@@ -166,7 +170,7 @@ def test_bfloat16_model_on_the_kernels(work):
     run_py(work, *bf16, "stage=eval", "kernels=true", "+metrics_out=bf16_kernels.json")
     fake, kern = metrics(work / "bf16.json"), metrics(work / "bf16_kernels.json")
     assert fake["calibrate/resumed_layers"] == 0 and kern["calibrate/resumed_layers"] == LAYERS
-    assert kern[f"{PPL}_fp"] < kern[PPL] <= fake[PPL] * 1.01
+    assert kern[f"{PPL}_fp"] < kern[PPL] <= fake[PPL] * 1.05
 
 
 def test_bench_stage(work):

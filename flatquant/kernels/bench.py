@@ -522,7 +522,7 @@ def main(argv=None) -> int:
                    help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by "
                         "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json); "
                         "decode-gemm: the decode GEMM on each split of k against fp16 (<gpu>_decode_gemm.json); "
-                        "decode-tiles: decode_attention on each tile config, checked (<gpu>_decode_attention_tiles.json)")
+                        "decode-tiles: decode_attention per tile config, checked (<gpu>_decode_attention_tiles.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm)")

@@ -561,10 +561,11 @@ def _copy_into(out, res, at=None):
     return out
 
 
-# Long decodes run one warp a program, 32 tokens a step, 3 stages. H200 (`--only decode-tiles` and a chunk sweep,
-# flatquant/kernels/NOTES.md): at batch 64 × 2100 tokens 166 → 103 µs, 32 × 8244 278 → 222, 8 × 8244 99 → 60, but
-# slower where few programs each take few steps (1 × 2100: 10.2 → 14.2; 8 × 2100: 27.9 → 29.4). Such a program
-# needs 255 registers, so 8 fit an SM (no cross-warp reductions: 4 bar.sync a step against 21 at 4 warps).
+# Long decodes run one warp a program, 32 tokens a step, 3 stages. H200, `--only decode` at the old → these defaults
+# (results/bench/NVIDIA_H200_decode_attention.md; the tile and chunk sweeps: NOTES.md): batch 64 × 2100 tokens
+# 166 → 103 µs, 32 × 2100 82 → 60, 8 × 8244 99 → 59, 32 × 8244 278 → 193; where few programs each take few steps
+# (1 × 2100, 8 × 2100) one warp was slower (10.2 → 14.2, 27.9 → 29.4 µs) and they keep 4 warps. Such a program
+# needs 255 registers, so 8 fit an SM (no cross-warp reductions: 5 bar.sync a step against 21 at 4 warps).
 _ONE_WARP = {"block_n": 32, "num_warps": 1, "num_stages": 3}
 _ONE_WARP_PER_SM = 8
 _ONE_WARP_MIN_CHUNK = 256
