@@ -85,9 +85,13 @@ class QuantKVLayer(DynamicLayer):
         self.k, self.v = fresh
         self.capacity = cap
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, k_spec: QuantSpec, v_spec: QuantSpec) -> None:
-        """k, v: (B, Hkv, s, D) before quantization, in the compute dtype."""
-        from flatquant.kernels.kv_cache import kv_quant_pack  # imported when used: it imports triton
+    def append(self, k: torch.Tensor, v: torch.Tensor, k_spec: QuantSpec, v_spec: QuantSpec,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None, tk: torch.Tensor | None = None) -> None:
+        """k, v: (B, Hkv, s, D) before quantization, in the compute dtype. rope: None when k is final (after RoPE and
+        its transform); else the (cos, sin) tables of these s tokens ((s, D) or (B, s, D), as the model's rotary
+        embedding gives them) and k is taken before RoPE: RoPE, ·tk (a (D, D) matrix, or None) and the quantizer
+        run in one kernel (``rope_k_quant_pack``; RoPE rounded to k's dtype, rope(k)·tk held in fp32)."""
+        from flatquant.kernels.kv_cache import kv_quant_pack, rope_k_quant_pack  # imported when used: they import triton
 
         if not self.is_initialized:
             self.lazy_initialization(k, v)
@@ -98,7 +102,10 @@ class QuantKVLayer(DynamicLayer):
             self.specs = (k_spec, v_spec)
         if self.length + s > self.capacity:
             self._grow(b, h, d, self.length + s)
-        kv_quant_pack(k, k_spec.clip_ratio, out=self.k, at=self.pos)
+        if rope is None:
+            kv_quant_pack(k, k_spec.clip_ratio, out=self.k, at=self.pos)
+        else:
+            rope_k_quant_pack(k, *rope, tk, k_spec.clip_ratio, out=self.k, at=self.pos)
         kv_quant_pack(v, v_spec.clip_ratio, out=self.v, at=self.pos)
         self.pos += s
         self.length += s

@@ -179,17 +179,22 @@ class Attention(nn.Module):
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = (t.unsqueeze(2).to(q.dtype) for t in position_embeddings)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if tk is not None:
-            q, k = tk.apply(q, inv_t=True), tk.apply(k)
-        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
         if cache is not None and self.layer_idx is None:
             raise ValueError("a KV cache needs the layer's index (LayerParts.layer_idx), which this layer lacks")
-        if getattr(cache, "stores_codes", False):  # flatquant.cache.QuantKVCache: it quantizes K/V and keeps the codes
+        codes = getattr(cache, "stores_codes", False)  # flatquant.cache.QuantKVCache: it quantizes K/V itself
+        cos, sin = (t.unsqueeze(2).to(q.dtype) for t in position_embeddings)
+        q = apply_rope(q, cos, sin)
+        if not codes:
+            k = apply_rope(k, cos, sin)
+        if tk is not None:
+            q = tk.apply(q, inv_t=True)
+            if not codes:
+                k = tk.apply(k)
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
+        if codes:  # K is written before RoPE: RoPE, ·Tk and the quantizer in one kernel, held in fp32 in between
             layer = cache.layer(self.layer_idx)
             layer.append(k.transpose(1, 2), v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2),
-                         self.kq.spec, self.vq.spec)
+                         self.kq.spec, self.vq.spec, rope=position_embeddings, tk=None if tk is None else tk.dense())
             q = q.transpose(1, 2)
             # decode: flash decoding over the codes. A fixed-capacity cache holds unpadded sequences of one length
             # (flatquant.cache), so a mask (transformers builds one while a CUDA graph is captured) adds nothing

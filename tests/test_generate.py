@@ -170,7 +170,8 @@ def test_generate_uses_the_packed_cache_where_it_can(monkeypatch):
     assert packed_cache_for(random_llama()) is None  # transformers layers: DynamicCache
     writes = []
     append = QuantKVLayer.append
-    monkeypatch.setattr(QuantKVLayer, "append", lambda self, *a: writes.append(a[0].shape) or append(self, *a))
+    monkeypatch.setattr(QuantKVLayer, "append",
+                        lambda self, *a, **kw: writes.append(a[0].shape) or append(self, *a, **kw))
     model = _quantized("flatquant")
     tok = _token_list_tokenizer(eos=0)
     packed = generate(model, tok, ["x"], max_new_tokens=3)

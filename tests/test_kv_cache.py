@@ -27,7 +27,7 @@ from flatquant.quantizers import QuantSpec, fake_quant
 from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
                             run_without_triton)
 
-N_INTERPRETER_TESTS = 58  # the tests that need triton (at least these pass in the subprocess)
+N_INTERPRETER_TESTS = 60  # the tests that need triton (at least these pass in the subprocess)
 
 
 def _rows(B, H, T, D, dtype, seed, device=DEVICE):
@@ -179,11 +179,13 @@ def test_rope_k_quant_pack_with_transform(dtype, D, per_batch, config):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rope_reference_is_the_layers_formula(dtype):
-    """The reference's RoPE is the layer's (flatquant.quant_layer.Attention, cos/sin cast to k's dtype), bit for
-    bit: Attention with no K transform and 16-bit K/V hands the cache exactly rope_k_transform_ref(k) in k's dtype."""
+    """Attention (flatquant.quant_layer) hands a QuantKVCache K before RoPE with its own cos/sin, and the fused
+    write's reference RoPE of them is, bit for bit, the layer's formula (flatquant.rope.apply_rope, cos/sin cast to
+    k's dtype) — what the layer applies to q, and to K when it keeps no codes."""
     from flatquant.cache import QuantKVCache
     from flatquant.quant_layer import Attention
     from flatquant.quantizers import Quantizer, QuantSpec
+    from flatquant.rope import apply_rope
 
     B, H, T, D = 2, 3, 11, 64
     k = _rows(B, H, T, D, dtype, seed=4, device="cpu")
@@ -195,13 +197,70 @@ def test_rope_reference_is_the_layers_formula(dtype):
     class Spy(QuantKVCache):  # records what the attention hands the cache
         def layer(self, i):
             layer = super().layer(i)
-            layer.append = lambda kk, vv, *specs: seen.setdefault("k", kk)
+            layer.append = lambda kk, vv, *specs, rope=None, tk=None: seen.update(k=kk, rope=rope, tk=tk)
             layer.dequantized = lambda dt: (seen["k"], seen["k"])
             return layer
 
     x = k.transpose(1, 2).reshape(B, T, H * D)
     attn(x, x, x, (cos.to(dtype), sin.to(dtype)), cache=Spy())
-    assert torch.equal(rope_k_transform_ref(k, cos, sin), seen["k"].float())
+    assert torch.equal(seen["k"], k) and seen["tk"] is None
+    layer_rope = apply_rope(k, *(t.to(dtype).unsqueeze(1) for t in (cos, sin)))
+    assert torch.equal(rope_k_transform_ref(seen["k"], *seen["rope"]), layer_rope.float())
+
+
+def _attention_k_write(dtype, device, B=2, H=2, D=64, steps=((9, 2), (1, 3))):
+    """A QuantLayer attention with a learned-type K transform writes K into a QuantKVCache over a prefill and
+    one-token steps (at the device position); checks the codes against rope_k_quant_pack_ref, the dequantized K
+    against the fp32 value the write quantizes, and that value against what the layer quantizes without a cache
+    (tk.apply of RoPE, rounded to k's dtype)."""
+    from flatquant.cache import QuantKVCache
+    from flatquant.quant_layer import Attention
+    from flatquant.quantizers import Quantizer, QuantSpec
+    from flatquant.rope import apply_rope
+    from flatquant.transforms import KronTransform
+
+    tk = KronTransform.learnable(D, (1, D), generator=torch.Generator().manual_seed(1)).to(device)
+    tk.freeze()
+    parts = type("Parts", (), dict(num_heads=H, num_kv_heads=H, head_dim=D, layer_idx=0, q_norm=None, k_norm=None))
+    spec = QuantSpec(4, False, "head", D)  # no clipping: every value within half a step
+    attn = Attention(parts, Quantizer(spec), Quantizer(spec))
+    cache = QuantKVCache()
+    ks, coss, sins = [], [], []
+    for T, seed in steps:
+        k = _rows(B, H, T, D, dtype, seed=seed, device=device)
+        cos, sin = (t.to(device=device, dtype=dtype) for t in _rope_tables(B, T, D, True, seed=seed))
+        x = k.transpose(1, 2).reshape(B, T, H * D)
+        attn(x, x, x, (cos, sin), cache=cache, tk=tk)
+        ks.append(k.cpu()), coss.append(cos.cpu()), sins.append(sin.cpu())
+    k, cos, sin = torch.cat(ks, 2), torch.cat(coss, 1), torch.cat(sins, 1)
+    n = k.shape[2]
+    got = tuple(t[:, :, :n].cpu() for t in cache.layer(0).k)
+    m = tk.dense().cpu()
+    y = rope_k_transform_ref(k, cos, sin, m)
+    _assert_codes_near(got, rope_k_quant_pack_ref(k, cos, sin, m), y, 1.0)
+    assert ((kv_dequant(*got) - y).abs() <= got[1][..., None] * 0.5 * (1 + 1e-5) + 1e-6).all()
+    # without a cache the layer rounds rope(k)·Tk to k's dtype: y up to one rounding of the product's terms
+    # (measured ≤ 0.44 of this bound in fp16 and bf16 at 4 × 8 × 300 × 128)
+    r = apply_rope(k, cos.unsqueeze(1), sin.unsqueeze(1))
+    plain = tk.cpu().apply(r).float()
+    assert ((plain - y).abs() <= torch.finfo(dtype).eps * (r.float().abs() @ m.abs()) + 1e-6).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_writes_k_through_the_fused_rope_transform_quantizer(dtype):
+    """With a QuantKVCache the layer hands K before RoPE, its cos/sin and its K transform's matrix to one fused
+    write (rope_k_quant_pack): the codes are the reference's (but for fp32 sums in another order), within half a
+    step of rope(k)·Tk held in fp32, which the layer without a cache rounds to k's dtype."""
+    _attention_k_write(dtype, "cpu")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_writes_k_through_the_fused_write_gpu(dtype):
+    """The same at LLaMA-3-8B's head shape on the GPU: a 300-token prefill of 4 sequences, then two decode steps."""
+    _attention_k_write(dtype, "cuda", B=4, H=8, D=128, steps=((300, 5), (1, 6), (1, 7)))
 
 
 @needs_triton
