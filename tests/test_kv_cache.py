@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
     if "flatquant.kernels.kv_cache" in sys.modules:
         importlib.reload(sys.modules["flatquant.kernels.kv_cache"])
 
-from flatquant.kernels.kv_cache import (decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack,
+from flatquant.kernels.kv_cache import (decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack, rope_transform,
+                                        rope_transform_ref,
                                         kv_quant_pack_ref, rope_k_quant_pack, rope_k_quant_pack_ref,
                                         rope_k_transform_ref)
 from flatquant.kernels import kv_cache as kv_kernels
@@ -27,7 +28,7 @@ from flatquant.quantizers import QuantSpec, fake_quant
 from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
                             run_without_triton)
 
-N_INTERPRETER_TESTS = 60  # the tests that need triton (at least these pass in the subprocess)
+N_INTERPRETER_TESTS = 69  # the tests that need triton (at least these pass in the subprocess)
 
 
 def _rows(B, H, T, D, dtype, seed, device=DEVICE):
@@ -206,6 +207,46 @@ def test_rope_reference_is_the_layers_formula(dtype):
     assert torch.equal(seen["k"], k) and seen["tk"] is None
     layer_rope = apply_rope(k, *(t.to(dtype).unsqueeze(1) for t in (cos, sin)))
     assert torch.equal(rope_k_transform_ref(seen["k"], *seen["rope"]), layer_rope.float())
+
+
+def _check_rope_transform(B, H, T, D, dtype, device, seed):
+    """rope_transform against the references: RoPE alone bit for bit; with a transform, within one rounding to
+    x's dtype of the fp32 product plus that product's fp32 sum-order slack (4 ulp of fp32 of its terms' sum)."""
+    from flatquant.rope import apply_rope
+
+    x = _strided(_rows(B, H, T, D, dtype, seed=seed, device=device))
+    cos, sin = (t.to(device) for t in _rope_tables(B, T, D, seed % 2 == 0, seed=seed))
+    # every element compared: an element the kernel left unwritten (torch.empty's garbage) fails either check
+    assert torch.equal(rope_transform(x, cos, sin).cpu(), rope_transform_ref(x.cpu(), cos.cpu(), sin.cpu()))
+    m = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
+    out = rope_transform(x, cos, sin, m.float().to(device)).cpu()
+    assert out.dtype == dtype and out.shape == x.shape and not out.isnan().any()
+    x, cos, sin, m = x.cpu(), cos.cpu(), sin.cpu(), m.float()
+    y = rope_k_transform_ref(x, cos, sin, m)
+    r = apply_rope(x, *(_rope_table_like(t, x) for t in (cos, sin))).float()
+    bound = torch.finfo(dtype).eps * y.abs() + 4 * torch.finfo(torch.float32).eps * (r.abs() @ m.abs())
+    assert ((out.float() - y).abs() <= bound).all()
+
+
+def _rope_table_like(t, x):
+    return (t if t.dim() == 3 else t.unsqueeze(0)).to(x.dtype).unsqueeze(1)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,T,D,seed", [(2, 3, 5, 64, 0), (1, 4, 1, 128, 1), (3, 2, 17, 32, 2)])
+def test_rope_transform_matches_the_reference(B, H, T, D, seed, dtype):
+    """The query side of the fused K write (RoPE and ·Tk⁻ᵀ in one kernel, nothing quantized), strided input."""
+    _check_rope_transform(B, H, T, D, dtype, DEVICE, seed)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rope_transform_gpu_model_shapes(dtype):
+    """LLaMA-3-8B's 32 query heads: a decode step of 64 sequences and a 300-token prefill of 2."""
+    for B, T, seed in ((64, 1, 4), (2, 300, 5)):
+        _check_rope_transform(B, 32, T, 128, dtype, "cuda", seed)
 
 
 def _attention_k_write(dtype, device, B=2, H=2, D=64, steps=((9, 2), (1, 3))):

@@ -101,8 +101,11 @@ if HAS_TRITON:
         sxb, sxh, sxt, srb, srt, scb, sch, sct, ssb, ssh, sst,
         BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
         TRANSFORM: tl.constexpr, EXACT: tl.constexpr, BF16_RNE: tl.constexpr, AT: tl.constexpr,
+        QUANT: tl.constexpr = True,
     ):
         """Persistent over blocks of ROWS (b, h, t) rows: [RoPE →] [·Tk →] quantize each row of D, pack.
+        QUANT=False stores the row itself instead, rounded to c_ptr's dtype (its row strides scb, sch, sct;
+        ``rope_transform``, the query side), and writes no scale or zero.
         With TRANSFORM, y = Σ_k rope(x)[:, k-chunk]·Tk[k-chunk, :] over chunks of BLOCK_K columns (fp32 FMA
         products; the whole 128-deep product at once needs more registers than a thread has and spills).
         AT: row t is stored at token at[0] + t of the output (read on the device, so that a CUDA graph can replay
@@ -129,22 +132,28 @@ if HAS_TRITON:
             else:
                 y = _rope_cols(x_ptr, cos_ptr, sin_ptr, xrow, rrow, live, cols, D, ROPE, EXACT, BF16_RNE)
             mask = live[:, None] & cmask[None, :]
-            t = t + at
-            live = live & (t >= 0) & (t < T_out)
-            hi = tl.maximum(tl.max(tl.where(mask, y, -float("inf")), axis=1), 0.0)
-            lo = tl.minimum(tl.min(tl.where(mask, y, float("inf")), axis=1), 0.0)
-            hi, lo = _mul(hi, clip, EXACT), _mul(lo, clip, EXACT)
-            scale = tl.maximum(_div(hi - lo, 15.0, EXACT), 1e-8)
-            zero = (_div(-lo, scale, EXACT) + _ROUND_MAGIC) - _ROUND_MAGIC
-            v = (_div(y, scale[:, None], EXACT) + _ROUND_MAGIC) - _ROUND_MAGIC + zero[:, None]
-            v = tl.minimum(tl.maximum(v, 0.0), 15.0).to(tl.int32)
-            even, odd = tl.split(tl.reshape(v, (ROWS, BLOCK_D // 2, 2)))
-            crow = c_ptr + b * scb + h * sch + t * sct
-            tl.store(crow[:, None] + jh[None, :], (even | (odd << 4)).to(tl.uint8),
-                     mask=live[:, None] & (jh < D // 2)[None, :])
-            srow = b * ssb + h * ssh + t * sst
-            tl.store(scale_ptr + srow, scale, mask=live)
-            tl.store(zero_ptr + srow, zero, mask=live)
+            if not QUANT:
+                if BF16_RNE:  # the interpreter truncates fp32 → bf16
+                    y = _rne_bf16(y)
+                yrow = c_ptr + b * scb + h * sch + t * sct
+                tl.store(yrow[:, None] + cols[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+            else:
+                t = t + at
+                live = live & (t >= 0) & (t < T_out)
+                hi = tl.maximum(tl.max(tl.where(mask, y, -float("inf")), axis=1), 0.0)
+                lo = tl.minimum(tl.min(tl.where(mask, y, float("inf")), axis=1), 0.0)
+                hi, lo = _mul(hi, clip, EXACT), _mul(lo, clip, EXACT)
+                scale = tl.maximum(_div(hi - lo, 15.0, EXACT), 1e-8)
+                zero = (_div(-lo, scale, EXACT) + _ROUND_MAGIC) - _ROUND_MAGIC
+                v = (_div(y, scale[:, None], EXACT) + _ROUND_MAGIC) - _ROUND_MAGIC + zero[:, None]
+                v = tl.minimum(tl.maximum(v, 0.0), 15.0).to(tl.int32)
+                even, odd = tl.split(tl.reshape(v, (ROWS, BLOCK_D // 2, 2)))
+                crow = c_ptr + b * scb + h * sch + t * sct
+                tl.store(crow[:, None] + jh[None, :], (even | (odd << 4)).to(tl.uint8),
+                         mask=live[:, None] & (jh < D // 2)[None, :])
+                srow = b * ssb + h * ssh + t * sst
+                tl.store(scale_ptr + srow, scale, mask=live)
+                tl.store(zero_ptr + srow, zero, mask=live)
 
     # Nibbles → 16-bit floats, two per 32-bit register: prmt moves each code byte under the high byte of MAGIC
     # (fp16 0x64: 1024 + c, bf16 0x43: 128 + c, both exact), and one packed subtraction of MAGIC + 8 leaves c − 8,
@@ -468,9 +477,9 @@ def _pack_config(n_rows: int, transform: bool, device: torch.device, config: dic
     return {**cfg, **(config or {})}
 
 
-def _launch_pack(x, cos, sin, tk, clip, out, config=None, at=None):
+def _launch_pack(x, cos, sin, tk, clip, out, config=None, at=None, quant=True):
     """One _kv_pack_kernel launch: quantize (and RoPE / transform when cos / tk are given) x into out (from token
-    at[0] on when `at` is given)."""
+    at[0] on when `at` is given); quant=False: out is (y, y, y), y a (B, H, T, D) tensor the transformed rows go to."""
     B, H, T, D = x.shape
     codes, scale, zero = out
     n_rows = B * H * T
@@ -496,10 +505,10 @@ def _launch_pack(x, cos, sin, tk, clip, out, config=None, at=None):
     _kv_pack_kernel[grid](
         x, cos, sin, x if tk is None else tk, codes, scale, zero, scale if at is None else at,
         n_rows, H, T, codes.shape[2], D, float(clip),
-        *x.stride()[:3], srb, srt, *codes.stride()[:3], *scale.stride(),
+        *x.stride()[:3], srb, srt, *codes.stride()[:3], *(scale.stride()[:3] if quant else (0, 0, 0)),
         BLOCK_D=max(16, next_pow2(D)), ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], ROPE=rope,
         TRANSFORM=tk is not None, EXACT=x.is_cuda, BF16_RNE=not x.is_cuda and x.dtype == torch.bfloat16,
-        AT=at is not None, num_warps=cfg["num_warps"],
+        AT=at is not None, QUANT=quant, num_warps=cfg["num_warps"],
     )
     return codes, scale, zero
 
@@ -544,6 +553,29 @@ def rope_k_quant_pack(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tk:
     if not use_triton(k):
         return _copy_into(out, rope_k_quant_pack_ref(k, cos, sin, tk, clip), at)
     return _launch_pack(k, cos, sin, tk, clip, out, config, at)
+
+
+def rope_transform_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       t: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch reference of ``rope_transform``: ``rope_k_transform_ref`` rounded to x's dtype."""
+    return rope_k_transform_ref(x, cos, sin, t).to(x.dtype)
+
+
+def rope_transform(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, t: torch.Tensor | None = None,
+                   config: dict | None = None) -> torch.Tensor:
+    """The query side of ``rope_k_quant_pack``: RoPE and a (D, D) transform in one kernel, nothing quantized.
+
+    x: (B, H, T, D) fp16/bf16/fp32 before RoPE (any strides, last dim contiguous); cos, sin: (T, D) or (B, T, D);
+    t: (D, D), used in fp32 (the layer passes Tk⁻ᵀ for queries), or None. Returns a new contiguous (B, H, T, D)
+    tensor in x's dtype: RoPE rounded to x's dtype as the layer computes it, the product summed in fp32 and
+    rounded once; equal to ``rope_transform_ref`` but for the order of that sum (a last-bit difference where the
+    sum lies at a rounding boundary). Falls back to the reference where Triton cannot run."""
+    _check_rows(x, "x")
+    if not use_triton(x):
+        return rope_transform_ref(x, cos, sin, t)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch_pack(x, cos, sin, t, 1.0, (y, y, y), config, quant=False)
+    return y
 
 
 def _copy_into(out, res, at=None):
