@@ -6,19 +6,22 @@ Usage:
                                                                 # transformers: flatquant.generate.cache_kwarg)
     cache.nbytes()                                                        # what the cache holds, in bytes
 
-Each QuantLayer's attention hands this cache its K (after RoPE and the learned K transform) and V before the K/V
-quantizers, with the quantizers' specs; the cache quantizes them itself, with exactly the calibrated quantizer
-(asymmetric 4-bit per head, the kv clip ratio), and keeps only the codes: codes (B, Hkv, T, D/2) uint8 with scale
+Each QuantLayer's attention hands this cache its K before RoPE (with the rotary tables and the learned K transform's
+matrix) and V, both before the K/V quantizers, with the quantizers' specs; the cache quantizes them itself, with
+the calibrated quantizer (asymmetric 4-bit per head, the kv clip ratio), and keeps only the codes: codes (B, Hkv, T, D/2) uint8 with scale
 and zero (B, Hkv, T) float32, the layout of flatquant/kernels/kv_cache.py (4 + 64/D bits a value, 0.28× fp16's
 bytes at D = 128, 0.31× at D = 64). Attention then reads it two ways:
 - prefill (or any step with a mask, or without CUDA): the cache dequantizes all it holds to the compute dtype and
-  PyTorch's SDPA attends, so the outputs equal those of the fake-quantized model with a DynamicCache (on the CPU;
-  on the GPU see below);
+  PyTorch's SDPA attends, so in float32 the outputs equal those of the fake-quantized model with a DynamicCache but
+  for the order of fp32 sums (below);
 - decode (one new token per sequence, no mask, on a GPU with Triton): `decode_attention` (flash decoding) attends
   over the codes, dequantizing tiles on chip, and never materialises K/V.
-Codes are written by `kv_quant_pack` (its Triton kernel on the GPU, elsewhere its reference, which is
-flatquant.quantizers.quantize; the two agree bit for bit, tests/test_kv_cache.py) and read back by `kv_dequant`. On the GPU they can differ from the fake-quantized model's (PyTorch's CUDA
-quantizer) where a value sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated
+K's codes are written by `rope_k_quant_pack` (RoPE, ·Tk and the quantizer in one Triton kernel, rope(k)·Tk held in
+fp32; the fake-quantized layer rounds that product to the compute dtype first, so in fp16/bf16 the cache's K is the
+more accurate of the two), V's by `kv_quant_pack` (its kernel and its reference, flatquant.quantizers.quantize,
+agree bit for bit); without Triton their PyTorch references run (tests/test_kv_cache.py); `kv_dequant` reads them
+back. On the GPU codes can also differ from the fake-quantized model's (PyTorch's CUDA quantizer) where a value
+sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated
 with 256 tokens of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps
 copies nothing until the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
 `QuantKVCache(max_length=N)` instead allocates N tokens once and never moves them; each layer counts its tokens on

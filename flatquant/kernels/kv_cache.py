@@ -5,6 +5,7 @@ Usage::
     from flatquant.kernels.kv_cache import decode_attention, kv_quant_pack, rope_k_quant_pack
     vc, vs, vz = kv_quant_pack(v, clip=0.95)                        # v: (B, Hkv, T, D) → packed V cache
     kc, ks, kz = rope_k_quant_pack(k, cos, sin, tk, clip=0.95)      # k before RoPE → RoPE, ·Tk, packed K cache
+    q = rope_transform(q, cos, sin, tk_inv_t)                       # q before RoPE → RoPE, ·Tk⁻ᵀ (no quantizer)
     o = decode_attention(q, kc, ks, kz, vc, vs, vz, lengths)        # q: (B, Hq, D), newest token per sequence
 
 A forward without a cache quantizes K and V and dequantizes them at once (the ``kq``/``vq`` quantizers of
@@ -25,10 +26,12 @@ Numerics of ``rope_k_quant_pack`` (the reference does the same): RoPE is held in
 does, k·cos + rotate_half(k)·sin with cos, sin cast to k's dtype and each product and the sum rounded to it. PyTorch
 computes each 16-bit op in fp32 and rounds the result; the kernel does the same (a product of two 16-bit values is
 exact in fp32), so the RoPE values are equal bit for bit. The product y = rope(k)·Tk takes Tk in fp32, accumulates
-in fp32 and is held in fp32 up to the quantizer: it is not rounded to k's dtype. (The layer's fake-quant path today
-casts Tk to k's dtype and rounds the product to it, which costs accuracy; once it moves to this cache the two
-differ by such roundings.) Only the order of the fp32 sum differs from PyTorch's matmul, so a code can differ
-from the reference's only where y/scale sits within a few ulp of a rounding boundary.
+in fp32 and is held in fp32 up to the quantizer: it is not rounded to k's dtype. (The layer's fake-quant path
+casts Tk to k's dtype and rounds the product to it, which costs accuracy; the layer writes a QuantKVCache through
+this kernel, so the two differ by such roundings.) Only the order of the fp32 sum differs from PyTorch's matmul, so
+a code can differ from the reference's only where y/scale sits within a few ulp of a rounding boundary.
+``rope_transform`` is the query side (RoPE and ·Tk⁻ᵀ, the product rounded once to q's dtype), which the layer runs
+for one-token steps on a QuantKVCache.
 
 ``decode_attention`` is flash decoding: each program takes one kv head of one sequence (all its Hq/Hkv query
 heads at once, so grouped-query attention reads K/V once) over a chunk of the sequence and runs an online softmax
