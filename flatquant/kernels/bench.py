@@ -8,6 +8,7 @@ Usage::
     python -m flatquant.kernels.bench --only decode --out $OUT             # decode_attention vs fp16 SDPA
     python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
     python -m flatquant.kernels.bench --only decode-tiles --out $OUT       # decode_attention per tile config
+    python -m flatquant.kernels.bench --only decode-writes --out $OUT      # q/K/V kernels of a decode step
 
     from flatquant.kernels.bench import bench_shapes
     res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
@@ -18,7 +19,8 @@ for fp16 and ours alike. Inputs and weights rotate over enough buffer sets to ex
 The GEMM is timed on both paths (``gemm_int8_ms``, ``gemm_fp8_ms`` where the GPU runs fp8; ``gemm_ms`` is the
 default path's) with the ratios fp8_vs_int8 and fp8_vs_fp16 (fp16 F.linear time / ours).
 Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md; ``--only decode``:
-_decode_attention; ``--only decode-gemm``: _decode_gemm; ``--only decode-tiles``: _decode_attention_tiles).
+_decode_attention; ``--only decode-gemm``: _decode_gemm; ``--only decode-tiles``: _decode_attention_tiles;
+``--only decode-writes``: _decode_writes).
 """
 from __future__ import annotations
 
@@ -459,6 +461,66 @@ def decode_tiles_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_decode_writes(shape, batches=(1, 8, 32, 64), capacity=2064) -> list[dict]:
+    """A decode step's attention inputs at the cache, fp16, CUDA-graph replay: ours — ``rope_transform`` of q (RoPE,
+    ·Tk⁻ᵀ), ``rope_k_quant_pack`` of K and ``kv_quant_pack`` of V at a device position, three launches — against
+    what the layer ran before them: RoPE of q and K as PyTorch's ops, both transforms as fp16 products, then the two
+    ``kv_quant_pack`` writes. Each row also reports ours against the references: q's largest error relative to the
+    float32 value (q_max_rel_err, |y| clamped at 1e-2) and the share of K code bytes that differ from the
+    reference's (k_code_bytes_differing; boundary cases of the fp32 sum order)."""
+    from flatquant.rope import apply_rope
+
+    from .kv_cache import (kv_quant_pack, rope_k_quant_pack, rope_k_quant_pack_ref, rope_k_transform_ref,
+                           rope_transform)
+
+    _, _, heads, kv_heads, D = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tk = torch.linalg.qr(torch.randn(D, D, device="cuda", dtype=torch.float64, generator=g))[0].float()
+    tk_inv = torch.linalg.inv(tk).T.contiguous()
+    out = []
+    for B in batches:
+        qkv = torch.randn(B, 1, heads + 2 * kv_heads, D, device="cuda", dtype=torch.float16, generator=g)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split((heads, kv_heads, kv_heads), dim=2))
+        ang = torch.rand(B, 1, D // 2, device="cuda", generator=g) * 100
+        cos, sin = (torch.cat([f(ang)] * 2, dim=-1).half() for f in (torch.cos, torch.sin))
+        cache = [(torch.zeros(B, kv_heads, capacity, D // 2, dtype=torch.uint8, device="cuda"),
+                  torch.zeros(B, kv_heads, capacity, device="cuda"), torch.zeros(B, kv_heads, capacity, device="cuda"))
+                 for _ in range(2)]
+        pos = torch.full((1,), capacity // 2, dtype=torch.int32, device="cuda")
+
+        def ours():
+            rope_transform(q, cos, sin, tk_inv)
+            rope_k_quant_pack(k, cos, sin, tk, 0.95, out=cache[0], at=pos)
+            kv_quant_pack(v, 0.95, out=cache[1], at=pos)
+
+        c4, s4 = cos.unsqueeze(1), sin.unsqueeze(1)
+        tk16, tk_inv16 = tk.half(), tk_inv.half()
+
+        def before():
+            apply_rope(q, c4, s4) @ tk_inv16
+            kv_quant_pack(apply_rope(k, c4, s4) @ tk16, 0.95, out=cache[0], at=pos)
+            kv_quant_pack(v, 0.95, out=cache[1], at=pos)
+
+        y = rope_k_transform_ref(q, cos, sin, tk_inv)
+        q_err = float(((rope_transform(q, cos, sin, tk_inv).float() - y).abs() / y.abs().clamp_min(1e-2)).max())
+        rope_k_quant_pack(k, cos, sin, tk, 0.95, out=cache[0], at=pos)
+        ref = rope_k_quant_pack_ref(k, cos, sin, tk, 0.95)[0]
+        k_flips = float((cache[0][0][:, :, capacity // 2: capacity // 2 + 1] != ref).float().mean())
+        ms = _time(ours, [()], True)
+        before_ms = _time(before, [()], True)
+        out.append({"B": B, "heads": heads, "kv_heads": kv_heads, "D": D, "us": 1e3 * ms, "before_us": 1e3 * before_ms,
+                    "speedup": before_ms / ms, "q_max_rel_err": q_err, "k_code_bytes_differing": k_flips})
+        _log(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in out[-1].items()}))
+    return out
+
+
+def decode_writes_table(rows: list[dict]) -> str:
+    lines = ["| batch | ours µs (3 launches) | before µs (PyTorch RoPE + fp16 products + 2 writes) | speedup |",
+             "|---:|---:|---:|---:|"]
+    lines += [f"| {r['B']} | {r['us']:.1f} | {r['before_us']:.1f} | {r['speedup']:.2f}× |" for r in rows]
+    return "\n".join(lines)
+
+
 def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
     """w4a4_gemm at decode sizes on every split of k in ``splits`` and pick_config's default, against fp16
     F.linear, both replayed from CUDA graphs over rotating weights (3× L2, so the weights come from HBM); weight
@@ -518,11 +580,13 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
-    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-tiles"), default="all",
+    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-tiles", "decode-writes"),
+                   default="all",
                    help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by "
                         "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json); "
                         "decode-gemm: the decode GEMM on each split of k against fp16 (<gpu>_decode_gemm.json); "
-                        "decode-tiles: decode_attention per tile config, checked (<gpu>_decode_attention_tiles.json)")
+                        "decode-tiles: decode_attention per tile config, checked (<gpu>_decode_attention_tiles.json); "
+                        "decode-writes: a decode step's q/K/V kernels at the cache (<gpu>_decode_writes.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm)")
@@ -547,7 +611,8 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
     decode_only = {"decode": (bench_decode, "_decode_attention", decode_table),
                    "decode-gemm": (bench_decode_gemm, "_decode_gemm", decode_gemm_table),
-                   "decode-tiles": (bench_decode_tiles, "_decode_attention_tiles", decode_tiles_table)}
+                   "decode-tiles": (bench_decode_tiles, "_decode_attention_tiles", decode_tiles_table),
+                   "decode-writes": (bench_decode_writes, "_decode_writes", decode_writes_table)}
     if a.only in decode_only:
         bench, suffix, table = decode_only[a.only]
         rows = bench(shape)
