@@ -260,17 +260,35 @@ def test_generate_through_the_fixed_cache_decoder_gives_generate_s_text(smollm2)
 
     model, tok = smollm2
     prompts = ["The capital of Germany is", "Water boils at"]
-    assert generate(model, tok, prompts, max_new_tokens=6, cuda_graph=True) == generate(model, tok, prompts, 6)
+    loop = generate(model, tok, prompts, 6, cuda_graph=False)
+    assert generate(model, tok, prompts, max_new_tokens=6, cuda_graph=True) == loop
     quant = _quantized("flatquant")
     fake = _token_list_tokenizer()
     texts = generate(quant, fake, ["x"], max_new_tokens=5, cuda_graph=True)
-    assert texts == generate(quant, fake, ["x"], max_new_tokens=5)
+    assert texts == generate(quant, fake, ["x"], max_new_tokens=5, cuda_graph=False)
     full = fixed_cache_greedy(quant, torch.tensor([[5, 6, 7]]), 5)
     assert str(full[0].tolist()) == texts[0]
     eos = int(full[0, 2])
     cut = fixed_cache_greedy(quant, torch.tensor([[5, 6, 7]]), 5, eos_token_id=eos)
     first = int((full[0] == eos).nonzero()[0])
     assert torch.equal(cut, full[:, : first + 1])
+
+
+def test_generate_takes_the_graph_by_default_only_on_a_gpu(monkeypatch):
+    """cuda_graph=None (the default) decodes with the fixed-cache greedy loop where the model's device is CUDA and
+    with model.generate elsewhere: the choice by device, then generate() on the CPU (model.generate) and with
+    cuda_graph=True (the fixed-cache loop)."""
+    import flatquant.generate as gen
+
+    assert gen.default_cuda_graph(torch.device("cuda", 1)) and gen.default_cuda_graph("cuda")
+    assert not gen.default_cuda_graph("cpu")
+    calls = []
+    monkeypatch.setattr(gen, "fixed_cache_greedy", lambda *a, **k: calls.append("graph") or torch.tensor([[1]]))
+    quant = _quantized("rtn")
+    generate(quant, _token_list_tokenizer(), ["x"], max_new_tokens=2)
+    assert calls == []
+    generate(quant, _token_list_tokenizer(), ["x"], max_new_tokens=2, cuda_graph=True)
+    assert calls == ["graph"]
 
 
 def test_eval_cuda_graph_reaches_generate(monkeypatch):
