@@ -572,8 +572,8 @@ def test_c16_unpack_ptx_gives_centred_codes(bf16):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lengths", [[8192], [1, 8191, 4097, 300], [5000] * 16])
 def test_decode_attention_gpu_model_shapes(dtype, lengths):
-    """The default split (on 132 SMs: 64 chunks of 128 tokens for one sequence, 17 of 496 for four; for sixteen 8 of
-    1024 at one warp a program, fp32 q 5 of 1648 at four) and a forced single pass, against the float64 reference,
+    """The default split (on 132 SMs: 64 chunks of 128 tokens for one sequence, 16 of 512 for four; for sixteen 8 of
+    1024 at one warp a program, fp32 q 5 of 1664 at four) and a forced single pass, against the float64 reference,
     with the CPU run's tolerance."""
     B, Tmax = len(lengths), 8192
     cache = _cache(B, 8, Tmax, 128, lengths, seed=B)
