@@ -16,6 +16,7 @@ import torch
 from flatquant.adapters import adapter_for
 from flatquant.lazy import materialize
 from pipeline import figures
+from pipeline.interrupt import raise_if_terminated
 
 from flatquant.calibrate import calibrate_layers, quantize_model
 
@@ -55,6 +56,7 @@ def run(cfg: dict, ctx) -> dict[str, float]:
     samples = ctx.calib_samples() if ctx.ccfg.needs_data(ctx.method) else torch.zeros(0, 0, dtype=torch.long)
 
     def on_layer(report, state):
+        raise_if_terminated()  # the layer is saved: a SIGTERM whose first raise was lost stops the run here
         if ctx.tracker is None:
             return
         by_layer = {"init_mse": report.init_loss, "final_mse": report.final_loss, "seconds": report.seconds}

@@ -11,9 +11,7 @@ import logging
 import math
 import os
 import random
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch
 from flatquant.flat import flatten
 from pipeline import bench, calibrate, eval_generate, eval_ppl, eval_qa, export, prepare_data
 from pipeline.context import Context
+from pipeline.interrupt import on_sigterm_raise, raise_if_terminated
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -35,27 +34,6 @@ STAGES = {
     "all": [prepare_data.run, eval_ppl.baseline, eval_qa.baseline, calibrate.run, export.run, eval_ppl.run, eval_qa.run,
             eval_generate.run],
 }
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that the run is closed (KILLED) as for Ctrl-C."""
-
-
-@contextmanager
-def on_sigterm_raise():
-    """While the body runs, SIGTERM raises Terminated (a KeyboardInterrupt) instead of ending the process at once."""
-    def handler(signum, frame):
-        raise Terminated(signal.Signals(signum).name)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: signals cannot be caught here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def stage_name(stage) -> str:
@@ -182,11 +160,13 @@ def _stages(cfg: dict, ctx: Context, tracker, t0: float) -> dict[str, float]:
             tracker.metrics({"run/wall_seconds": metrics["run/wall_seconds"]})
             return metrics  # no summary and no metrics file: the process that evaluates writes them
     for stage in STAGES[cfg["stage"]]:
+        raise_if_terminated()
         t_stage = time.time()
         out = stage(cfg, ctx)
         out[f"time/{stage_name(stage)}_seconds"] = time.time() - t_stage
         tracker.metrics(out)
         metrics.update(out)
+    raise_if_terminated()
     metrics["run/wall_seconds"] = time.time() - t0
     tracker.metrics({"run/wall_seconds": metrics["run/wall_seconds"]})
     if cfg["stage"] in ("eval", "all"):
