@@ -410,44 +410,30 @@ def bench_decode(shape, rows=DECODE_ROWS) -> list[dict]:
     _, _, heads, kv_heads, head_dim = shape
     out = []
     for B, T in rows:
-        out.append(bench_decode_attention(B, heads, kv_heads, T, head_dim))
+        out += bench_decode_attention(B, heads, kv_heads, T, head_dim)
         _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out[-1].items()}))
     return out
 
 
 DECODE_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 1), (32, 4, 2), (32, 2, 2), (64, 2, 2), (32, 1, 1), (32, 1, 2),
-                (32, 1, 3), (16, 1, 2), (16, 1, 3))  # (block_n, num_warps, num_stages); the first is the default
+                (32, 1, 3), (16, 1, 2), (16, 1, 3))  # (block_n, num_warps, num_stages)
 
 
 def bench_decode_tiles(shape, rows=DECODE_ROWS, tiles=DECODE_TILES) -> list[dict]:
-    """decode_attention (fp16 q, every sequence full) on each (block_n, num_warps, num_stages) of ``tiles``; each
-    config's output is checked against the float64 reference with the tests' tolerance (1e-5·max|V| + half an
-    fp16 ulp of the output): ``err_over_tol`` ≤ 1 passes."""
-    from .kv_cache import bench_decode_attention, decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack
+    """decode_attention (fp16 q, every sequence full) on each (block_n, num_warps, num_stages) of ``tiles``, all over
+    one cache per row, each checked against the float64 reference with the tests' tolerance (``err_over_tol`` ≤ 1
+    passes); ``default`` marks the tiles the wrapper picks for that shape (``kv_cache._decode_config``)."""
+    from .kv_cache import _decode_config, bench_decode_attention
 
     _, _, heads, kv_heads, head_dim = shape
     out = []
     for B, T in rows:
-        x = torch.randn(B, kv_heads, T, head_dim, device="cuda", dtype=torch.float16)
-        cache = (*kv_quant_pack(x), *kv_quant_pack(x.flip(2)))
-        del x
-        q = torch.randn(B, heads, head_dim, device="cuda", dtype=torch.float16)
-        lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
-        ref = decode_attention_ref(q, *cache, lengths, out_dtype=torch.float64)
-        tol = 1e-5 * float(kv_dequant(*cache[3:]).abs().max()) + 2**-11 * ref.abs()
-        for bn, warps, stages in tiles:
-            cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages}
-            try:
-                o = torch.full_like(q, math.nan)
-                decode_attention(q, *cache, lengths, out=o, config=cfg)
-                err = float(((o.double() - ref).abs() / tol).nan_to_num(math.inf).max())
-                r = bench_decode_attention(B, heads, kv_heads, T, head_dim, config=cfg)
-            except Exception as e:  # a config that does not compile must not stop the sweep
-                _log(f"decode tiles B={B} T={T} {cfg} failed: {type(e).__name__}: {str(e)[-200:]}")
-                continue
-            out.append({**r, **cfg, "default": (bn, warps, stages) == tiles[0], "err_over_tol": err})
+        picked = _decode_config(heads // kv_heads, head_dim, None, B, kv_heads, T, torch.device("cuda"),
+                                torch.float16)
+        configs = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn, w, st in tiles]
+        for r in bench_decode_attention(B, heads, kv_heads, T, head_dim, configs=configs, check=True):
+            out.append({**r, "default": all(picked[k] == r[k] for k in configs[0])})
             _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out[-1].items()}))
-        del cache, ref, tol
         torch.cuda.empty_cache()
     return out
 

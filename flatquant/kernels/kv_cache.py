@@ -713,24 +713,41 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
 
 
 def bench_decode_attention(B: int = 1, Hq: int = 32, Hkv: int = 8, T: int = 8192, D: int = 128,
-                           dtype: torch.dtype = torch.float16, config: dict | None = None) -> dict:
+                           dtype: torch.dtype = torch.float16, configs=(None,), check: bool = False) -> list[dict]:
     """GPU time of ``decode_attention`` (CUDA-graph replay, median) and the cache bandwidth it reaches, against
     fp16 SDPA (``F.scaled_dot_product_attention(enable_gqa=True)``, what the fp16 model runs) over a cache of the
-    same shape in q's dtype, timed in the same call."""
+    same shape in q's dtype, timed once in the same call. One row per config of ``configs`` (None: the wrapper's
+    own), with that config's keys, all over the same cache; with ``check`` each row also has err_over_tol, the largest error against the
+    float64 reference over the tests' tolerance (1e-5·max|V| + half an ulp of q's dtype of the output; ≤ 1 passes).
+    A config that fails to run gives no row (its error is logged), so that one cannot hide the others."""
     import triton.testing
 
     x = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
-    kc, ks, kz = kv_quant_pack(x)
-    vc, vs, vz = kv_quant_pack(x.flip(2))
+    cache = (*kv_quant_pack(x), *kv_quant_pack(x.flip(2)))
     q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)
     lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
-    o = torch.empty_like(q)
-    ms = triton.testing.do_bench_cudagraph(lambda: decode_attention(q, kc, ks, kz, vc, vs, vz, lengths, out=o,
-                                                                    config=config))
-    cache_bytes = 2 * (kc.numel() + 8 * ks.numel())
+    cache_bytes = 2 * (cache[0].numel() + 8 * cache[1].numel())
     v = x.flip(2).contiguous()
     q4 = q.unsqueeze(2)
     sdpa_ms = triton.testing.do_bench_cudagraph(
         lambda: torch.nn.functional.scaled_dot_product_attention(q4, x, v, enable_gqa=True))
-    return {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "us": 1e3 * ms, "cache_GBps": cache_bytes / ms / 1e6,
-            "fp16_sdpa_us": 1e3 * sdpa_ms, "vs_fp16_sdpa": sdpa_ms / ms}
+    del x, v, q4
+    if check:
+        ref = decode_attention_ref(q, *cache, lengths, out_dtype=torch.float64)
+        half_ulp = {torch.float32: 0.0, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+        tol = 1e-5 * float(kv_dequant(*cache[3:]).abs().max()) + half_ulp * ref.abs()
+    rows = []
+    for config in configs:
+        o = torch.full_like(q, math.nan)
+        try:
+            decode_attention(q, *cache, lengths, out=o, config=config)
+            row = {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, **(config or {})}
+            if check:
+                row["err_over_tol"] = float(((o.double() - ref).abs() / tol).nan_to_num(math.inf).max())
+            ms = triton.testing.do_bench_cudagraph(lambda: decode_attention(q, *cache, lengths, out=o, config=config))
+        except Exception as e:  # a config that does not compile must not stop the others
+            print(f"decode_attention B={B} T={T} {config} failed: {type(e).__name__}: {str(e)[-200:]}", flush=True)
+            continue
+        rows.append({**row, "us": 1e3 * ms, "cache_GBps": cache_bytes / ms / 1e6, "fp16_sdpa_us": 1e3 * sdpa_ms,
+                     "vs_fp16_sdpa": sdpa_ms / ms})
+    return rows
