@@ -8,9 +8,9 @@ Usage:
 
 Each QuantLayer's attention hands this cache its K before RoPE (with the rotary tables and the learned K transform's
 matrix) and V, both before the K/V quantizers, with the quantizers' specs; the cache quantizes them itself, with
-the calibrated quantizer (asymmetric 4-bit per head, the kv clip ratio), and keeps only the codes: codes (B, Hkv, T, D/2) uint8 with scale
-and zero (B, Hkv, T) float32, the layout of flatquant/kernels/kv_cache.py (4 + 64/D bits a value, 0.28× fp16's
-bytes at D = 128, 0.31× at D = 64). Attention then reads it two ways:
+the calibrated quantizer (asymmetric 4-bit per head, the kv clip ratio), and keeps only the codes: codes
+(B, Hkv, T, D/2) uint8 with scale and zero (B, Hkv, T) float32, the layout of flatquant/kernels/kv_cache.py
+(4 + 64/D bits a value, 0.28× fp16's bytes at D = 128, 0.31× at D = 64). Attention then reads it two ways:
 - prefill (or any step with a mask, or without CUDA): the cache dequantizes all it holds to the compute dtype and
   PyTorch's SDPA attends, so in float32 the outputs equal those of the fake-quantized model with a DynamicCache but
   for the order of fp32 sums (below);
@@ -21,8 +21,7 @@ fp32; the fake-quantized layer rounds that product to the compute dtype first, s
 more accurate of the two), V's by `kv_quant_pack` (its kernel and its reference, flatquant.quantizers.quantize,
 agree bit for bit); without Triton their PyTorch references run (tests/test_kv_cache.py); `kv_dequant` reads them
 back. On the GPU codes can also differ from the fake-quantized model's (PyTorch's CUDA quantizer) where a value
-sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated
-with 256 tokens of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps
+sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated with 256 tokens of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps
 copies nothing until the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
 `QuantKVCache(max_length=N)` instead allocates N tokens once and never moves them; each layer counts its tokens on
 the device (`pos`: writes go there, decode attends over that many), so one CUDA graph of a decode step replays at

@@ -191,13 +191,14 @@ class Attention(nn.Module):
             q = rope_transform(q.transpose(1, 2), *position_embeddings, None if tk is None else tk.dense(inv_t=True))
         else:
             cos, sin = (t.unsqueeze(2).to(q.dtype) for t in position_embeddings)
-            q = apply_rope(q, cos, sin)
+
+            def rope_t(x, inv_t=False):
+                x = apply_rope(x, cos, sin)
+                return x if tk is None else tk.apply(x, inv_t=inv_t)
+
+            q = rope_t(q, inv_t=True)
             if not codes:
-                k = apply_rope(k, cos, sin)
-            if tk is not None:
-                q = tk.apply(q, inv_t=True)
-                if not codes:
-                    k = tk.apply(k)
+                k = rope_t(k)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
         if codes:
             layer = cache.layer(self.layer_idx)

@@ -225,13 +225,9 @@ def _check_rope_transform(B, H, T, D, dtype, device, seed):
     assert out.dtype == dtype and out.shape == x.shape and not out.isnan().any()
     x, cos, sin, m = x.cpu(), cos.cpu(), sin.cpu(), m.float()
     y = rope_k_transform_ref(x, cos, sin, m)
-    r = apply_rope(x, *(_rope_table_like(t, x) for t in (cos, sin))).float()
+    r = apply_rope(x, *(kv_kernels._rope_table(t, x).unsqueeze(1) for t in (cos, sin))).float()
     bound = torch.finfo(dtype).eps * y.abs() + D * torch.finfo(torch.float32).eps * (r.abs() @ m.abs())
     assert ((out.float() - y).abs() <= bound).all()
-
-
-def _rope_table_like(t, x):
-    return (t if t.dim() == 3 else t.unsqueeze(0)).to(x.dtype).unsqueeze(1)
 
 
 @needs_triton
