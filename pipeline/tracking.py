@@ -16,6 +16,8 @@ import os
 import urllib.request
 from pathlib import Path
 
+from pipeline.interrupt import deferred
+
 log = logging.getLogger(__name__)
 
 
@@ -56,10 +58,11 @@ class Tracker:
         tags = dict(self.tags)
         if parent and not nested:
             tags["mlflow.parentRunId"] = parent
-        run = mlflow.start_run(run_name=self.run_name, nested=nested, tags=tags)
-        self.run_id = run.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in self.config.items()})
-        mlflow.log_dict(self.config, "config.json")
+        with deferred():
+            run = mlflow.start_run(run_name=self.run_name, nested=nested, tags=tags)
+            self.run_id = run.info.run_id
+            mlflow.log_params({k: str(v)[:500] for k, v in self.config.items()})
+            mlflow.log_dict(self.config, "config.json")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -67,14 +70,16 @@ class Tracker:
             import mlflow
 
             interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)  # SIGINT / SIGTERM
-            mlflow.end_run(status="KILLED" if interrupted else "FAILED" if exc_type else "FINISHED")
+            with deferred(raise_after=False):
+                mlflow.end_run(status="KILLED" if interrupted else "FAILED" if exc_type else "FINISHED")
         return False
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self.enabled and values:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+            with deferred():
+                mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if not self.enabled:
@@ -82,10 +87,11 @@ class Tracker:
         import mlflow
 
         path = Path(path)
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), folder)
-        elif path.exists():
-            mlflow.log_artifact(str(path), folder)
+        with deferred():
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), folder)
+            elif path.exists():
+                mlflow.log_artifact(str(path), folder)
 
     def run_url(self, ui: str = "http://127.0.0.1:5000") -> str:
         """Where `mlflow ui` shows this run (the server's own address for a remote store)."""
@@ -97,13 +103,15 @@ class Tracker:
         if self.enabled and self.run_id:
             import mlflow
 
-            mlflow.set_tag("mlflow.note.content", markdown)
+            with deferred():
+                mlflow.set_tag("mlflow.note.content", markdown)
 
     def text(self, text: str, name: str) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.log_text(text, name)
+            with deferred():
+                mlflow.log_text(text, name)
 
 
 def ensure_store(uri: str, experiment: str) -> str:

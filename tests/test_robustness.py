@@ -191,6 +191,26 @@ def test_a_sigterm_lost_in_a_finalizer_is_raised_at_the_next_safe_point():
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
+def test_a_sigterm_during_an_mlflow_write_is_raised_when_the_write_ends():
+    """Inside `deferred` (the tracker's store writes) SIGTERM is recorded, not raised, so that no write is cut
+    (CI once saw a SIGTERMed run stay RUNNING: the exception had landed inside MLflow); it is raised as the write
+    ends, and not at all where the caller is ending the run (raise_after=False)."""
+    from pipeline.interrupt import Terminated, deferred, on_sigterm_raise
+
+    steps = []
+    with pytest.raises(Terminated, match="SIGTERM"):
+        with on_sigterm_raise():
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("the write went on")
+    assert steps == ["the write went on"]
+    with on_sigterm_raise():
+        with deferred(raise_after=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("end_run went on")
+    assert steps[-1] == "end_run went on"
+
+
 def _calibrate_tiny(store, model=None):
     model = model or random_llama(layers=3)
     samples = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
