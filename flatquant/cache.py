@@ -88,12 +88,16 @@ class QuantKVLayer(DynamicLayer):
         self.capacity = cap
 
     def append(self, k: torch.Tensor, v: torch.Tensor, k_spec: QuantSpec, v_spec: QuantSpec,
-               rope: tuple[torch.Tensor, torch.Tensor] | None = None, tk: torch.Tensor | None = None) -> None:
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None, tk: torch.Tensor | None = None,
+               q: torch.Tensor | None = None, tq: torch.Tensor | None = None) -> torch.Tensor | None:
         """k, v: (B, Hkv, s, D) before quantization, in the compute dtype. rope: None when k is final (after RoPE and
         its transform); else the (cos, sin) tables of these s tokens ((s, D) or (B, s, D), as the model's rotary
         embedding gives them) and k is taken before RoPE: RoPE, ·tk (a (D, D) matrix, or None) and the quantizer
-        run in one kernel (``rope_k_quant_pack``; RoPE rounded to k's dtype, rope(k)·tk held in fp32)."""
-        from flatquant.kernels.kv_cache import kv_quant_pack, rope_k_quant_pack  # imported when used: they import triton
+        run in one kernel (``rope_k_quant_pack``; RoPE rounded to k's dtype, rope(k)·tk held in fp32).
+        q: optionally these tokens' queries (B, Hq, s, D) before RoPE (with rope): returned after RoPE and ·tq (a
+        (D, D) matrix, or None) as ``rope_transform`` computes them, the three written by one launch
+        (``rope_qkv_write``); None without q."""
+        from flatquant.kernels.kv_cache import kv_quant_pack, rope_k_quant_pack, rope_qkv_write  # they import triton
 
         if not self.is_initialized:
             self.lazy_initialization(k, v)
@@ -104,13 +108,20 @@ class QuantKVLayer(DynamicLayer):
             self.specs = (k_spec, v_spec)
         if self.length + s > self.capacity:
             self._grow(b, h, d, self.length + s)
-        if rope is None:
-            kv_quant_pack(k, k_spec.clip_ratio, out=self.k, at=self.pos)
+        if q is not None and rope is None:
+            raise ValueError("q is written with RoPE: give rope= too")
+        out = None
+        if q is not None:
+            out = rope_qkv_write(q, k, v, *rope, tq, tk, k_spec.clip_ratio, v_spec.clip_ratio, self.k, self.v, self.pos)
         else:
-            rope_k_quant_pack(k, *rope, tk, k_spec.clip_ratio, out=self.k, at=self.pos)
-        kv_quant_pack(v, v_spec.clip_ratio, out=self.v, at=self.pos)
+            if rope is None:
+                kv_quant_pack(k, k_spec.clip_ratio, out=self.k, at=self.pos)
+            else:
+                rope_k_quant_pack(k, *rope, tk, k_spec.clip_ratio, out=self.k, at=self.pos)
+            kv_quant_pack(v, v_spec.clip_ratio, out=self.v, at=self.pos)
         self.pos += s
         self.length += s
+        return out
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """All cached K and V, (B, Hkv, length, D) in `dtype`: (code − zero)·scale in float32, then cast, as the

@@ -183,13 +183,9 @@ class Attention(nn.Module):
             raise ValueError("a KV cache needs the layer's index (LayerParts.layer_idx), which this layer lacks")
         codes = getattr(cache, "stores_codes", False)  # flatquant.cache.QuantKVCache: it quantizes K/V itself
         # with the codes, K is written before RoPE: RoPE, ·Tk and the quantizer in one kernel, held in fp32 in between;
-        # and a one-token step's queries take RoPE and ·Tk⁻ᵀ in one kernel too (the same fp32 sum, rounded once)
+        # and a one-token step's queries take RoPE and ·Tk⁻ᵀ in the same launch (the same fp32 sum, rounded once)
         fused_q = codes and s == 1
-        if fused_q:
-            from flatquant.kernels.kv_cache import rope_transform  # imported when used: it imports triton
-
-            q = rope_transform(q.transpose(1, 2), *position_embeddings, None if tk is None else tk.dense(inv_t=True))
-        else:
+        if not fused_q:
             cos, sin = (t.unsqueeze(2).to(q.dtype) for t in position_embeddings)
 
             def rope_t(x, inv_t=False):
@@ -202,9 +198,11 @@ class Attention(nn.Module):
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
         if codes:
             layer = cache.layer(self.layer_idx)
-            layer.append(k.transpose(1, 2), v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2),
-                         self.kq.spec, self.vq.spec, rope=position_embeddings, tk=None if tk is None else tk.dense())
-            q = q if fused_q else q.transpose(1, 2)
+            qt = layer.append(k.transpose(1, 2), v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                              self.kq.spec, self.vq.spec, rope=position_embeddings,
+                              tk=None if tk is None else tk.dense(), q=q.transpose(1, 2) if fused_q else None,
+                              tq=None if tk is None or not fused_q else tk.dense(inv_t=True))
+            q = qt if fused_q else q.transpose(1, 2)
             # decode: flash decoding over the codes. A fixed-capacity cache holds unpadded sequences of one length
             # (flatquant.cache), so a mask (transformers builds one while a CUDA graph is captured) adds nothing
             if s == 1 and (mask is None or layer.max_length is not None) and layer.decodes(q):

@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
     if "flatquant.kernels.kv_cache" in sys.modules:
         importlib.reload(sys.modules["flatquant.kernels.kv_cache"])
 
-from flatquant.kernels.kv_cache import (decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack, rope_transform,
-                                        rope_transform_ref,
+from flatquant.kernels.kv_cache import (decode_attention, decode_attention_ref, kv_dequant, kv_quant_pack, rope_qkv_write,
+                                        rope_transform, rope_transform_ref,
                                         kv_quant_pack_ref, rope_k_quant_pack, rope_k_quant_pack_ref,
                                         rope_k_transform_ref)
 from flatquant.kernels import kv_cache as kv_kernels
@@ -28,7 +28,7 @@ from flatquant.quantizers import QuantSpec, fake_quant
 from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
                             run_without_triton)
 
-N_INTERPRETER_TESTS = 69  # the tests that need triton (at least these pass in the subprocess)
+N_INTERPRETER_TESTS = 79  # the tests that need triton (at least these pass in the subprocess)
 
 
 def _rows(B, H, T, D, dtype, seed, device=DEVICE):
@@ -198,7 +198,7 @@ def test_rope_reference_is_the_layers_formula(dtype):
     class Spy(QuantKVCache):  # records what the attention hands the cache
         def layer(self, i):
             layer = super().layer(i)
-            layer.append = lambda kk, vv, *specs, rope=None, tk=None: seen.update(k=kk, rope=rope, tk=tk)
+            layer.append = lambda kk, vv, *specs, rope=None, tk=None, q=None, tq=None: seen.update(k=kk, rope=rope, tk=tk)
             layer.dequantized = lambda dt: (seen["k"], seen["k"])
             return layer
 
@@ -245,6 +245,73 @@ def test_rope_transform_gpu_model_shapes(dtype):
     """LLaMA-3-8B's 32 query heads: a decode step of 64 sequences and a 300-token prefill of 2."""
     for B, T, seed in ((64, 1, 4), (2, 300, 5)):
         _check_rope_transform(B, 32, T, 128, dtype, "cuda", seed)
+
+
+def _poisoned_cache(B, H, Tmax, D, device):
+    return (torch.full((B, H, Tmax, D // 2), 0xAB, dtype=torch.uint8, device=device),
+            torch.full((B, H, Tmax), math.nan, device=device), torch.full((B, H, Tmax), math.nan, device=device))
+
+
+def _check_qkv_write(B, Hq, Hkv, T, D, dtype, transform, device, seed, p=5, v_out=None):
+    """rope_qkv_write against the three writes it replaces, run one after another on poisoned caches: q, the K and
+    the V caches equal bit for bit (every element written, nothing outside tokens p … p + T − 1 touched)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (_strided(_rows(B, h, T, D, dtype, seed=seed + i, device=device)) for i, h in enumerate((Hq, Hkv, Hkv)))
+    cos, sin = (t.to(device) for t in _rope_tables(B, T, D, seed % 2 == 0, seed=seed))
+    tq, tk = ((torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=g))[0].float().to(device)
+               for _ in range(2)) if transform else (None, None))
+    at = torch.tensor([p], dtype=torch.int32, device=device)
+    Tmax = p + T + 3
+    want_k, want_v = _poisoned_cache(B, Hkv, Tmax, D, device), _poisoned_cache(B, Hkv, Tmax, D, device)
+    rope_k_quant_pack(k, cos, sin, tk, 0.9, out=want_k, at=at)
+    kv_quant_pack(v, 0.95, out=want_v, at=at)
+    want_q = rope_transform(q, cos, sin, tq)
+    got_k = _poisoned_cache(B, Hkv, Tmax, D, device)
+    got_v = _poisoned_cache(B, Hkv, Tmax, D, device) if v_out is None else v_out
+    got_q = rope_qkv_write(q, k, v, cos, sin, tq, tk, 0.9, 0.95, got_k, got_v, at)
+    assert got_q.shape == q.shape and got_q.dtype == dtype
+    assert torch.equal(got_q.cpu(), want_q.cpu())
+    for got, want in ((got_k, want_k), (got_v, want_v)):
+        for a, b in zip(got, want):  # NaN (the poison) compared as NaN
+            assert torch.equal(a.cpu().nan_to_num(-1.0), b.cpu().nan_to_num(-1.0))
+        assert not got[1][:, :, p:p + T].isnan().any() and got[1][:, :, :p].isnan().all()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,transform,seed", [(2, 4, 2, 1, 64, True, 0), (3, 2, 2, 3, 32, False, 1),
+                                                         (1, 6, 3, 1, 128, True, 2)])
+def test_rope_qkv_write_equals_the_three_writes(B, Hq, Hkv, T, D, transform, seed, dtype):
+    """One launch for a step's q, K and V (programs side by side) computes what rope_transform, rope_k_quant_pack
+    and kv_quant_pack compute one after another, bit for bit, GQA and strided inputs included."""
+    _check_qkv_write(B, Hq, Hkv, T, D, dtype, transform, DEVICE, seed)
+
+
+@needs_triton
+def test_rope_qkv_write_with_caches_of_other_strides_writes_them_one_by_one():
+    """K's and V's caches of different strides (V a slice of a wider buffer): the three writes run one after
+    another, with the same results; mismatched shapes and clips are refused."""
+    B, H, D, Tmax = 2, 2, 32, 9
+    wide = _poisoned_cache(B, H, 2 * Tmax, D, DEVICE)
+    v_out = tuple(t[:, :, :Tmax] for t in wide)
+    _check_qkv_write(B, 4, H, 1, D, torch.float16, True, DEVICE, 3, p=5, v_out=v_out)
+    q, k = torch.zeros(B, 4, 1, D, device=DEVICE), torch.zeros(B, H, 1, D, device=DEVICE)
+    cos = sin = torch.zeros(1, D, device=DEVICE)
+    at = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="alike"):
+        rope_qkv_write(q, k, k[:, :1], cos, sin, None, None, 1.0, 1.0, v_out, v_out, at)
+    with pytest.raises(ValueError, match="clip"):
+        rope_qkv_write(q, k, k, cos, sin, None, None, 0.0, 1.0, v_out, v_out, at)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rope_qkv_write_gpu_model_shapes(dtype):
+    """LLaMA-3-8B's heads (32 query, 8 kv, D = 128): decode steps of 1 and 64 sequences, and 3 tokens of 2."""
+    for B, T, seed in ((1, 1, 4), (64, 1, 5), (2, 3, 6)):
+        _check_qkv_write(B, 32, 8, T, 128, dtype, True, "cuda", seed, p=100)
+    _check_qkv_write(64, 32, 8, 1, 128, torch.float16, False, "cuda", 7, p=0)
 
 
 def _attention_k_write(dtype, device, B=2, H=2, D=64, steps=((9, 2), (1, 3))):
@@ -470,7 +537,14 @@ def test_fallbacks_equal_references_without_triton():
             "q, n = torch.randn(2, 4, 64).half(), torch.tensor([9, 4], dtype=torch.int32)\n"
             "o = torch.full_like(q, float('nan'))\n"
             "kv.decode_attention(q, *c, n, out=o)\n"
-            "assert torch.equal(o, kv.decode_attention_ref(q, *c, n))\n")
+            "assert torch.equal(o, kv.decode_attention_ref(q, *c, n))\n"
+            "qq, at = torch.randn(2, 4, 9, 64).half(), torch.tensor([2])\n"
+            "kb, vb, kw, vw = (tuple(torch.zeros(2, 2, 12, *s, dtype=d) for s, d in (((32,), torch.uint8), ((), torch.float32), ((), torch.float32))) for _ in range(4))\n"
+            "y = kv.rope_qkv_write(qq, x, x.flip(2), cos, sin, tk.T, tk, 0.9, 0.8, kb, vb, at)\n"
+            "kv.rope_k_quant_pack(x, cos, sin, tk, 0.9, out=kw, at=at)\n"
+            "kv.kv_quant_pack(x.flip(2), 0.8, out=vw, at=at)\n"
+            "assert torch.equal(y, kv.rope_transform_ref(qq, cos, sin, tk.T))\n"
+            "assert all(torch.equal(a, b) for a, b in zip(kb + vb, kw + vw))\n")
     run_without_triton(code, timeout=300)
 
 

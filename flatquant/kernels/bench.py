@@ -447,17 +447,23 @@ def decode_tiles_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_decode_writes(shape, batches=(1, 8, 32, 64), capacity=2064) -> list[dict]:
-    """A decode step's attention inputs at the cache, fp16, CUDA-graph replay: ours — ``rope_transform`` of q (RoPE,
-    ·Tk⁻ᵀ), ``rope_k_quant_pack`` of K and ``kv_quant_pack`` of V at a device position, three launches — against
-    what the layer ran before them: RoPE of q and K as PyTorch's ops, both transforms as fp16 products, then the two
-    ``kv_quant_pack`` writes. Each row also reports ours against the references: q's largest error relative to the
+# rope_qkv_write launch settings timed besides the default (_pack_config) by --only decode-writes: rows, K chunk,
+# warps (sm_90 compiles of each, Triton 3.6, D = 128: 170–255 registers, no spills)
+WRITE_CONFIGS = ({"rows": 16, "block_k": 32, "num_warps": 8}, {"rows": 16, "block_k": 64, "num_warps": 8},
+                 {"rows": 8, "block_k": 16, "num_warps": 4}, {"rows": 16, "block_k": 32, "num_warps": 4})
+
+
+def bench_decode_writes(shape, batches=(1, 8, 32, 64), capacity=2064, configs=WRITE_CONFIGS) -> list[dict]:
+    """A decode step's attention inputs at the cache, fp16, CUDA-graph replay: ours — ``rope_qkv_write``, one launch
+    (what the layer runs), and the three launches it replaces: ``rope_transform`` of q (RoPE, ·Tk⁻ᵀ),
+    ``rope_k_quant_pack`` of K and ``kv_quant_pack`` of V at a device position — against what the layer ran before
+    those: RoPE of q and K as PyTorch's ops, both transforms as fp16 products, then the two ``kv_quant_pack`` writes. Each row also reports ours against the references: q's largest error relative to the
     float32 value (q_max_rel_err, |y| clamped at 1e-2) and the share of K code bytes that differ from the
     reference's (k_code_bytes_differing; boundary cases of the fp32 sum order)."""
     from flatquant.rope import apply_rope
 
     from .kv_cache import (kv_quant_pack, rope_k_quant_pack, rope_k_quant_pack_ref, rope_k_transform_ref,
-                           rope_transform)
+                           rope_qkv_write, rope_transform)
 
     _, _, heads, kv_heads, D = shape
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -474,7 +480,10 @@ def bench_decode_writes(shape, batches=(1, 8, 32, 64), capacity=2064) -> list[di
                  for _ in range(2)]
         pos = torch.full((1,), capacity // 2, dtype=torch.int32, device="cuda")
 
-        def ours():
+        def one(config=None):
+            rope_qkv_write(q, k, v, cos, sin, tk_inv, tk, 0.95, 0.95, cache[0], cache[1], pos, config=config)
+
+        def three():
             rope_transform(q, cos, sin, tk_inv)
             rope_k_quant_pack(k, cos, sin, tk, 0.95, out=cache[0], at=pos)
             kv_quant_pack(v, 0.95, out=cache[1], at=pos)
@@ -492,18 +501,23 @@ def bench_decode_writes(shape, batches=(1, 8, 32, 64), capacity=2064) -> list[di
         rope_k_quant_pack(k, cos, sin, tk, 0.95, out=cache[0], at=pos)
         ref = rope_k_quant_pack_ref(k, cos, sin, tk, 0.95)[0]
         k_flips = float((cache[0][0][:, :, capacity // 2: capacity // 2 + 1] != ref).float().mean())
-        ms = _time(ours, [()], True)
+        ms = _time(one, [()], True)
+        others = {"/".join(str(c[k]) for k in ("rows", "block_k", "num_warps")): 1e3 * _time(one, [(c,)], True)
+                  for c in configs}
+        three_ms = _time(three, [()], True)
         before_ms = _time(before, [()], True)
-        out.append({"B": B, "heads": heads, "kv_heads": kv_heads, "D": D, "us": 1e3 * ms, "before_us": 1e3 * before_ms,
-                    "speedup": before_ms / ms, "q_max_rel_err": q_err, "k_code_bytes_differing": k_flips})
+        out.append({"B": B, "heads": heads, "kv_heads": kv_heads, "D": D, "us": 1e3 * ms, "three_us": 1e3 * three_ms,
+                    "before_us": 1e3 * before_ms, "speedup": before_ms / ms, "q_max_rel_err": q_err,
+                    "k_code_bytes_differing": k_flips, "configs_us": others})
         _log(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in out[-1].items()}))
     return out
 
 
 def decode_writes_table(rows: list[dict]) -> str:
-    lines = ["| batch | ours µs (3 launches) | before µs (PyTorch RoPE + fp16 products + 2 writes) | speedup |",
-             "|---:|---:|---:|---:|"]
-    lines += [f"| {r['B']} | {r['us']:.1f} | {r['before_us']:.1f} | {r['speedup']:.2f}× |" for r in rows]
+    lines = ["| batch | ours µs (1 launch) | 3 launches µs | before µs (PyTorch RoPE + fp16 products + 2 writes) | "
+             "speedup | other rows/block_k/warps µs |", "|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['B']} | {r['us']:.1f} | {r['three_us']:.1f} | {r['before_us']:.1f} | {r['speedup']:.2f}× | "
+              + ", ".join(f"{k} {v:.1f}" for k, v in r.get("configs_us", {}).items()) + " |" for r in rows]
     return "\n".join(lines)
 
 

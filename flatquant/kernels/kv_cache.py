@@ -6,6 +6,7 @@ Usage::
     vc, vs, vz = kv_quant_pack(v, clip=0.95)                        # v: (B, Hkv, T, D) → packed V cache
     kc, ks, kz = rope_k_quant_pack(k, cos, sin, tk, clip=0.95)      # k before RoPE → RoPE, ·Tk, packed K cache
     q = rope_transform(q, cos, sin, tk_inv_t)                       # q before RoPE → RoPE, ·Tk⁻ᵀ (no quantizer)
+    q = rope_qkv_write(q, k, v, cos, sin, tk_inv_t, tk, 0.95, 0.95, kcache, vcache, at=pos)   # the three at once
     o = decode_attention(q, kc, ks, kz, vc, vs, vz, lengths)        # q: (B, Hq, D), newest token per sequence
 
 A forward without a cache quantizes K and V and dequantizes them at once (the ``kq``/``vq`` quantizers of
@@ -98,15 +99,15 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _kv_pack_kernel(
-        x_ptr, cos_ptr, sin_ptr, t_ptr, c_ptr, scale_ptr, zero_ptr, at_ptr,
+    def _pack_blocks(
+        first, step, x_ptr, cos_ptr, sin_ptr, t_ptr, c_ptr, scale_ptr, zero_ptr, at_ptr,
         n_rows, H, T, T_out, D, clip,
         sxb, sxh, sxt, srb, srt, scb, sch, sct, ssb, ssh, sst,
         BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
         TRANSFORM: tl.constexpr, EXACT: tl.constexpr, BF16_RNE: tl.constexpr, AT: tl.constexpr,
-        QUANT: tl.constexpr = True,
+        QUANT: tl.constexpr,
     ):
-        """Persistent over blocks of ROWS (b, h, t) rows: [RoPE →] [·Tk →] quantize each row of D, pack.
+        """Blocks first, first + step, … of ROWS (b, h, t) rows: [RoPE →] [·Tk →] quantize each row of D, pack.
         QUANT=False stores the row itself instead, rounded to c_ptr's dtype (its row strides scb, sch, sct;
         ``rope_transform``, the query side), and writes no scale or zero.
         With TRANSFORM, y = Σ_k rope(x)[:, k-chunk]·Tk[k-chunk, :] over chunks of BLOCK_K columns (fp32 FMA
@@ -117,7 +118,7 @@ if HAS_TRITON:
         cmask = cols < D
         jh = tl.arange(0, BLOCK_D // 2)
         at = tl.load(at_ptr).to(tl.int64) if AT else 0
-        for blk in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        for blk in range(first, tl.cdiv(n_rows, ROWS), step):
             rows = blk * ROWS + tl.arange(0, ROWS)
             live = rows < n_rows
             t = (rows % T).to(tl.int64)
@@ -157,6 +158,47 @@ if HAS_TRITON:
                 srow = b * ssb + h * ssh + t * sst
                 tl.store(scale_ptr + srow, scale, mask=live)
                 tl.store(zero_ptr + srow, zero, mask=live)
+
+    @triton.jit
+    def _kv_pack_kernel(
+        x_ptr, cos_ptr, sin_ptr, t_ptr, c_ptr, scale_ptr, zero_ptr, at_ptr,
+        n_rows, H, T, T_out, D, clip,
+        sxb, sxh, sxt, srb, srt, scb, sch, sct, ssb, ssh, sst,
+        BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
+        TRANSFORM: tl.constexpr, EXACT: tl.constexpr, BF16_RNE: tl.constexpr, AT: tl.constexpr,
+        QUANT: tl.constexpr = True,
+    ):
+        """Persistent over blocks of ROWS rows: ``_pack_blocks`` from block program_id on, num_programs apart."""
+        _pack_blocks(tl.program_id(0), tl.num_programs(0), x_ptr, cos_ptr, sin_ptr, t_ptr, c_ptr, scale_ptr,
+                     zero_ptr, at_ptr, n_rows, H, T, T_out, D, clip,
+                     sxb, sxh, sxt, srb, srt, scb, sch, sct, ssb, ssh, sst,
+                     BLOCK_D, ROWS, BLOCK_K, ROPE, TRANSFORM, EXACT, BF16_RNE, AT, QUANT)
+
+    @triton.jit
+    def _qkv_write_kernel(
+        q_ptr, tq_ptr, yq_ptr, k_ptr, tk_ptr, kc_ptr, ks_ptr, kz_ptr, v_ptr, vc_ptr, vs_ptr, vz_ptr,
+        cos_ptr, sin_ptr, at_ptr,
+        nq, nkv, Hq, Hkv, T, T_out, D, k_clip, v_clip, PQ, PK,
+        sqb, sqh, sqt, syb, syh, syt, skb, skh, skt, svb, svh, svt, srb, srt, scb, sch, sct, ssb, ssh, sst,
+        BLOCK_D: tl.constexpr, ROWS_Q: tl.constexpr, ROWS_K: tl.constexpr, ROWS_V: tl.constexpr,
+        BLOCK_K: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, EXACT: tl.constexpr, BF16_RNE: tl.constexpr,
+    ):
+        """A step's attention inputs in one launch: programs [0, PQ) write q's rows as ``rope_transform`` does,
+        [PQ, PQ + PK) K's as ``rope_k_quant_pack`` (at a device position), the rest V's as ``kv_quant_pack``, each
+        role persistent over its own blocks (K's and V's caches share their strides)."""
+        pid = tl.program_id(0)
+        if pid < PQ:
+            _pack_blocks(pid, PQ, q_ptr, cos_ptr, sin_ptr, tq_ptr, yq_ptr, yq_ptr, yq_ptr, at_ptr, nq, Hq, T, T, D,
+                         1.0, sqb, sqh, sqt, srb, srt, syb, syh, syt, 0, 0, 0,
+                         BLOCK_D, ROWS_Q, BLOCK_K, True, TQ, EXACT, BF16_RNE, False, False)
+        elif pid < PQ + PK:
+            _pack_blocks(pid - PQ, PK, k_ptr, cos_ptr, sin_ptr, tk_ptr, kc_ptr, ks_ptr, kz_ptr, at_ptr, nkv, Hkv, T,
+                         T_out, D, k_clip, skb, skh, skt, srb, srt, scb, sch, sct, ssb, ssh, sst,
+                         BLOCK_D, ROWS_K, BLOCK_K, True, TK, EXACT, BF16_RNE, True, True)
+        else:
+            _pack_blocks(pid - PQ - PK, tl.num_programs(0) - PQ - PK, v_ptr, cos_ptr, sin_ptr, tk_ptr, vc_ptr, vs_ptr,
+                         vz_ptr, at_ptr, nkv, Hkv, T, T_out, D, v_clip, svb, svh, svt, 0, 0, scb, sch, sct, ssb, ssh,
+                         sst, BLOCK_D, ROWS_V, BLOCK_K, False, False, EXACT, BF16_RNE, True, True)
 
     # Nibbles → 16-bit floats, two per 32-bit register: prmt moves each code byte under the high byte of MAGIC
     # (fp16 0x64: 1024 + c, bf16 0x43: 128 + c, both exact), and one packed subtraction of MAGIC + 8 leaves c − 8,
@@ -578,6 +620,63 @@ def rope_transform(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, t: tor
         return rope_transform_ref(x, cos, sin, t)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch_pack(x, cos, sin, t, 1.0, (y, y, y), config, quant=False)
+    return y
+
+
+def rope_qkv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   tq: torch.Tensor | None, tk: torch.Tensor | None, k_clip: float, v_clip: float, k_out, v_out,
+                   at: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """A decode step's attention inputs at the cache in one launch: ``rope_transform(q, cos, sin, tq)`` (returned),
+    ``rope_k_quant_pack(k, cos, sin, tk, k_clip, out=k_out, at=at)`` and ``kv_quant_pack(v, v_clip, out=v_out,
+    at=at)``, each computed as those functions compute it (the same kernel code, bit for bit), by programs side by
+    side instead of three launches one after another.
+
+    q: (B, Hq, T, D), k, v: (B, Hkv, T, D) before RoPE, any strides with the last dim contiguous; cos, sin as
+    ``rope_k_quant_pack``; k_out, v_out: whole caches (codes, scale, zero) written from token at[0] on.
+    config: ``_pack_config`` overrides for all three ({"rows", "block_k", "num_warps"}; "rows" then sets each).
+    Runs the three functions where Triton cannot run, or where the two caches' strides differ."""
+    B, Hq, T, D = _check_rows(q, "q")
+    _check_rows(k, "k"), _check_rows(v, "v")
+    Hkv = k.shape[1]
+    if tuple(k.shape) != (B, Hkv, T, D) or tuple(v.shape) != (B, Hkv, T, D):
+        raise ValueError(f"k and v must be ({B}, kv_heads, {T}, {D}) alike, got {tuple(k.shape)}, {tuple(v.shape)}")
+    for clip in (k_clip, v_clip):
+        if not 0.0 < clip <= 1.0:
+            raise ValueError(f"clip must be in (0, 1], got {clip}")
+    k_out, v_out = _pack_out(k, k_out, at), _pack_out(v, v_out, at)
+    same = all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(k_out, v_out))
+    if not use_triton(q) or not same:
+        rope_k_quant_pack(k, cos, sin, tk, k_clip, out=k_out, at=at)
+        kv_quant_pack(v, v_clip, out=v_out, at=at)
+        return rope_transform(q, cos, sin, tq)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cos, sin = _rope_table(cos, k), _rope_table(sin, k)
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    mats = []
+    for t in (tq, tk):
+        if t is not None and tuple(t.shape) != (D, D):
+            raise ValueError(f"the transforms must be ({D}, {D}), got {tuple(t.shape)}")
+        mats.append(None if t is None else t.to(device=q.device, dtype=torch.float32).contiguous())
+    tq, tk = mats
+    y = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    nq, nkv = B * Hq * T, B * Hkv * T
+    if nq == 0:
+        return y
+    cq, ck, cv = (_pack_config(n, t is not None, q.device, config) for n, t in ((nq, tq), (nkv, tk), (nkv, None)))
+    cap = 4 * _sm_count(q.device) if q.is_cuda else 4
+    pq, pk, pv = (min(cdiv(n, c["rows"]), cap) for n, c in ((nq, cq), (nkv, ck), (nkv, cv)))
+    kc, ks, kz = k_out
+    vc, vs, vz = v_out
+    _qkv_write_kernel[(pq + pk + pv,)](
+        q, q if tq is None else tq, y, k, k if tk is None else tk, kc, ks, kz, v, vc, vs, vz, cos, sin, at,
+        nq, nkv, Hq, Hkv, T, kc.shape[2], D, float(k_clip), float(v_clip), pq, pk,
+        *q.stride()[:3], *y.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), *kc.stride()[:3], *ks.stride()[:3],
+        BLOCK_D=max(16, next_pow2(D)), ROWS_Q=cq["rows"], ROWS_K=ck["rows"], ROWS_V=cv["rows"],
+        BLOCK_K=cq["block_k"], TQ=tq is not None, TK=tk is not None, EXACT=q.is_cuda,
+        BF16_RNE=not q.is_cuda and q.dtype == torch.bfloat16, num_warps=cq["num_warps"],
+    )
     return y
 
 
