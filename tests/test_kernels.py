@@ -496,6 +496,79 @@ def test_import_and_fallback_without_triton():
     run_without_triton(code, timeout=120)
 
 
+def _kq_case(M, n1, n2, N, dtype, device, seed):
+    """Activations with an outlier channel, orthogonal-ish factors (values stay in range), random packed weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, n1 * n2, generator=g)
+    x[:, seed % (n1 * n2)] *= 20
+    L, R = (torch.linalg.qr(torch.randn(n, n, generator=g))[0] + 0.1 * torch.randn(n, n, generator=g)
+            for n in (n1, n2))
+    qw = torch.randint(0, 256, (N, n1 * n2 // 2), dtype=torch.uint8, generator=g)
+    sw, bias = torch.rand(N, generator=g) * 1e-2 + 1e-3, torch.randn(N, generator=g)
+    return (x.to(device=device, dtype=dtype), L.to(device), R.to(device), qw.to(device), sw.to(device),
+            bias.to(device))
+
+
+def _check_kq(M, n1, n2, N, dtype, sym, device, seed, config=None):
+    """kq_gemm (the transform, the quantizer and the GEMM in one launch) equals kron_quant then w4a4_gemm."""
+    from flatquant.kernels.w4a4_gemm import kq_gemm, weight_sums
+
+    x, L, R, qw, sw, bias = _kq_case(M, n1, n2, N, dtype, device, seed)
+    wsum = weight_sums(qw)
+    got = kq_gemm(x, L, R, 0.9, sym, qw, sw, wsum, bias, config=config)
+    q, s, z = kron_quant(x, L, R, 0.9, sym)
+    full = None if config is None else {**pick_config(M, N, n1 * n2 // 2, x.is_cuda, False, None), **config}
+    want = w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype=dtype, config=full)
+    assert got.dtype == dtype and got.shape == (M, N) and not got.isnan().any()
+    assert torch.equal(got.cpu(), want.cpu()), float((got.float() - want.float()).abs().max())
+
+
+@needs_triton
+@pytest.mark.parametrize("M,n1,n2,N,dtype,sym,config", [
+    (1, 16, 32, 64, torch.float32, True, None), (3, 32, 64, 96, torch.float16, False, None),
+    (2, 64, 64, 40, torch.bfloat16, False, {"SPLIT_K": 2, "BLOCK_KH": 64}),
+    (1, 24, 40, 48, torch.float16, True, {"SPLIT_K": 3})])
+def test_kq_gemm_equals_kron_quant_then_gemm(M, n1, n2, N, dtype, sym, config):
+    """One launch per decode linear: each GEMM program quantizes the tokens itself into its own scratch (split-K
+    programs too), then streams its weights; the output is the two kernels' bit for bit (padded factors, odd N)."""
+    _check_kq(M, n1, n2, N, dtype, sym, DEVICE, seed=M * n1 + N, config=config)
+
+
+@needs_triton
+def test_quant_linear_runs_one_launch_up_to_kq_max_tokens(monkeypatch):
+    """QuantLinear.forward takes kq_gemm for up to KQ_MAX_TOKENS tokens (where kq_fuses), the two kernels above:
+    the same outputs either way; kq_fuses refuses more than 16 tokens and factors past 64 × 128."""
+    qmod = importlib.import_module("flatquant.kernels.qlinear")
+    wmod = importlib.import_module("flatquant.kernels.w4a4_gemm")
+    torch.manual_seed(3)
+    L, R = (torch.linalg.qr(torch.randn(n, n))[0] for n in (16, 32))
+    layer = QuantLinear.from_float(torch.randn(48, 512) * 0.05, L=L, R=R, act_clip=0.9, act_sym=False).to(DEVICE)
+    calls = []
+    real = wmod.kq_gemm
+    monkeypatch.setattr(qmod, "kq_gemm", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    for M in (1, 5):
+        x = torch.randn(M, 512, device=DEVICE).half()
+        monkeypatch.setattr(qmod, "KQ_MAX_TOKENS", 0)
+        two = layer(x)
+        monkeypatch.setattr(qmod, "KQ_MAX_TOKENS", 4)
+        assert torch.equal(layer(x).cpu(), two.cpu())
+    assert calls == [1]
+    dev = torch.device(DEVICE)
+    assert wmod.kq_fuses(16, 64, 128, torch.float16, dev) and not wmod.kq_fuses(17, 64, 64, torch.float16, dev)
+    assert not wmod.kq_fuses(1, 112, 128, torch.float16, dev)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kq_gemm_gpu_model_shapes(dtype):
+    """LLaMA-3-8B's 4096-wide linears (64 × 64 factors): qkv, o_proj and up/gate at 1, 4 and 16 tokens, symmetric
+    and asymmetric activations; down_proj's 112 × 128 runs the two kernels (kq_fuses), equal too."""
+    for M, N, sym in ((1, 6144, True), (1, 28672, False), (4, 4096, False), (16, 28672, True), (1, 4096, True)):
+        _check_kq(M, 64, 64, N, dtype, sym, "cuda", seed=M + N)
+    _check_kq(1, 112, 128, 4096, dtype, False, "cuda", seed=5)
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("n1,n2", [(64, 64), (112, 128), (128, 224)])

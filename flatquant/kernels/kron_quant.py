@@ -124,7 +124,19 @@ if HAS_TRITON:
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
         SYM: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        """Persistent: program p handles token blocks p, p+P, ... of TOKENS tokens each, stacked as
+        """Persistent: ``_kron_quant_blocks`` from program_id on, num_programs apart."""
+        _kron_quant_blocks(tl.program_id(0), tl.num_programs(0), x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
+                           M, N1, N2, clip, stride_xm, stride_qm, BLOCK_N1, BLOCK_N2, BLOCK_J, TOKENS, SYM, DOT_F32)
+
+    @triton.jit
+    def _kron_quant_blocks(
+        pid, nprog, x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
+        M, N1, N2, clip,
+        stride_xm, stride_qm,
+        BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
+        SYM: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        """Token blocks pid, pid + nprog, ... of TOKENS tokens each, stacked as
         (TOKENS·BLOCK_N1, BLOCK_N2) rows, so that X·R is one product and Lᵀ·T one product with a
         block-diagonal Lᵀ (more rows per tensor-core instruction, more work in flight per token chain).
         L (and R, when one column chunk covers it) are loaded once per program. With BLOCK_J < BLOCK_N2
@@ -132,8 +144,6 @@ if HAS_TRITON:
         max/min, once to quantize."""
         NCHUNK: tl.constexpr = BLOCK_N2 // BLOCK_J
         RB: tl.constexpr = TOKENS * BLOCK_N1
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
         rr = tl.arange(0, RB)
         tok = rr // BLOCK_N1
         i1 = rr % BLOCK_N1

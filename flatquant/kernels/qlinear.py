@@ -8,11 +8,14 @@ Usage::
 
 ``weight`` is the weight the transformed activation meets, i.e. already merged with the inverse
 transform (``merge_kron_into_weight``), so that x·(L⊗R)·Wᵀ equals the full-precision x·W_origᵀ.
-On CUDA (or under TRITON_INTERPRET=1) forward runs two kernels: ``kron_quant`` then ``w4a4_gemm``.
+On CUDA (or under TRITON_INTERPRET=1) forward runs two kernels: ``kron_quant`` then ``w4a4_gemm``, or for up to
+``KQ_MAX_TOKENS`` tokens the two as one launch (``kq_gemm``).
 Elsewhere, or without Triton, it runs the same math in PyTorch (fp32): the fake-quant computation
 quantize-dequantize(x·(L⊗R)) · dequant(W)ᵀ.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -20,7 +23,11 @@ from torch import nn
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, use_triton
-from .w4a4_gemm import w4a4_gemm
+from .w4a4_gemm import kq_gemm, w4a4_gemm
+
+# Up to this many tokens forward runs the transform, the quantizer and the GEMM as one launch (``kq_gemm``, where
+# ``kq_fuses``); 0: never (kron_quant, then w4a4_gemm). FLATQUANT_KQ_MAX_TOKENS overrides it.
+KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "0"))
 
 
 def quantize_weight_rtn(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +131,12 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if use_triton(x2):
             L, R = self._factors(x.dtype, x.device)
-            q, s, z = kron_quant(x2, L, R, self.act_clip, self.act_sym)
-            y = w4a4_gemm(q, s, self.qweight, self.wscale, z, self.wsum, self.bias, out_dtype=x.dtype)
+            if x2.shape[0] <= KQ_MAX_TOKENS:
+                y = kq_gemm(x2, L, R, self.act_clip, self.act_sym, self.qweight, self.wscale, self.wsum, self.bias,
+                            x.dtype)
+            else:
+                q, s, z = kron_quant(x2, L, R, self.act_clip, self.act_sym)
+                y = w4a4_gemm(q, s, self.qweight, self.wscale, z, self.wsum, self.bias, out_dtype=x.dtype)
         else:
             y = self.forward_torch(x2)
         return y.reshape(*shape[:-1], self.out_features)

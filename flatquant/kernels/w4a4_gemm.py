@@ -41,7 +41,7 @@ import torch
 
 from flatquant.packing import unpack_int4_twos
 
-from .kron_quant import HAS_TRITON, _sm_count, cdiv, use_triton
+from .kron_quant import HAS_TRITON, _check_inputs, _sm_count, cdiv, next_pow2, use_triton
 
 # Products per partial sum on the fp8 path (see _w4a4_gemm_kernel): |partial| ≤ 128 · 64 = 2^13 units of 2^-18.
 FP8_PARTIAL = 128
@@ -53,6 +53,8 @@ FP8_DEFAULT_MIN_TOKENS: int | None = None
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .kron_quant import _kron_quant_blocks
 
     # Four bytes per 32-bit register: nibbles → int8 lanes, sign-extended by OR-ing 0xF0 into lanes whose
     # bit 3 is set ((u & 0x08) * 30 = 0xF0 stays inside its byte, so lanes never carry into each other).
@@ -147,8 +149,18 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
         ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UNPACK_ASM: tl.constexpr,
         FP8: tl.constexpr, SPLIT_K: tl.constexpr,
+        x_ptr=None, l_ptr=None, r_ptr=None, N1=0, N2=0, clip=1.0, stride_xm=0,
+        KQ: tl.constexpr = False, KQ_N1: tl.constexpr = 16, KQ_N2: tl.constexpr = 32, KQ_J: tl.constexpr = 32,
+        KQ_F32: tl.constexpr = False,
     ):
         """C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]); KH = k/2 bytes per row of A and W.
+
+        KQ (``kq_gemm``, decode): A is made by the program itself first. Each program runs ``_kron_quant_blocks``
+        over all M tokens of x (M, N1·N2) with the factors at l_ptr, r_ptr into its own slice of the scratch at
+        a_ptr (M·KH codes a program; scales at sa_ptr, zeros at za_ptr, M a program), then, after a CTA barrier
+        (its threads' global stores visible to all of them), reads that slice as A. Every program computes the
+        same codes as ``kron_quant`` would (the same code on the same inputs), so the output equals kron_quant
+        then w4a4_gemm; what it saves is the launch of the one and its wait before the other.
 
         SPLIT_K > 1 (int8 only): program (tile, s) sums k-blocks [s·kb_per_split, (s+1)·kb_per_split) ∩ the
         cdiv(KH, BLOCK_KH) blocks (possibly none: a zero partial), atomically adds its int32 tile to the workspace
@@ -172,6 +184,15 @@ if HAS_TRITON:
         the dot only when max_num_imprecise_acc is 0, which it is not for fp8 on sm_90 (Combine.cpp). The
         GPU tests check exactness against the integer reference at K=14336, extreme codes included."""
         pid = tl.program_id(0)
+        if KQ:
+            slot = (pid * SPLIT_K + tl.program_id(1)).to(tl.int64)
+            a_ptr += slot * M * KH
+            sa_ptr += slot * M
+            za_ptr += slot * M
+            _kron_quant_blocks(0, 1, x_ptr, l_ptr, r_ptr, a_ptr, sa_ptr, za_ptr, M, N1, N2, clip, stride_xm, KH,
+                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32)
+            tl.debug_barrier()
+            stride_am = KH
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         group = GROUP_M * num_pid_n
@@ -393,6 +414,68 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         M, N, KH, cdiv(kblocks, split),
         qa.stride(0), qw.stride(0), c.stride(0),
         ASYM=za is not None, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0, SPLIT_K=split,
+        **cfg,
+    )
+    return c
+
+
+def kq_fuses(M: int, n1: int, n2: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``kq_gemm`` runs as one launch: 1–16 tokens of 16-bit activations whose padded factors hold at most
+    64 × 128 values (LLaMA-3-8B's 4096-wide inputs: qkv, o_proj, up/gate). Compiled for sm_90 (Triton 3.6) at 4
+    warps: 128 registers and 57–61 KB of shared memory for those; down_proj's 112 × 128 factors spilled 216 bytes and
+    asked 368 KB of shared memory, fp32 activations spilled 1.9 KB, so those run the two kernels."""
+    b1, b2 = max(16, next_pow2(n1)), max(32, next_pow2(n2))
+    return 0 < M <= 16 and b1 * b2 <= 64 * 128 and (device.type != "cuda" or dtype != torch.float32)
+
+
+def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float, sym: bool, qw: torch.Tensor,
+            sw: torch.Tensor, wsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
+    """``kron_quant(x, L, R, clip, sym)`` then ``w4a4_gemm`` on its codes, in one launch (the int8 path): each GEMM
+    program transforms and quantizes the M tokens itself into its own scratch, then streams its weights
+    (``_w4a4_gemm_kernel``'s KQ). For decode, where a token's transform is a few µs of one program and the launch
+    between the two kernels a few more; the work grows with M in every program (``kq_fuses`` says where it fuses).
+
+    x: (M, n1·n2) fp16/bf16/fp32; L, R, clip, sym as ``kron_quant``; qw, sw, wsum, bias as ``w4a4_gemm``;
+    out_dtype: x's dtype if None; config: ``pick_config`` overrides. Returns (M, out), equal to the two calls
+    (the same kernel code on the same inputs). Runs the two where Triton cannot run or ``kq_fuses`` is false."""
+    from .kron_quant import kron_quant
+
+    n1, n2 = _check_inputs(x, L, R)
+    M, KH, N = x.shape[0], n1 * n2 // 2, qw.shape[0]
+    if qw.dtype != torch.uint8 or qw.dim() != 2 or qw.shape[1] != KH:
+        raise ValueError(f"qw must be ({N}, {KH}) uint8 for {n1 * n2} inputs, got {tuple(qw.shape)} {qw.dtype}")
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    out_dtype = out_dtype or x.dtype
+    if not sym and wsum is None:
+        wsum = weight_sums(qw)
+    if not use_triton(x) or not kq_fuses(M, n1, n2, x.dtype, x.device):
+        q, s, z = kron_quant(x, L, R, clip, sym)
+        return w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    L = L.to(device=x.device, dtype=x.dtype).contiguous()
+    R = R.to(device=x.device, dtype=x.dtype).contiguous()
+    qw, sw = qw.contiguous(), sw.float().contiguous()
+    cfg = dict(pick_config(M, N, KH, x.is_cuda, False, _sm_count(x.device) if x.is_cuda else None), **(config or {}))
+    split = cfg.pop("SPLIT_K", 1)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    ws = _split_workspace(x.device, cdiv(M, cfg["BLOCK_M"]) * cfg["BLOCK_M"] * N, tiles) if split > 1 else None
+    if ws is None:
+        split, ws = 1, (sw, sw)
+    slots = tiles * split
+    codes = torch.empty(slots * M * KH, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(slots * M, dtype=torch.float32, device=x.device)
+    zero = scale if sym else torch.empty(slots * M, dtype=torch.float32, device=x.device)
+    c = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    b1, b2 = max(16, next_pow2(n1)), max(32, next_pow2(n2))
+    _w4a4_gemm_kernel[(tiles, split)](
+        codes, qw, scale, zero, sw, sw if wsum is None else wsum.contiguous(),
+        sw if bias is None else bias.contiguous(), c, ws[0], ws[1],
+        M, N, KH, cdiv(cdiv(KH, cfg["BLOCK_KH"]), split), KH, qw.stride(0), c.stride(0),
+        ASYM=not sym, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0, UNPACK_ASM=x.is_cuda, FP8=False,
+        SPLIT_K=split, x_ptr=x, l_ptr=L, r_ptr=R, N1=n1, N2=n2, clip=float(clip), stride_xm=x.stride(0), KQ=True,
+        KQ_N1=b1, KQ_N2=b2, KQ_J=b2 if b1 * b2 <= 64 * 128 else 64, KQ_F32=not x.is_cuda or x.dtype == torch.float32,
         **cfg,
     )
     return c
