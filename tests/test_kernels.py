@@ -562,10 +562,11 @@ def test_quant_linear_runs_one_launch_up_to_kq_max_tokens(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kq_gemm_gpu_model_shapes(dtype):
-    """LLaMA-3-8B's 4096-wide linears (64 × 64 factors): qkv, o_proj and up/gate at 1, 4 and 16 tokens, symmetric
-    and asymmetric activations; down_proj's 112 × 128 runs the two kernels (kq_fuses), equal too."""
+    """LLaMA-3-8B's 4096-wide linears (64 × 64 factors; o_proj's 32 × 128): qkv, o_proj and up/gate at 1, 4 and 16
+    tokens, symmetric and asymmetric activations; down_proj's 112 × 128 runs the two kernels (kq_fuses), equal too."""
     for M, N, sym in ((1, 6144, True), (1, 28672, False), (4, 4096, False), (16, 28672, True), (1, 4096, True)):
         _check_kq(M, 64, 64, N, dtype, sym, "cuda", seed=M + N)
+    _check_kq(1, 32, 128, 4096, dtype, False, "cuda", seed=3)  # o_proj's heads × head_dim (kron_quant stacks 2 there)
     _check_kq(1, 112, 128, 4096, dtype, False, "cuda", seed=5)
 
 

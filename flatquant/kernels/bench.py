@@ -9,6 +9,7 @@ Usage::
     python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
     python -m flatquant.kernels.bench --only decode-tiles --out $OUT       # decode_attention per tile config
     python -m flatquant.kernels.bench --only decode-writes --out $OUT      # q/K/V kernels of a decode step
+    python -m flatquant.kernels.bench --only decode-kq --out $OUT          # a decode linear: 1 launch vs 2 vs fp16
 
     from flatquant.kernels.bench import bench_shapes
     res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
@@ -20,7 +21,7 @@ The GEMM is timed on both paths (``gemm_int8_ms``, ``gemm_fp8_ms`` where the GPU
 default path's) with the ratios fp8_vs_int8 and fp8_vs_fp16 (fp16 F.linear time / ours).
 Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md; ``--only decode``:
 _decode_attention; ``--only decode-gemm``: _decode_gemm; ``--only decode-tiles``: _decode_attention_tiles;
-``--only decode-writes``: _decode_writes).
+``--only decode-writes``: _decode_writes; ``--only decode-kq``: _decode_kq).
 """
 from __future__ import annotations
 
@@ -558,6 +559,53 @@ def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
     return out
 
 
+def bench_decode_kq(shape, tokens=DECODE) -> list[dict]:
+    """A whole W4A4 linear at decode sizes, as QuantLinear runs it: kron_quant then w4a4_gemm (two launches) against
+    ``kq_gemm`` (one launch where ``kq_fuses``) and fp16 F.linear, all replayed from CUDA graphs over rotating
+    weights (3× L2). ``equal``: kq_gemm's output equals the two launches' bit for bit."""
+    from .w4a4_gemm import kq_fuses, kq_gemm, weight_sums
+
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    out = []
+    for name, (K, N, (n1, n2)) in layer_linears(*shape).items():
+        L, R = (_rand_factor(n, "cuda").half() for n in (n1, n2))
+        for M in tokens:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            ref_sets = [(torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02,)
+                        for _ in range(_n_sets(N * K * 2, l2))]
+            fp16_ms = _time(lambda w: F.linear(x, w), ref_sets, True)
+            del ref_sets
+            sets = []
+            for _ in range(_n_sets(N * K // 2, l2)):
+                qw = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8)
+                sets.append((qw, torch.rand(N, device="cuda") * 1e-2 + 1e-3, weight_sums(qw)))
+
+            def two(qw, sw, wsum):
+                q, sa, za = kron_quant(x, L, R, 0.9, False)
+                return w4a4_gemm(q, sa, qw, sw, za, wsum, out_dtype=torch.float16)
+
+            def one(qw, sw, wsum):
+                return kq_gemm(x, L, R, 0.9, False, qw, sw, wsum)
+
+            two_ms, one_ms = _time(two, sets, True), _time(one, sets, True)
+            out.append({"linear": name, "tokens": M, "in": K, "out": N, "fused": kq_fuses(M, n1, n2, x.dtype, x.device),
+                        "two_us": 1e3 * two_ms, "one_us": 1e3 * one_ms, "fp16_us": 1e3 * fp16_ms,
+                        "two_vs_fp16": fp16_ms / two_ms, "one_vs_fp16": fp16_ms / one_ms,
+                        "equal": bool(torch.equal(one(*sets[0]), two(*sets[0])))})
+            _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out[-1].items()}))
+            del sets
+    return out
+
+
+def decode_kq_table(rows: list[dict]) -> str:
+    lines = ["| linear | tokens | one launch | kron_quant + GEMM µs | kq_gemm µs | fp16 µs | two vs fp16 | one vs fp16 | "
+             "equal |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['linear']} | {r['tokens']} | {'yes' if r['fused'] else 'no (kq_fuses)'} | {r['two_us']:.1f} | "
+              f"{r['one_us']:.1f} | {r['fp16_us']:.1f} | {r['two_vs_fp16']:.2f}× | {r['one_vs_fp16']:.2f}× | "
+              f"{r['equal']} |" for r in rows]
+    return "\n".join(lines)
+
+
 def decode_gemm_table(rows: list[dict]) -> str:
     lines = ["| linear | tokens | split_k | ours µs | weight GB/s | fp16 µs | vs fp16 |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -580,13 +628,15 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
-    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-tiles", "decode-writes"),
+    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-tiles", "decode-writes",
+                                      "decode-kq"),
                    default="all",
                    help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by "
                         "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json); "
                         "decode-gemm: the decode GEMM on each split of k against fp16 (<gpu>_decode_gemm.json); "
                         "decode-tiles: decode_attention per tile config, checked (<gpu>_decode_attention_tiles.json); "
-                        "decode-writes: a decode step's q/K/V kernels at the cache (<gpu>_decode_writes.json)")
+                        "decode-writes: a decode step's q/K/V kernels at the cache (<gpu>_decode_writes.json); "
+                        "decode-kq: a decode linear in one launch against two and fp16 (<gpu>_decode_kq.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm)")
@@ -612,7 +662,8 @@ def main(argv=None) -> int:
     decode_only = {"decode": (bench_decode, "_decode_attention", decode_table),
                    "decode-gemm": (bench_decode_gemm, "_decode_gemm", decode_gemm_table),
                    "decode-tiles": (bench_decode_tiles, "_decode_attention_tiles", decode_tiles_table),
-                   "decode-writes": (bench_decode_writes, "_decode_writes", decode_writes_table)}
+                   "decode-writes": (bench_decode_writes, "_decode_writes", decode_writes_table),
+                   "decode-kq": (bench_decode_kq, "_decode_kq", decode_kq_table)}
     if a.only in decode_only:
         bench, suffix, table = decode_only[a.only]
         rows = bench(shape)

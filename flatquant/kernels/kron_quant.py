@@ -134,7 +134,7 @@ if HAS_TRITON:
         M, N1, N2, clip,
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
-        SYM: tl.constexpr, DOT_F32: tl.constexpr,
+        SYM: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr = None,
     ):
         """Token blocks pid, pid + nprog, ... of TOKENS tokens each, stacked as
         (TOKENS·BLOCK_N1, BLOCK_N2) rows, so that X·R is one product and Lᵀ·T one product with a
@@ -163,7 +163,7 @@ if HAS_TRITON:
                         other=0.0)
             if DOT_F32:
                 r = r.to(tl.float32)
-        for base in range(pid * TOKENS, M, nprog * TOKENS):
+        for base in tl.range(pid * TOKENS, M, nprog * TOKENS, num_stages=STAGES):
             row0 = tl.cast(base, tl.int64)
             vrow = m1 & (base + tok < M)
             x_ptrs = x_ptr + (row0 + tok)[:, None] * stride_xm + (i1 * N2)[:, None] + i2[None, :]

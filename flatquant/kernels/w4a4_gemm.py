@@ -190,7 +190,7 @@ if HAS_TRITON:
             sa_ptr += slot * M
             za_ptr += slot * M
             _kron_quant_blocks(0, 1, x_ptr, l_ptr, r_ptr, a_ptr, sa_ptr, za_ptr, M, N1, N2, clip, stride_xm, KH,
-                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32)
+                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32, 1)
             tl.debug_barrier()
             stride_am = KH
         num_pid_m = tl.cdiv(M, BLOCK_M)
