@@ -26,8 +26,11 @@ from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, 
 from .w4a4_gemm import kq_gemm, w4a4_gemm
 
 # Up to this many tokens forward runs the transform, the quantizer and the GEMM as one launch (``kq_gemm``, where
-# ``kq_fuses``); 0: never (kron_quant, then w4a4_gemm). FLATQUANT_KQ_MAX_TOKENS overrides it.
-KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "0"))
+# ``kq_fuses``); 0: never (kron_quant, then w4a4_gemm). FLATQUANT_KQ_MAX_TOKENS overrides it. H200, LLaMA-3-8B shapes
+# (results/bench/NVIDIA_H200_decode_kq.md): at 1 token qkv 15.7 → 14.0 µs, o_proj 16.2 → 14.3, up/gate 29.8 → 25.6;
+# at 4 tokens each program's serial transform made it slower (15.6 → 19.1 µs for qkv); the graphed batch-1 decode
+# step of the whole model 3.85 → 3.66 ms (NVIDIA_H200_model_llama3_8b_qkv_write_kq.md).
+KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "1"))
 
 
 def quantize_weight_rtn(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
