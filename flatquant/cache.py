@@ -19,8 +19,9 @@ the calibrated quantizer (asymmetric 4-bit per head, the kv clip ratio), and kee
 K's codes are written by `rope_k_quant_pack` (RoPE, ·Tk and the quantizer in one Triton kernel, rope(k)·Tk held in
 fp32; the fake-quantized layer rounds that product to the compute dtype first, so in fp16/bf16 the cache's K is the
 more accurate of the two), V's by `kv_quant_pack` (its kernel and its reference, flatquant.quantizers.quantize,
-agree bit for bit); without Triton their PyTorch references run (tests/test_kv_cache.py); `kv_dequant` reads them
-back. On the GPU codes can also differ from the fake-quantized model's (PyTorch's CUDA quantizer) where a value
+agree bit for bit); in a one-token step the attention's q (RoPE, ·Tk⁻ᵀ) and the K and V writes run in one launch
+(`rope_qkv_write`, the same results); without Triton their PyTorch references run (tests/test_kv_cache.py);
+`kv_dequant` reads them back. On the GPU codes can also differ from the fake-quantized model's (PyTorch's CUDA quantizer) where a value
 sits on a rounding boundary (flatquant/kernels/fused.py says why). Storage is allocated with 256 tokens of headroom beyond what is written and grows by doubling, so a prefill followed by decode steps
 copies nothing until the headroom is used; `nbytes` counts the tokens written, `held_bytes` what is allocated.
 `QuantKVCache(max_length=N)` instead allocates N tokens once and never moves them; each layer counts its tokens on

@@ -3,7 +3,7 @@
 #
 #     bash gpu/checks.sh OUT [full]
 #
-# 1. the decode-attention and decode-writes benchmarks and the whole-model benchmark at LLaMA-3-8B's shapes (random
+# 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's shapes (random
 #    weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
 #    run.py), and run.py on the kernels (CUDA graph and eager generation) and in fake quantization, each with a
@@ -18,6 +18,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/smi.txt" 2>&1
 python -m flatquant.kernels.bench --only decode --out "$OUT/bench" > "$OUT/bench_decode.log" 2>&1
 python -m flatquant.kernels.bench --only decode-writes --out "$OUT/bench" > "$OUT/bench_decode_writes.log" 2>&1
+python -m flatquant.kernels.bench --only decode-kq --out "$OUT/bench" > "$OUT/bench_decode_kq.log" 2>&1
 if [ "${2:-}" = full ]; then
   python -m flatquant.kernels.bench --check --out "$OUT/bench" > "$OUT/bench_check.log" 2>&1
 fi
