@@ -3,8 +3,8 @@
 #
 #     bash gpu/checks.sh OUT [full]
 #
-# 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's shapes (random
-#    weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
+# 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
+#    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
 #    run.py), and run.py on the kernels (CUDA graph and eager generation) and in fake quantization, each with a
 #    greedy continuation of "The capital of Germany is".
