@@ -290,7 +290,7 @@ def test_rope_qkv_write_equals_the_three_writes(B, Hq, Hkv, T, D, transform, see
 @needs_triton
 def test_rope_qkv_write_with_caches_of_other_strides_writes_them_one_by_one():
     """K's and V's caches of different strides (V a slice of a wider buffer): the three writes run one after
-    another, with the same results; mismatched shapes and clips are refused."""
+    another, with the same results; mismatched shapes, clips and a missing position are refused."""
     B, H, D, Tmax = 2, 2, 32, 9
     wide = _poisoned_cache(B, H, 2 * Tmax, D, DEVICE)
     v_out = tuple(t[:, :, :Tmax] for t in wide)
@@ -302,6 +302,8 @@ def test_rope_qkv_write_with_caches_of_other_strides_writes_them_one_by_one():
         rope_qkv_write(q, k, k[:, :1], cos, sin, None, None, 1.0, 1.0, v_out, v_out, at)
     with pytest.raises(ValueError, match="clip"):
         rope_qkv_write(q, k, k, cos, sin, None, None, 0.0, 1.0, v_out, v_out, at)
+    with pytest.raises(ValueError, match="give k_out, v_out and at"):
+        rope_qkv_write(q, k, k, cos, sin, None, None, 1.0, 1.0, v_out, v_out, None)
 
 
 @gpu

@@ -643,6 +643,8 @@ def rope_qkv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     for clip in (k_clip, v_clip):
         if not 0.0 < clip <= 1.0:
             raise ValueError(f"clip must be in (0, 1], got {clip}")
+    if at is None or k_out is None or v_out is None:
+        raise ValueError("rope_qkv_write writes into caches: give k_out, v_out and at (their write position)")
     k_out, v_out = _pack_out(k, k_out, at), _pack_out(v, v_out, at)
     same = all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(k_out, v_out))
     if not use_triton(q) or not same:

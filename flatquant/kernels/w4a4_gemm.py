@@ -421,9 +421,9 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
 
 def kq_fuses(M: int, n1: int, n2: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``kq_gemm`` runs as one launch: 1–16 tokens of 16-bit activations whose padded factors hold at most
-    64 × 128 values (LLaMA-3-8B's 4096-wide inputs: qkv, o_proj, up/gate). Compiled for sm_90 (Triton 3.6) at 4
-    warps: 128 registers and 57–61 KB of shared memory for those; down_proj's 112 × 128 factors spilled 216 bytes and
-    asked 368 KB of shared memory, fp32 activations spilled 1.9 KB, so those run the two kernels."""
+    64 × 128 values (LLaMA-3-8B's 4096-wide inputs: qkv, o_proj, up/gate). Compiled for sm_90 (Triton 3.6) at the
+    decode configs (4 warps, 4 stages): 140–144 registers and 54–60 KB of shared memory for those, no spills;
+    down_proj's 112 × 128 factors spilled 200 bytes and fp32 activations 1.3 KB, so those run the two kernels."""
     b1, b2 = max(16, next_pow2(n1)), max(32, next_pow2(n2))
     return 0 < M <= 16 and b1 * b2 <= 64 * 128 and (device.type != "cuda" or dtype != torch.float32)
 
