@@ -5,6 +5,7 @@ Usage:
     codes = unpack_int4_offset(stored, spec.qmin)   # → (rows, cols) int16
     qw = pack_int4_twos(q)                          # what the W4A4 kernels read         q: (rows, cols) ints
     q = unpack_int4_twos(qw, signed=True)           # → (rows, cols) int32
+    b = pack_e4m3(q)                                # one byte a code: e4m3fn of q·2^-9  (rows, cols) uint8
     n1, n2 = kron_dims(4096)                        # (64, 64): the factors of a Kronecker transform
 
 Both encodings put two codes in a byte, the even column in the low nibble, and differ in what a nibble holds:
@@ -17,6 +18,11 @@ Both encodings put two codes in a byte, the even column in the low nibble, and d
   (8..15 → −8..−1), unsigned ones read 0..15. The Triton kernels use it (flatquant/kernels/): `kron_quant`
   writes activations this way, `w4a4_gemm` and `QuantLinear` read activations and weights so;
   `QuantLinear.from_group` re-packs the offset-binary weight codes into it.
+
+A third form holds one code a byte, for the fp8 GEMM (``flatquant.kernels.e4m3``): ``pack_e4m3`` writes an integer q
+in [-15, 15] as the e4m3fn encoding of q·2^-9 — |q| ≤ 7 are subnormals (mantissa q, exponent 0), 8..15 have exponent
+1 and mantissa q − 8, so the magnitude byte is |q| itself and the sign is bit 7. Every 4-bit code is exact, and a
+product of two is an integer number of 2^-18, which fp32 accumulators hold exactly.
 
 For symmetric codes (qmin = −8) the two differ by XOR 0x88 per byte: code + 8 ≡ (code & 15) + 8 (mod 16), and
 adding 8 mod 16 flips only bit 3 of each nibble. For asymmetric codes (qmin = 0) they are the same bytes.
@@ -75,3 +81,10 @@ def unpack_int4_twos(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     p = packed.to(torch.int32)
     q = torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
     return torch.where(q > 7, q - 16, q) if signed else q
+
+
+def pack_e4m3(q: torch.Tensor) -> torch.Tensor:
+    """Integers in [-15, 15] → uint8 of the same shape, the e4m3fn encoding of q·2^-9 (sign bit 7, magnitude |q|);
+    ``.view(torch.float8_e4m3fn)`` reads them as those values."""
+    q = q.to(torch.int32)
+    return torch.where(q < 0, 128 - q, q).to(torch.uint8)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU round: what "done" means for code that runs on a GPU, in one command on a CUDA machine.
 #
-#     bash gpu/checks.sh OUT [full]
+#     bash gpu/checks.sh OUT [full|bench|tests|pipeline]
 #
+# A device call is limited to 10 minutes: `bench`, `tests` and `pipeline` run steps 1, 2 without the pipeline file,
+# and the pipeline file alone, one a call.
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
 #    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
@@ -12,23 +14,35 @@
 # Logs go to OUT/*.log; OUT/ALLDONE marks the end. The default model comes from the installed package or
 # FLATQUANT_SMOLLM2_PATH (a path to its GGUF), the data from FLATQUANT_DATA or ../shared/data.
 set -u
-OUT=${1:?usage: bash gpu/checks.sh OUT [full]}
+OUT=${1:?usage: bash gpu/checks.sh OUT [full|bench|tests|pipeline]}
+PART=${2:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/smi.txt" 2>&1
-python -m flatquant.kernels.bench --only decode --out "$OUT/bench" > "$OUT/bench_decode.log" 2>&1
-python -m flatquant.kernels.bench --only decode-writes --out "$OUT/bench" > "$OUT/bench_decode_writes.log" 2>&1
-python -m flatquant.kernels.bench --only decode-kq --out "$OUT/bench" > "$OUT/bench_decode_kq.log" 2>&1
-if [ "${2:-}" = full ]; then
-  python -m flatquant.kernels.bench --check --out "$OUT/bench" > "$OUT/bench_check.log" 2>&1
+if [ "$PART" = pipeline ]; then
+  python -m pytest -m gpu -q tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_pipeline.log" 2>&1
+  tail -3 "$OUT/gpu_pipeline.log"
+  touch "$OUT/ALLDONE"
+  exit 0
 fi
-python run.py stage=bench model=llama3_8b bench.model=true bench.linears=false bench.layer=false \
-  bench.calibration=false bench.model_profile=true device=cuda results_dir="$OUT/res" \
-  artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/model_bench.log" 2>&1
-touch "$OUT/BENCHDONE"
+if [ "$PART" != tests ]; then
+  python -m flatquant.kernels.bench --only decode --out "$OUT/bench" > "$OUT/bench_decode.log" 2>&1
+  python -m flatquant.kernels.bench --only decode-writes --out "$OUT/bench" > "$OUT/bench_decode_writes.log" 2>&1
+  python -m flatquant.kernels.bench --only decode-kq --out "$OUT/bench" > "$OUT/bench_decode_kq.log" 2>&1
+  if [ "$PART" = full ]; then
+    python -m flatquant.kernels.bench --check --out "$OUT/bench" > "$OUT/bench_check.log" 2>&1
+  fi
+  python run.py stage=bench model=llama3_8b bench.model=true bench.linears=false bench.layer=false \
+    bench.calibration=false bench.model_profile=true device=cuda results_dir="$OUT/res" \
+    artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/model_bench.log" 2>&1
+  touch "$OUT/BENCHDONE"
+fi
+[ "$PART" = bench ] && exit 0
 PROMPT='eval.prompts=["The capital of Germany is"]'
 ( python -m pytest -m gpu -q tests --ignore=tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_tests.log" 2>&1 ) &
-( python -m pytest -m gpu -q tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_pipeline.log" 2>&1 ) &
+if [ "$PART" != tests ]; then
+    ( python -m pytest -m gpu -q tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_pipeline.log" 2>&1 ) &
+fi
 (
   python run.py method=flatquant kernels=true model.dtype=float16 device=cuda "$PROMPT" \
     artifacts_dir="$OUT/art_kernels" results_dir="$OUT/run_kernels" > "$OUT/run_kernels.log" 2>&1
@@ -38,6 +52,6 @@ PROMPT='eval.prompts=["The capital of Germany is"]'
     artifacts_dir="$OUT/art_fake" results_dir="$OUT/run_fake" > "$OUT/run_fake.log" 2>&1
 ) &
 wait
-grep -h -E "passed|failed|error" "$OUT/gpu_tests.log" "$OUT/gpu_pipeline.log" | tail -4
+grep -h -E "passed|failed|error" "$OUT"/gpu_*.log | tail -4
 grep -h "Germany is' →" "$OUT"/run_*.log | sort -u
 touch "$OUT/ALLDONE"

@@ -14,6 +14,10 @@ Usage::
     from flatquant.kernels.bench import bench_shapes
     res = bench_shapes(4096, 14336, 32, 8, 128, out_dir="results/bench")
 
+Our linear is timed on the int8 path (kron_quant + w4a4_gemm: ``w4a4_int8_ms``) and, from 16 tokens on a Hopper GPU,
+on the fp8 path QuantLinear takes from FP8_MIN_TOKENS tokens (``w4a4_e4m3_ms``, with its parts: ``kron_quant_e4m3_ms``,
+``e4m3_weight_ms``, ``scaled_mm_ms``); ``w4a4_ms`` and ``speedup`` are the path QuantLinear takes (``linear_path``).
+
 Timing: ``triton.testing.do_bench`` medians for prefill; for decode (≤ 16 tokens), where the host's launch
 time would exceed the GPU time, the same calls replayed from a CUDA graph (``do_bench_cudagraph``),
 for fp16 and ours alike. Inputs and weights rotate over enough buffer sets to exceed 3× the L2 cache.
@@ -38,6 +42,8 @@ import torch.nn.functional as F
 
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
+from . import qlinear
+from .e4m3 import E4M3_UNIT, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
 from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref
 from .qlinear import QuantLinear
 from .w4a4_gemm import default_path, fp8_supported, pick_config, w4a4_gemm, w4a4_gemm_ref, weight_sums
@@ -112,9 +118,30 @@ def _linear_sets(M: int, K: int, N: int, n1: int, n2: int, l2: int) -> tuple[lis
     return ours, ref
 
 
-def _ours(x, L, R, qw, sw, clip=0.9, kcfg=None, gcfg=None):
+def _ours(x, L, R, qw, sw, clip=0.9, kcfg=None, gcfg=None, path="int8"):
+    """Our linear with symmetric activations: "int8" kron_quant + w4a4_gemm; "e4m3" as QuantLinear's fp8 path
+    (kron_quant's e4m3 codes, e4m3_weight, cuBLAS's fp8 GEMM)."""
+    if path == "e4m3":
+        q, s, _ = kron_quant(x, L, R, clip, True, codes="e4m3")
+        return scaled_mm_w4a4(q, s, e4m3_weight(qw), sw, None, x.dtype)
     q, s, _ = kron_quant(x, L, R, clip, True, config=kcfg)
     return w4a4_gemm(q, s, qw, sw, config=gcfg)
+
+
+def _e4m3_times(r: dict, ours: list, graph: bool, copy_gbs: float) -> None:
+    """Time the fp8 path and its three parts on ``ours`` and add them to row ``r`` (tokens, in, out, fp16_ms):
+    the whole linear, kron_quant writing e4m3 codes, e4m3_weight, and cuBLAS's GEMM on already-expanded weights."""
+    M, K, N = r["tokens"], r["in"], r["out"]
+    r["w4a4_e4m3_ms"] = _time(lambda *a: _ours(*a, path="e4m3"), ours, graph)
+    r["speedup_e4m3"] = r["fp16_ms"] / r["w4a4_e4m3_ms"]
+    r["kron_quant_e4m3_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True, codes="e4m3"), ours, graph)
+    r["kron_quant_e4m3_frac_copy"] = (M * K * 3 + M * 4) / r["kron_quant_e4m3_ms"] / 1e6 / copy_gbs
+    r["e4m3_weight_ms"] = _time(lambda x, L, R, qw, sw: e4m3_weight(qw), ours, graph)
+    r["e4m3_weight_frac_copy"] = (N * K * 3 // 2) / r["e4m3_weight_ms"] / 1e6 / copy_gbs
+    msets = [(*kron_quant(s[0], s[1], s[2], 0.9, True, codes="e4m3")[:2], e4m3_weight(s[3]), s[4]) for s in ours]
+    r["scaled_mm_ms"] = _time(lambda q, s, w8, sw: scaled_mm_w4a4(q, s, w8, sw, None, torch.float16), msets, graph)
+    r["scaled_mm_TOPs"] = 2 * M * N * K / r["scaled_mm_ms"] / 1e9
+    r["scaled_mm_vs_fp16"] = r["fp16_ms"] / r["scaled_mm_ms"]
 
 
 def _gemm_times(r: dict, qsets: list, graph: bool) -> None:
@@ -148,7 +175,14 @@ def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy
         qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
                   torch.rand(M, device="cuda") + 0.1, s[3], s[4]) for s in ours]
     else:
-        r["w4a4_ms"] = _time(_ours, ours, graph)
+        r["w4a4_int8_ms"] = _time(_ours, ours, graph)
+        r["speedup_int8"] = r["fp16_ms"] / r["w4a4_int8_ms"]
+        r["linear_path"] = "int8"
+        if M >= 16 and scaled_mm_supported(ours[0][0].device) and scaled_mm_shapes_ok(K, N):
+            _e4m3_times(r, ours, graph, copy_gbs)
+            if 0 < qlinear.FP8_MIN_TOKENS <= M:
+                r["linear_path"] = "e4m3"
+        r["w4a4_ms"] = r[f"w4a4_{r['linear_path']}_ms"]
         r["speedup"] = r["fp16_ms"] / r["w4a4_ms"]
         r["kron_quant_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True), ours, graph)
         kbytes = M * K * 2 + M * K // 2 + M * 4
@@ -208,8 +242,10 @@ def _write(out_dir: str, suffix: str, res: dict, markdown: str) -> None:
         f.write(markdown)
 
 
-_COLS = ("linear", "tokens", "in", "out", "fp16_ms", "w4a4_ms", "speedup", "kron_quant_ms", "kron_quant_GBs",
-         "kron_quant_frac_copy", "gemm_path", "gemm_ms", "gemm_TOPs", "gemm_weight_GBs", "gemm_int8_ms", "gemm_fp8_ms",
+_COLS = ("linear", "tokens", "in", "out", "fp16_ms", "linear_path", "w4a4_ms", "speedup", "speedup_int8",
+         "speedup_e4m3", "kron_quant_ms", "kron_quant_GBs", "kron_quant_frac_copy", "kron_quant_e4m3_ms",
+         "kron_quant_e4m3_frac_copy", "e4m3_weight_ms", "e4m3_weight_frac_copy", "scaled_mm_ms", "scaled_mm_TOPs",
+         "scaled_mm_vs_fp16", "gemm_path", "gemm_ms", "gemm_TOPs", "gemm_weight_GBs", "gemm_int8_ms", "gemm_fp8_ms",
          "fp8_vs_int8", "fp8_vs_fp16", "int8_vs_fp16", "int8_cublas_ms", "fp8_cublas_ms")
 
 
@@ -247,23 +283,27 @@ def packed_ok(c: dict) -> bool:
 
 
 def check_kron_quant(M: int, n1: int, n2: int, dtype: torch.dtype, sym: bool, device: str = "cuda",
-                     config: dict | None = None) -> dict:
+                     config: dict | None = None, codes: str = "int4") -> dict:
     """Run kron_quant on fresh random data (outlier channels included) against kron_quant_ref.
-    Outputs are poisoned (q with 0x00, then 0xFF; scales with NaN): equal runs prove every byte was written."""
+    Outputs are poisoned (q with 0x00, then 0xFF; scales with NaN): equal runs prove every byte was written.
+    codes="e4m3": the one-byte codes, compared as the integers they encode."""
     x = torch.randn(M, n1 * n2) * (1 + 20 * (torch.rand(n1 * n2) > 0.99))
     x = x.to(device=device, dtype=dtype)
     L = _rand_factor(n1, device).to(dtype)
     R = _rand_factor(n2, device).to(dtype)
     outs = []
     for poison in (0, 255):
-        q = torch.full((M, n1 * n2 // 2), poison, dtype=torch.uint8, device=device)
+        q = torch.full((M, n1 * n2 // (1 if codes == "e4m3" else 2)), poison, dtype=torch.uint8, device=device)
         s = torch.full((M,), float("nan"), device=device)
         z = None if sym else torch.full((M,), float("nan"), device=device)
-        outs.append(kron_quant(x, L, R, 0.9, sym, out=(q, s, z), config=config))
+        outs.append(kron_quant(x, L, R, 0.9, sym, out=(q, s, z), config=config, codes=codes))
     (q, s, z), (q2, _, _) = outs
     qr, sr, zr, v = kron_quant_ref(x.cpu(), L.cpu(), R.cpu(), 0.9, sym, return_float=True)
+    written = bool(torch.equal(q, q2))
+    if codes == "e4m3":  # the integers the bytes encode, packed as the int4 reference is
+        q = pack_int4_twos((q.view(torch.float8_e4m3fn).float() / E4M3_UNIT).nan_to_num(99.0).to(torch.int32))
     c = _compare_packed(q, qr, v, sym)
-    c["all_written"] = bool(torch.equal(q, q2)) and not bool(s.isnan().any()) and (z is None or not z.isnan().any())
+    c["all_written"] = written and not bool(s.isnan().any()) and (z is None or not z.isnan().any())
     c["scale_rel"] = float(((s.cpu() - sr).abs() / sr).max())
     c["zero_diff"] = 0.0 if sym else float((z.cpu() - zr).abs().max())
     # On the GPU the fp32 sums of X_t·R run in another order than on the CPU, so ~1 element per token can

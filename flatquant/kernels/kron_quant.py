@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from flatquant.packing import pack_int4_twos
+from flatquant.packing import pack_e4m3, pack_int4_twos
 
 try:
     import triton
@@ -105,16 +105,22 @@ if HAS_TRITON:
         return tl.reshape(tl.broadcast_to(v[:, None], (TOKENS, ROWS)), (TOKENS * ROWS,))
 
     @triton.jit
-    def _quant_store(y, scale, zero, q_ptrs, qmask, ROWS: tl.constexpr, COLS: tl.constexpr, SYM: tl.constexpr):
-        """Round y/scale (+zero) per row, clamp to 4 bits, pack column pairs (low nibble = even column)."""
+    def _quant_store(y, scale, zero, q_ptrs, qmask, ROWS: tl.constexpr, COLS: tl.constexpr, SYM: tl.constexpr,
+                     E4M3: tl.constexpr = False):
+        """Round y/scale (+zero) per row, clamp to 4 bits, pack column pairs (low nibble = even column); E4M3
+        (symmetric only): one byte a code instead, the e4m3fn encoding of q·2^-9 (``packing.pack_e4m3``)."""
         v = y / scale[:, None]
         v = (v + _ROUND_MAGIC) - _ROUND_MAGIC + zero[:, None]
         if SYM:
             v = tl.minimum(tl.maximum(v, -8.0), 7.0)
         else:
             v = tl.minimum(tl.maximum(v, 0.0), 15.0)
-        lo, hi = tl.split(tl.reshape(v.to(tl.int32), (ROWS, COLS // 2, 2)))
-        tl.store(q_ptrs, ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8), mask=qmask)
+        if E4M3:
+            n = v.to(tl.int32)
+            tl.store(q_ptrs, tl.where(n < 0, 128 - n, n).to(tl.uint8), mask=qmask)
+        else:
+            lo, hi = tl.split(tl.reshape(v.to(tl.int32), (ROWS, COLS // 2, 2)))
+            tl.store(q_ptrs, ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8), mask=qmask)
 
     @triton.jit
     def _kron_quant_kernel(
@@ -122,11 +128,12 @@ if HAS_TRITON:
         M, N1, N2, clip,
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
-        SYM: tl.constexpr, DOT_F32: tl.constexpr,
+        SYM: tl.constexpr, DOT_F32: tl.constexpr, E4M3: tl.constexpr,
     ):
         """Persistent: ``_kron_quant_blocks`` from program_id on, num_programs apart."""
         _kron_quant_blocks(tl.program_id(0), tl.num_programs(0), x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
-                           M, N1, N2, clip, stride_xm, stride_qm, BLOCK_N1, BLOCK_N2, BLOCK_J, TOKENS, SYM, DOT_F32)
+                           M, N1, N2, clip, stride_xm, stride_qm, BLOCK_N1, BLOCK_N2, BLOCK_J, TOKENS, SYM, DOT_F32,
+                           None, E4M3)
 
     @triton.jit
     def _kron_quant_blocks(
@@ -134,15 +141,16 @@ if HAS_TRITON:
         M, N1, N2, clip,
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
-        SYM: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr = None,
+        SYM: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr = None, E4M3: tl.constexpr = False,
     ):
         """Token blocks pid, pid + nprog, ... of TOKENS tokens each, stacked as
         (TOKENS·BLOCK_N1, BLOCK_N2) rows, so that X·R is one product and Lᵀ·T one product with a
         block-diagonal Lᵀ (more rows per tensor-core instruction, more work in flight per token chain).
         L (and R, when one column chunk covers it) are loaded once per program. With BLOCK_J < BLOCK_N2
         (large factors, whose R does not fit in shared memory) Y is made in column chunks twice: once for
-        max/min, once to quantize."""
+        max/min, once to quantize. E4M3: codes one byte each (``_quant_store``), rows of N1·N2 bytes."""
         NCHUNK: tl.constexpr = BLOCK_N2 // BLOCK_J
+        PER_BYTE: tl.constexpr = 1 if E4M3 else 2
         RB: tl.constexpr = TOKENS * BLOCK_N1
         rr = tl.arange(0, RB)
         tok = rr // BLOCK_N1
@@ -150,9 +158,9 @@ if HAS_TRITON:
         m1 = i1 < N1
         i2 = tl.arange(0, BLOCK_N2)
         jj = tl.arange(0, BLOCK_J)
-        jh = tl.arange(0, BLOCK_J // 2)
+        jh = tl.arange(0, BLOCK_J // PER_BYTE)
         tt = tl.arange(0, TOKENS)
-        half = N2 // 2
+        qcols = N2 // PER_BYTE  # bytes of a factor row
         # ltb[a, b] = L[b, a] within a token's diagonal block; 0 elsewhere and in padding.
         lmask = m1[:, None] & m1[None, :] & (tok[:, None] == tok[None, :])
         ltb = tl.load(l_ptr + i1[None, :] * N1 + i1[:, None], mask=lmask, other=0.0)
@@ -168,13 +176,13 @@ if HAS_TRITON:
             vrow = m1 & (base + tok < M)
             x_ptrs = x_ptr + (row0 + tok)[:, None] * stride_xm + (i1 * N2)[:, None] + i2[None, :]
             x = tl.load(x_ptrs, mask=vrow[:, None] & (i2 < N2)[None, :], other=0.0)
-            q_row = q_ptr + (row0 + tok)[:, None] * stride_qm + (i1 * half)[:, None]
+            q_row = q_ptr + (row0 + tok)[:, None] * stride_qm + (i1 * qcols)[:, None]
             if NCHUNK == 1:
                 y = _kron_tile(x, ltb, r, DOT_F32)
                 ymax, ymin = _token_stats(y, vrow[:, None] & (i2 < N2)[None, :], TOKENS, BLOCK_N1, BLOCK_N2)
                 scale, zero = _scale_zero(ymax, ymin, clip, SYM)
                 _quant_store(y, _per_row(scale, TOKENS, BLOCK_N1), _per_row(zero, TOKENS, BLOCK_N1),
-                             q_row + jh[None, :], vrow[:, None] & (jh < half)[None, :], RB, BLOCK_J, SYM)
+                             q_row + jh[None, :], vrow[:, None] & (jh < qcols)[None, :], RB, BLOCK_J, SYM, E4M3)
             else:
                 ymax = tl.full((TOKENS,), -float("inf"), tl.float32)
                 ymin = tl.full((TOKENS,), float("inf"), tl.float32)
@@ -192,9 +200,10 @@ if HAS_TRITON:
                     rc = tl.load(r_ptr + i2[:, None] * N2 + cols[None, :],
                                  mask=(i2 < N2)[:, None] & (cols < N2)[None, :], other=0.0)
                     y = _kron_tile(x, ltb, rc.to(ltb.dtype), DOT_F32)
-                    hcols = c * (BLOCK_J // 2) + jh
+                    hcols = c * (BLOCK_J // PER_BYTE) + jh
                     _quant_store(y, _per_row(scale, TOKENS, BLOCK_N1), _per_row(zero, TOKENS, BLOCK_N1),
-                                 q_row + hcols[None, :], vrow[:, None] & (hcols < half)[None, :], RB, BLOCK_J, SYM)
+                                 q_row + hcols[None, :], vrow[:, None] & (hcols < qcols)[None, :], RB, BLOCK_J, SYM,
+                                 E4M3)
             tmask = base + tt < M
             tl.store(scale_ptr + row0 + tt, scale, mask=tmask)
             if not SYM:
@@ -237,7 +246,7 @@ def _check_inputs(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> tuple[in
 
 def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 1.0, sym: bool = True,
                out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-               config: dict | None = None):
+               config: dict | None = None, codes: str = "int4"):
     """Transform and quantize activations in one kernel.
 
     x: (tokens, n1*n2) fp16/bf16, last dim contiguous; L: (n1, n1); R: (n2, n2) (cast to x's dtype);
@@ -246,22 +255,29 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 
     config: optional launch settings {"num_warps", "num_stages", "ctas_per_sm", "tokens", "block_j"}
     (defaults by block size). tokens: tokens stacked per step (power of 2); block_j < padded n2 makes Y in
     column chunks, for factors whose R does not fit in shared memory (then tokens = 1).
-    Returns q: (tokens, n1*n2/2) uint8 packed (low nibble = even column), scale: (tokens,) fp32,
-    zero: (tokens,) fp32 integer-valued for asym, None for sym.
+    codes: "int4" or "e4m3" (symmetric only: one byte a code, the e4m3fn encoding of q·2^-9 that the fp8 GEMM
+    reads, ``packing.pack_e4m3``).
+    Returns q: (tokens, n1*n2/2) uint8 packed (low nibble = even column) — e4m3: (tokens, n1*n2) uint8 —,
+    scale: (tokens,) fp32, zero: (tokens,) fp32 integer-valued for asym, None for sym.
     Falls back to ``kron_quant_ref`` where Triton cannot run (no CUDA and no interpreter).
     """
     n1, n2 = _check_inputs(x, L, R)
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip must be in (0, 1], got {clip}")
+    if codes not in ("int4", "e4m3"):
+        raise ValueError(f"codes must be 'int4' or 'e4m3', got {codes!r}")
+    e4m3 = codes == "e4m3"
+    if e4m3 and not sym:
+        raise ValueError("codes='e4m3' holds symmetric codes only (q in [-8, 7]); asymmetric ones need 'int4'")
     if not use_triton(x):
-        return kron_quant_ref(x, L, R, clip, sym)
+        return kron_quant_ref(x, L, R, clip, sym, codes=codes)
     if x.stride(1) != 1:
         x = x.contiguous()
     M = x.shape[0]
     L = L.to(device=x.device, dtype=x.dtype).contiguous()
     R = R.to(device=x.device, dtype=x.dtype).contiguous()
     if out is None:
-        q = torch.empty(M, n1 * n2 // 2, dtype=torch.uint8, device=x.device)
+        q = torch.empty(M, n1 * n2 // (1 if e4m3 else 2), dtype=torch.uint8, device=x.device)
         scale = torch.empty(M, dtype=torch.float32, device=x.device)
         zero = None if sym else torch.empty(M, dtype=torch.float32, device=x.device)
     else:
@@ -286,7 +302,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 
         M, n1, n2, float(clip),
         x.stride(0), q.stride(0),
         BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=block_j, TOKENS=tokens, SYM=sym,
-        DOT_F32=not x.is_cuda or x.dtype == torch.float32,
+        DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3,
         num_warps=cfg["num_warps"], num_stages=num_stages,
     )
     return q, scale, zero
@@ -327,17 +343,19 @@ def kron_transform_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
 
 
 def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 1.0, sym: bool = True,
-                   intermediate_dtype: torch.dtype | None = "input", return_float: bool = False):
+                   intermediate_dtype: torch.dtype | None = "input", return_float: bool = False,
+                   codes: str = "int4"):
     """Plain-PyTorch reference of ``kron_quant`` (same outputs).
 
     intermediate_dtype: "input" (default) rounds X_t·R to x's dtype as the kernel does; None keeps fp32.
     return_float: also return y/scale (+zero), the fp32 value that was rounded, for boundary-aware tests.
+    codes: "int4" (packed two's-complement nibbles) or "e4m3" (symmetric: one e4m3fn byte a code).
     """
     _check_inputs(x, L, R)
     inter = x.dtype if intermediate_dtype == "input" else intermediate_dtype
     y = kron_transform_ref(x, L, R, inter)
     q, scale, zero = quantize_per_token_ref(y, clip, sym)
-    out = (pack_int4_twos(q), scale, zero)
+    out = (pack_e4m3(q) if codes == "e4m3" else pack_int4_twos(q), scale, zero)
     if return_float:
         v = y / scale[:, None] + (0.0 if zero is None else zero[:, None])
         return out + (v,)

@@ -9,7 +9,9 @@ Usage::
 ``weight`` is the weight the transformed activation meets, i.e. already merged with the inverse
 transform (``merge_kron_into_weight``), so that x·(L⊗R)·Wᵀ equals the full-precision x·W_origᵀ.
 On CUDA (or under TRITON_INTERPRET=1) forward runs two kernels: ``kron_quant`` then ``w4a4_gemm``, or for up to
-``KQ_MAX_TOKENS`` tokens the two as one launch (``kq_gemm``).
+``KQ_MAX_TOKENS`` tokens the two as one launch (``kq_gemm``), or from ``FP8_MIN_TOKENS`` tokens on a Hopper GPU
+(symmetric activations) the fp8 path: ``kron_quant(codes="e4m3")``, ``e4m3_weight`` and cuBLAS's fp8 GEMM
+(``flatquant.kernels.e4m3``).
 Elsewhere, or without Triton, it runs the same math in PyTorch (fp32): the fake-quant computation
 quantize-dequantize(x·(L⊗R)) · dequant(W)ᵀ.
 """
@@ -22,6 +24,7 @@ from torch import nn
 
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
+from .e4m3 import e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
 from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, use_triton
 from .w4a4_gemm import kq_gemm, w4a4_gemm
 
@@ -31,6 +34,9 @@ from .w4a4_gemm import kq_gemm, w4a4_gemm
 # at 4 tokens each program's serial transform made it slower (15.6 → 19.1 µs for qkv); the graphed batch-1 decode
 # step of the whole model 3.85 → 3.66 ms (NVIDIA_H200_model_llama3_8b_qkv_write_kq.md).
 KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "1"))
+# From this many tokens forward takes the fp8 path where it can (``fp8_path``); 0: never. FLATQUANT_FP8_MIN_TOKENS
+# overrides it.
+FP8_MIN_TOKENS = int(os.environ.get("FLATQUANT_FP8_MIN_TOKENS", "128"))
 
 
 def quantize_weight_rtn(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,13 +134,22 @@ class QuantLinear(nn.Module):
             self._cast_cache = {key: (self.L.to(device, dtype).contiguous(), self.R.to(device, dtype).contiguous())}
         return self._cast_cache[key]
 
+    def fp8_path(self, x: torch.Tensor) -> bool:
+        """Whether forward runs x (tokens, in) on fp8 tensor cores: FP8_MIN_TOKENS tokens or more, symmetric
+        activations, 16-bit inputs, widths cuBLAS takes, a GPU ``scaled_mm_supported`` names."""
+        return (0 < FP8_MIN_TOKENS <= x.shape[0] and self.act_sym and x.dtype in (torch.float16, torch.bfloat16)
+                and scaled_mm_shapes_ok(self.in_features, self.out_features) and scaled_mm_supported(x.device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) fp16/bf16 → (..., out) same dtype."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if use_triton(x2):
             L, R = self._factors(x.dtype, x.device)
-            if x2.shape[0] <= KQ_MAX_TOKENS:
+            if self.fp8_path(x2):
+                q, s, _ = kron_quant(x2, L, R, self.act_clip, True, codes="e4m3")
+                y = scaled_mm_w4a4(q, s, e4m3_weight(self.qweight), self.wscale, self.bias, x.dtype)
+            elif x2.shape[0] <= KQ_MAX_TOKENS:
                 y = kq_gemm(x2, L, R, self.act_clip, self.act_sym, self.qweight, self.wscale, self.wsum, self.bias,
                             x.dtype)
             else:
