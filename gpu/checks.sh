@@ -41,7 +41,7 @@ fi
 PROMPT='eval.prompts=["The capital of Germany is"]'
 ( python -m pytest -m gpu -q tests --ignore=tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_tests.log" 2>&1 ) &
 if [ "$PART" != tests ]; then
-    ( python -m pytest -m gpu -q tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_pipeline.log" 2>&1 ) &
+  ( python -m pytest -m gpu -q tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_pipeline.log" 2>&1 ) &
 fi
 (
   python run.py method=flatquant kernels=true model.dtype=float16 device=cuda "$PROMPT" \

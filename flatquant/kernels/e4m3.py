@@ -42,8 +42,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _e4m3_weight_kernel(p_ptr, o_ptr, n_bytes, BLOCK: tl.constexpr):
-        """BLOCK packed bytes → 2·BLOCK e4m3 bytes: nibble u (two's complement) → u for 0..7, 0x80 | (16 − u) for
-        8..15 (−8..−1), the low nibble first (the even column)."""
+        """BLOCK packed bytes → BLOCK 16-bit words of two e4m3 bytes: nibble u (two's complement) → u for 0..7,
+        0x80 | (16 − u) for 8..15 (−8..−1); the low nibble (the even column) in the low byte, which comes first in
+        memory (little-endian), so the output is read as bytes in column order. Words, not interleaved bytes: the
+        stores stay contiguous and wide."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_bytes
         p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -51,10 +53,7 @@ if HAS_TRITON:
         hi = p >> 4
         lo = tl.where(lo >= 8, 144 - lo, lo)
         hi = tl.where(hi >= 8, 144 - hi, hi)
-        out = tl.interleave(lo, hi).to(tl.uint8)
-        o2 = offs * 2
-        o_offs = tl.interleave(o2, o2 + 1)
-        tl.store(o_ptr + o_offs, out, mask=o_offs < 2 * n_bytes)
+        tl.store(o_ptr + offs, (lo | (hi << 8)).to(tl.uint16), mask=mask)
 
 
 def e4m3_weight(qw: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +76,8 @@ def e4m3_weight(qw: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     elif qw.numel():
         qw = qw.contiguous()
         block = 4096
-        _e4m3_weight_kernel[(cdiv(qw.numel(), block),)](qw, out8, qw.numel(), BLOCK=block, num_warps=4)
+        _e4m3_weight_kernel[(cdiv(qw.numel(), block),)](qw, out8.view(torch.uint16), qw.numel(), BLOCK=block,
+                                                        num_warps=4)
     return out8.view(torch.float8_e4m3fn)
 
 
@@ -95,13 +95,22 @@ def scaled_mm_shapes_ok(K: int, N: int) -> bool:
     return K % 16 == 0 and N % 16 == 0
 
 
+def e4m3_scale_b(sw: torch.Tensor) -> torch.Tensor:
+    """cuBLAS's per-column scale for ``scaled_mm_w4a4``: s_w · 2^18, (1, N) fp32. Both operands' codes carry 2^-9
+    (``E4M3_UNIT``); the power of two is exact and rides on the weights' side, so the activations' scales go in as
+    they are (a view, no launch). QuantLinear keeps it per layer."""
+    return (sw.float() * (1.0 / E4M3_UNIT) ** 2).reshape(1, -1)
+
+
 def scaled_mm_w4a4(qa: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor,
-                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                   scale_b: torch.Tensor | None = None) -> torch.Tensor:
     """y = (s_a · s_w) ⊙ (q_a · q_wᵀ) (+ bias): symmetric 4-bit activations × weights, both as e4m3 bytes.
 
     qa: (M, K) uint8 / float8_e4m3fn (``kron_quant(codes="e4m3")``); sa: (M,) fp32; w8: (N, K) float8_e4m3fn
-    (``e4m3_weight``); sw: (N,) fp32; bias: (N,) or None; out_dtype fp16/bf16 (fp32 too, for tests).
-    Returns (M, N) out_dtype. cuBLAS on Hopper (``scaled_mm_supported``); elsewhere the same function in float64.
+    (``e4m3_weight``); sw: (N,) fp32; bias: (N,) or None; out_dtype fp16/bf16 (fp32 too, for tests);
+    scale_b: ``e4m3_scale_b(sw)`` if already made. Returns (M, N) out_dtype. cuBLAS on Hopper
+    (``scaled_mm_supported``); elsewhere the same function in float64.
     """
     M, K = qa.shape
     N = w8.shape[0]
@@ -112,9 +121,8 @@ def scaled_mm_w4a4(qa: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sw: tor
     w8 = w8.view(torch.float8_e4m3fn)
     if not (qa.is_cuda and scaled_mm_supported(qa.device) and scaled_mm_shapes_ok(K, N)):
         return scaled_mm_w4a4_ref(a8, sa, w8, sw, bias, out_dtype)
-    # Each code carries 2^-9: the scales take the 2^9 back (exact powers of two).
-    scale_a = (sa.float() * 512.0).reshape(M, 1)
-    scale_b = (sw.float() * 512.0).reshape(1, N)
+    scale_a = sa.float().contiguous().reshape(M, 1)
+    scale_b = e4m3_scale_b(sw) if scale_b is None else scale_b
     return torch._scaled_mm(a8.contiguous(), w8.contiguous().t(), scale_a, scale_b,
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                             use_fast_accum=False)

@@ -24,7 +24,7 @@ from torch import nn
 
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
-from .e4m3 import e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
+from .e4m3 import e4m3_scale_b, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
 from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, use_triton
 from .w4a4_gemm import kq_gemm, w4a4_gemm
 
@@ -35,8 +35,10 @@ from .w4a4_gemm import kq_gemm, w4a4_gemm
 # step of the whole model 3.85 → 3.66 ms (NVIDIA_H200_model_llama3_8b_qkv_write_kq.md).
 KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "1"))
 # From this many tokens forward takes the fp8 path where it can (``fp8_path``); 0: never. FLATQUANT_FP8_MIN_TOKENS
-# overrides it.
-FP8_MIN_TOKENS = int(os.environ.get("FLATQUANT_FP8_MIN_TOKENS", "128"))
+# overrides it. H100, LLaMA-3-8B shapes (results/bench/NVIDIA_H100_80GB_HBM3.md): at 512 tokens the two paths' kernels
+# take about the same time (qkv: kron_quant + GEMM 0.077 ms on int8; kron_quant + cuBLAS fp8 0.073 ms, plus the
+# weights' expansion); from 2048 the fp8 path is ahead (cuBLAS's fp8 GEMM 1.57–1.88× fp16, ours on int8 1.27–1.42×).
+FP8_MIN_TOKENS = int(os.environ.get("FLATQUANT_FP8_MIN_TOKENS", "512"))
 
 
 def quantize_weight_rtn(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +83,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("R", torch.eye(n2))
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
         self._cast_cache: dict = {}
+        self._scale_cache: dict = {}
         self.splits = [out_features]  # the outputs side by side (from_group: one per linear of the group)
 
     @classmethod
@@ -134,6 +137,13 @@ class QuantLinear(nn.Module):
             self._cast_cache = {key: (self.L.to(device, dtype).contiguous(), self.R.to(device, dtype).contiguous())}
         return self._cast_cache[key]
 
+    def _e4m3_scale(self, device: torch.device) -> torch.Tensor:
+        """``e4m3_scale_b`` of this layer's weight scales, made once per device (and per wscale storage)."""
+        key = (device, self.wscale.data_ptr())
+        if key not in self._scale_cache:
+            self._scale_cache = {key: e4m3_scale_b(self.wscale.to(device))}
+        return self._scale_cache[key]
+
     def fp8_path(self, x: torch.Tensor) -> bool:
         """Whether forward runs x (tokens, in) on fp8 tensor cores: FP8_MIN_TOKENS tokens or more, symmetric
         activations, 16-bit inputs, widths cuBLAS takes, a GPU ``scaled_mm_supported`` names."""
@@ -148,7 +158,8 @@ class QuantLinear(nn.Module):
             L, R = self._factors(x.dtype, x.device)
             if self.fp8_path(x2):
                 q, s, _ = kron_quant(x2, L, R, self.act_clip, True, codes="e4m3")
-                y = scaled_mm_w4a4(q, s, e4m3_weight(self.qweight), self.wscale, self.bias, x.dtype)
+                y = scaled_mm_w4a4(q, s, e4m3_weight(self.qweight), self.wscale, self.bias, x.dtype,
+                                   self._e4m3_scale(x.device))
             elif x2.shape[0] <= KQ_MAX_TOKENS:
                 y = kq_gemm(x2, L, R, self.act_clip, self.act_sym, self.qweight, self.wscale, self.wsum, self.bias,
                             x.dtype)
