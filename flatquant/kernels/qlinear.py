@@ -35,7 +35,7 @@ from .w4a4_gemm import kq_gemm, w4a4_gemm
 # step of the whole model 3.85 → 3.66 ms (NVIDIA_H200_model_llama3_8b_qkv_write_kq.md).
 KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "1"))
 # From this many tokens forward takes the fp8 path where it can (``fp8_path``); 0: never. FLATQUANT_FP8_MIN_TOKENS
-# overrides it. H100, LLaMA-3-8B shapes (results/bench/NVIDIA_H100_80GB_HBM3.md): at 512 tokens the two paths' kernels
+# overrides it. H100, LLaMA-3-8B shapes (results/bench/NVIDIA_H100_80GB_HBM3_fp8_run1.md): at 512 tokens the two paths' kernels
 # take about the same time (qkv: kron_quant + GEMM 0.077 ms on int8; kron_quant + cuBLAS fp8 0.073 ms, plus the
 # weights' expansion); from 2048 the fp8 path is ahead (cuBLAS's fp8 GEMM 1.57–1.88× fp16, ours on int8 1.27–1.42×).
 FP8_MIN_TOKENS = int(os.environ.get("FLATQUANT_FP8_MIN_TOKENS", "512"))
