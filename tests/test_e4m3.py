@@ -167,13 +167,14 @@ def test_scaled_mm_w4a4_exact_gpu(M):
 @gpu
 @needs_scaled_mm
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_quant_linear_fp8_path_gpu_model_shapes(dtype):
+def test_quant_linear_fp8_path_gpu_model_shapes(dtype, monkeypatch):
     """LLaMA-3-8B's four linears at 2048 tokens (and an irregular 300): QuantLinear takes the fp8 path, its output
     equals the int8 path's within the output's rounding (the same codes, summed exactly by both), with a bias
     too; kron_quant's e4m3 codes match the reference at 8B factors, every byte written."""
     for n1, n2 in ((64, 64), (32, 128), (112, 128)):
         r = check_kron_quant(1003, n1, n2, dtype, True, "cuda", codes="e4m3")
         assert r["ok"] and r["all_written"], (n1, n2, r)
+    monkeypatch.setattr(qlinear_mod, "FP8_MIN_TOKENS", 256)
     for (K, N, n1), M in zip(((4096, 6144, 64), (4096, 4096, 32), (4096, 28672, 64), (14336, 4096, 112)),
                              (2048, 300, 2048, 2048)):
         torch.manual_seed(K + N)
