@@ -360,6 +360,9 @@ def run_checks(device: str = "cuda") -> bool:
     for cfg in KRON_SWEEP[1:]:
         cases.append((f"kron_quant 112x128 asym {cfg}", check_kron_quant,
                       (1001, 112, 128, torch.float16, False, device, cfg)))
+    for (n1, n2) in ((64, 64), (32, 128), (112, 128), (24, 24)):
+        cases.append((f"kron_quant {n1}x{n2} fp16 e4m3 codes", check_kron_quant,
+                      (1003, n1, n2, torch.float16, True, device, None, "e4m3")))
     for path in ("int8", "fp8") if fp8_supported(torch.device(device)) else ("int8",):
         for M in (1, 7, 16, 300, 2048):
             for (N, K) in ((4096, 4096), (1000, 1600), (512, 14336)):
