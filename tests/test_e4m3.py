@@ -128,6 +128,20 @@ def test_quant_linear_fp8_branch_matches_int8_branch(bias, monkeypatch):
     assert ((y_fp8.float() - y_int8.float()).abs() <= 2e-3 * y_int8.float().abs() + 1e-4).all()
 
 
+def test_quant_linear_fp8_scale_follows_in_place_weight_scale_changes(monkeypatch):
+    """The per-layer column scale the fp8 path keeps is remade when wscale is written in place (load_state_dict)."""
+    monkeypatch.setattr(qlinear_mod, "FP8_MIN_TOKENS", 1)
+    monkeypatch.setattr(qlinear_mod, "scaled_mm_supported", lambda device: True)
+    torch.manual_seed(8)
+    layer = QuantLinear.from_float(torch.randn(32, 64), act_sym=True)
+    x = torch.randn(5, 64, dtype=torch.float16)
+    y = layer(x).float()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["wscale"] *= 2
+    layer.load_state_dict(state)
+    assert torch.allclose(layer(x).float(), 2 * y, rtol=2e-3, atol=1e-3)
+
+
 def test_quant_linear_fp8_path_needs_symmetric_16_bit_inputs(monkeypatch):
     monkeypatch.setattr(qlinear_mod, "FP8_MIN_TOKENS", 1)
     monkeypatch.setattr(qlinear_mod, "scaled_mm_supported", lambda device: True)

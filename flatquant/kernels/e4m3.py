@@ -16,8 +16,9 @@ N·K written), and ``torch._scaled_mm`` (cuBLAS, row-wise scales, ``use_fast_acc
 
 Exactness: each product of two codes is an integer number of 2^-18 and |Σ| ≤ 64·K, so fp32 holds every sum exactly
 while the accumulation is fp32. Hopper's fp8 MMA accumulates with fewer bits; with fast accumulation off, cuBLAS
-promotes partial sums to fp32 registers. Whether that keeps K = 14336 exact is measured, not assumed:
-tests/test_kernels.py::test_scaled_mm_w4a4_exact_gpu (extreme codes included), kernels/NOTES.md.
+promotes partial sums to fp32 registers; on an H100 (torch 2.11, CUDA 13) every sum came out the exact integer at
+K = 14336, extreme codes and a probe of the accumulator's low bits included (tests/test_e4m3.py::
+test_scaled_mm_w4a4_exact_gpu, kernels/NOTES.md). That is why ``scaled_mm_supported`` names sm_90 alone.
 Symmetric activations only: an asymmetric zero point would need a rank-one correction cuBLAS's epilogue lacks
 (those keep the int8 path).
 """
@@ -120,7 +121,9 @@ def scaled_mm_w4a4(qa: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sw: tor
     a8 = qa.view(torch.float8_e4m3fn)
     w8 = w8.view(torch.float8_e4m3fn)
     if not (qa.is_cuda and scaled_mm_supported(qa.device) and scaled_mm_shapes_ok(K, N)):
-        return scaled_mm_w4a4_ref(a8, sa, w8, sw, bias, out_dtype)
+        # the column scale the GPU would use, when given (so that the CPU path exercises a caller's cached one)
+        sw_used = sw if scale_b is None else scale_b.reshape(N).double() * E4M3_UNIT ** 2
+        return scaled_mm_w4a4_ref(a8, sa, w8, sw_used, bias, out_dtype)
     scale_a = sa.float().contiguous().reshape(M, 1)
     scale_b = e4m3_scale_b(sw) if scale_b is None else scale_b
     return torch._scaled_mm(a8.contiguous(), w8.contiguous().t(), scale_a, scale_b,

@@ -138,8 +138,8 @@ class QuantLinear(nn.Module):
         return self._cast_cache[key]
 
     def _e4m3_scale(self, device: torch.device) -> torch.Tensor:
-        """``e4m3_scale_b`` of this layer's weight scales, made once per device (and per wscale storage)."""
-        key = (device, self.wscale.data_ptr())
+        """``e4m3_scale_b`` of this layer's weight scales, made once per device and per state of wscale."""
+        key = (device, self.wscale.data_ptr(), self.wscale._version)  # _version: in-place writes (load_state_dict)
         if key not in self._scale_cache:
             self._scale_cache = {key: e4m3_scale_b(self.wscale.to(device))}
         return self._scale_cache[key]
