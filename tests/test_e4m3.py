@@ -140,6 +140,9 @@ def test_quant_linear_fp8_scale_follows_in_place_weight_scale_changes(monkeypatc
     state["wscale"] *= 2
     layer.load_state_dict(state)
     assert torch.allclose(layer(x).float(), 2 * y, rtol=2e-3, atol=1e-3)
+    with torch.inference_mode():  # buffers made there keep no version counter: still runs
+        fresh = QuantLinear.from_float(torch.randn(32, 64), act_sym=True)
+        assert fresh(x).shape == (5, 32)
 
 
 def test_quant_linear_fp8_path_needs_symmetric_16_bit_inputs(monkeypatch):

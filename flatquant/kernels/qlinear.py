@@ -41,6 +41,15 @@ KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "1"))
 FP8_MIN_TOKENS = int(os.environ.get("FLATQUANT_FP8_MIN_TOKENS", "512"))
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """t's version counter (bumped by in-place writes such as load_state_dict's copy); None for an inference tensor,
+    which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def quantize_weight_rtn(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest 4-bit, per output channel, symmetric.
 
@@ -139,7 +148,7 @@ class QuantLinear(nn.Module):
 
     def _e4m3_scale(self, device: torch.device) -> torch.Tensor:
         """``e4m3_scale_b`` of this layer's weight scales, made once per device and per state of wscale."""
-        key = (device, self.wscale.data_ptr(), self.wscale._version)  # _version: in-place writes (load_state_dict)
+        key = (device, self.wscale.data_ptr(), _version(self.wscale))
         if key not in self._scale_cache:
             self._scale_cache = {key: e4m3_scale_b(self.wscale.to(device))}
         return self._scale_cache[key]
