@@ -43,3 +43,14 @@ def rerun_under_interpreter(test_file: str, timeout: int) -> str:
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert r.returncode == 0, r.stdout[-3000:]
     return r.stdout
+
+
+def fp8_accumulation_probe(M: int, N: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes that test an fp8 GEMM's accumulation: (M, K) and (N, K) integer tensors on CUDA, 7/8 of k at −8 (each
+    product 64), then ±1 (random, from ``g``), whose sums fall below the last bit a 14-bit accumulator keeps."""
+    k0 = K * 7 // 8
+    probe_a = torch.full((M, K), -8, device="cuda")
+    probe_w = torch.full((N, K), -8, device="cuda")
+    probe_a[:, k0:] = torch.randint(0, 2, (M, K - k0), device="cuda", generator=g) * 2 - 1
+    probe_w[:, k0:] = torch.randint(0, 2, (N, K - k0), device="cuda", generator=g) * 2 - 1
+    return probe_a, probe_w

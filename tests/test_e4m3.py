@@ -21,10 +21,9 @@ if not torch.cuda.is_available():
 from flatquant.kernels import QuantLinear, kron_quant, w4a4_gemm
 from flatquant.kernels import qlinear as qlinear_mod
 from flatquant.kernels.bench import _rand_factor, check_kron_quant
-from flatquant.kernels.e4m3 import (E4M3_UNIT, e4m3_weight, scaled_mm_supported, scaled_mm_w4a4,
-                                    scaled_mm_w4a4_ref)
+from flatquant.kernels.e4m3 import E4M3_UNIT, e4m3_weight, scaled_mm_supported, scaled_mm_w4a4
 from flatquant.packing import pack_e4m3, pack_int4_twos, unpack_int4_twos
-from kernel_helpers import DEVICE, gpu, needs_rerun, needs_triton, rerun_under_interpreter
+from kernel_helpers import DEVICE, fp8_accumulation_probe, gpu, needs_rerun, needs_triton, rerun_under_interpreter
 
 needs_scaled_mm = pytest.mark.skipif(not (torch.cuda.is_available() and scaled_mm_supported(torch.device("cuda"))),
                                      reason="cuBLAS's fp8 GEMM path is taken on Hopper GPUs only")
@@ -164,11 +163,7 @@ def test_scaled_mm_w4a4_exact_gpu(M):
     test (7/8 of k at −8·−8, then ±1·±1: sums below the last bit a 14-bit accumulator keeps)."""
     N, K = 4096, 14336
     g = torch.Generator(device="cuda").manual_seed(M)
-    k0 = K * 7 // 8
-    probe_a = torch.full((M, K), -8, device="cuda")
-    probe_w = torch.full((N, K), -8, device="cuda")
-    probe_a[:, k0:] = torch.randint(0, 2, (M, K - k0), device="cuda", generator=g) * 2 - 1
-    probe_w[:, k0:] = torch.randint(0, 2, (N, K - k0), device="cuda", generator=g) * 2 - 1
+    probe_a, probe_w = fp8_accumulation_probe(M, N, K, g)
     cases = {"all -8": (torch.full((M, K), -8, device="cuda"), torch.full((N, K), -8, device="cuda")),
              "random": (torch.randint(-8, 8, (M, K), device="cuda", generator=g),
                         torch.randint(-8, 8, (N, K), device="cuda", generator=g)),

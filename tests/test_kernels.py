@@ -29,8 +29,8 @@ from flatquant.kernels.bench import check_gemm, check_kron_quant, check_qlinear,
 from flatquant.kernels.w4a4_gemm import fp8_supported, pick_config
 from flatquant.packing import pack_int4_twos, unpack_int4_twos
 from flatquant.quant_layer import QuantWeight
-from kernel_helpers import (DEVICE, gpu, needs_cuda, needs_rerun, needs_triton, rerun_under_interpreter,
-                            run_without_triton)
+from kernel_helpers import (DEVICE, fp8_accumulation_probe, gpu, needs_cuda, needs_rerun, needs_triton,
+                            rerun_under_interpreter, run_without_triton)
 
 
 def _assert_check(r: dict):
@@ -280,11 +280,7 @@ def test_w4a4_gemm_fp8_exact_worst_case_gpu(M):
     the asymmetric case by up to 671,488 and the probe by up to 208; only fp32-added partial sums pass."""
     N, K = 4096, 14336
     g = torch.Generator(device="cuda").manual_seed(M)
-    k0 = K * 7 // 8
-    probe_a = torch.full((M, K), -8, device="cuda")
-    probe_w = torch.full((N, K), -8, device="cuda")
-    probe_a[:, k0:] = torch.randint(0, 2, (M, K - k0), device="cuda", generator=g) * 2 - 1
-    probe_w[:, k0:] = torch.randint(0, 2, (N, K - k0), device="cuda", generator=g) * 2 - 1
+    probe_a, probe_w = fp8_accumulation_probe(M, N, K, g)
     minus8 = torch.full((N, K // 2), 0x88, dtype=torch.uint8, device="cuda")
     cases = {"all -8": (torch.full((M, K // 2), 0x88, dtype=torch.uint8, device="cuda"), None, minus8),
              "asym 15, zero 0": (torch.full((M, K // 2), 0xFF, dtype=torch.uint8, device="cuda"),

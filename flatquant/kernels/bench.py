@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from . import qlinear
-from .e4m3 import E4M3_UNIT, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
+from .e4m3 import E4M3_UNIT, e4m3_linear, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
 from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref
 from .qlinear import QuantLinear
 from .w4a4_gemm import default_path, fp8_supported, pick_config, w4a4_gemm, w4a4_gemm_ref, weight_sums
@@ -122,8 +122,7 @@ def _ours(x, L, R, qw, sw, clip=0.9, kcfg=None, gcfg=None, path="int8"):
     """Our linear with symmetric activations: "int8" kron_quant + w4a4_gemm; "e4m3" as QuantLinear's fp8 path
     (kron_quant's e4m3 codes, e4m3_weight, cuBLAS's fp8 GEMM)."""
     if path == "e4m3":
-        q, s, _ = kron_quant(x, L, R, clip, True, codes="e4m3")
-        return scaled_mm_w4a4(q, s, e4m3_weight(qw), sw, None, x.dtype)
+        return e4m3_linear(x, L, R, clip, qw, sw)
     q, s, _ = kron_quant(x, L, R, clip, True, config=kcfg)
     return w4a4_gemm(q, s, qw, sw, config=gcfg)
 

@@ -30,7 +30,7 @@ import torch
 
 from flatquant.packing import pack_e4m3, unpack_int4_twos
 
-from .kron_quant import HAS_TRITON, cdiv, use_triton
+from .kron_quant import HAS_TRITON, cdiv, kron_quant, use_triton
 
 if HAS_TRITON:
     import triton
@@ -85,7 +85,7 @@ def e4m3_weight(qw: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 @functools.lru_cache(maxsize=None)
 def scaled_mm_supported(device: torch.device) -> bool:
     """Whether ``scaled_mm_w4a4`` runs cuBLAS's fp8 GEMM on ``device``: Hopper (sm_90), the one target on which
-    its exactness on 4-bit codes is measured (tests/test_kernels.py::test_scaled_mm_w4a4_exact_gpu)."""
+    its exactness on 4-bit codes is measured (tests/test_e4m3.py::test_scaled_mm_w4a4_exact_gpu)."""
     if device.type != "cuda" or not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
         return False
     return torch.cuda.get_device_capability(device) == (9, 0)
@@ -129,6 +129,16 @@ def scaled_mm_w4a4(qa: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sw: tor
     return torch._scaled_mm(a8.contiguous(), w8.contiguous().t(), scale_a, scale_b,
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                             use_fast_accum=False)
+
+
+def e4m3_linear(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float, qw: torch.Tensor, sw: torch.Tensor,
+                bias: torch.Tensor | None = None, scale_b: torch.Tensor | None = None) -> torch.Tensor:
+    """The W4A4 linear on the fp8 path: ``kron_quant(codes="e4m3")``, ``e4m3_weight``, ``scaled_mm_w4a4``.
+
+    x: (M, n1·n2) fp16/bf16; L, R, clip as ``kron_quant`` (symmetric activations); qw: (N, K/2) packed int4;
+    sw: (N,) fp32; bias: (N,) or None; scale_b: ``e4m3_scale_b(sw)`` if kept. Returns (M, N) in x's dtype."""
+    q, s, _ = kron_quant(x, L, R, clip, True, codes="e4m3")
+    return scaled_mm_w4a4(q, s, e4m3_weight(qw), sw, bias, x.dtype, scale_b)
 
 
 def scaled_mm_w4a4_ref(qa: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor,

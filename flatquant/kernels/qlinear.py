@@ -24,7 +24,7 @@ from torch import nn
 
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
-from .e4m3 import e4m3_scale_b, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
+from .e4m3 import e4m3_linear, e4m3_scale_b, scaled_mm_shapes_ok, scaled_mm_supported
 from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, use_triton
 from .w4a4_gemm import kq_gemm, w4a4_gemm
 
@@ -166,9 +166,8 @@ class QuantLinear(nn.Module):
         if use_triton(x2):
             L, R = self._factors(x.dtype, x.device)
             if self.fp8_path(x2):
-                q, s, _ = kron_quant(x2, L, R, self.act_clip, True, codes="e4m3")
-                y = scaled_mm_w4a4(q, s, e4m3_weight(self.qweight), self.wscale, self.bias, x.dtype,
-                                   self._e4m3_scale(x.device))
+                y = e4m3_linear(x2, L, R, self.act_clip, self.qweight, self.wscale, self.bias,
+                                self._e4m3_scale(x.device))
             elif x2.shape[0] <= KQ_MAX_TOKENS:
                 y = kq_gemm(x2, L, R, self.act_clip, self.act_sym, self.qweight, self.wscale, self.wsum, self.bias,
                             x.dtype)
