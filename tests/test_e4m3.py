@@ -144,6 +144,30 @@ def test_quant_linear_fp8_scale_follows_in_place_weight_scale_changes(monkeypatc
         assert fresh(x).shape == (5, 32)
 
 
+@needs_triton
+def test_quant_linear_keeps_fp8_weights_when_asked(monkeypatch):
+    """fp8_weights="keep": the e4m3 bytes are made once (e4m3_weight runs once over several calls), remade after an
+    in-place write to qweight, and the output is the per-call expansion's, bit for bit; a bad setting is refused."""
+    monkeypatch.setattr(qlinear_mod, "FP8_MIN_TOKENS", 1)
+    monkeypatch.setattr(qlinear_mod, "scaled_mm_supported", lambda device: True)
+    torch.manual_seed(9)
+    layer = QuantLinear.from_float(torch.randn(32, 64), act_sym=True).to(DEVICE)
+    x = torch.randn(5, 64, dtype=torch.float16, device=DEVICE)
+    y = layer(x)
+    made = []
+    real = qlinear_mod.e4m3_weight
+    monkeypatch.setattr(qlinear_mod, "e4m3_weight", lambda *a, **k: made.append(1) or real(*a, **k))
+    layer.fp8_weights = "keep"
+    assert torch.equal(layer(x), y) and torch.equal(layer(x), y) and len(made) == 1
+    with torch.no_grad():
+        layer.qweight.copy_(layer.qweight.flip(0))
+        layer.wscale.copy_(layer.wscale.flip(0))
+    assert torch.equal(layer(x), y.flip(-1)) and len(made) == 2
+    monkeypatch.setattr(qlinear_mod, "FP8_WEIGHTS", "always")
+    with pytest.raises(ValueError, match="FLATQUANT_FP8_WEIGHTS"):
+        QuantLinear(64, 32)
+
+
 def test_quant_linear_fp8_path_needs_symmetric_16_bit_inputs(monkeypatch):
     monkeypatch.setattr(qlinear_mod, "FP8_MIN_TOKENS", 1)
     monkeypatch.setattr(qlinear_mod, "scaled_mm_supported", lambda device: True)
@@ -190,9 +214,9 @@ def test_quant_linear_fp8_path_gpu_model_shapes(dtype, monkeypatch):
     for (K, N, n1), M in zip(((4096, 6144, 64), (4096, 4096, 32), (4096, 28672, 64), (14336, 4096, 112)),
                              (2048, 300, 2048, 2048)):
         torch.manual_seed(K + N)
-        layer = QuantLinear.from_float(torch.randn(N, K) * 0.02, L=_rand_factor(n1, "cpu").float(),
-                                       R=_rand_factor(K // n1, "cpu").float(), act_clip=0.9,
-                                       bias=torch.randn(N) * 0.1 if N == 6144 else None).cuda()
+        R = torch.eye(K // n1) if n1 == 32 else _rand_factor(K // n1, "cpu").float()  # o_proj: H ⊗ I, R skipped
+        layer = QuantLinear.from_float(torch.randn(N, K) * 0.02, L=_rand_factor(n1, "cpu").float(), R=R,
+                                       act_clip=0.9, bias=torch.randn(N) * 0.1 if N == 6144 else None).cuda()
         x = torch.randn(M, K, dtype=dtype, device="cuda")
         assert layer.fp8_path(x)
         y = layer(x)
@@ -201,6 +225,8 @@ def test_quant_linear_fp8_path_gpu_model_shapes(dtype, monkeypatch):
         ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
         bad = (y.float() - y_int8.float()).abs() > ulp * y_int8.float().abs() + 1e-3
         assert not y.isnan().any() and int(bad.sum()) == 0, (K, N, M, dtype, int(bad.sum()))
+        layer.fp8_weights = "keep"  # the e4m3 weights made once and kept: the same output
+        assert torch.equal(layer(x), y) and torch.equal(layer(x), y) and len(layer._w8_cache) == 1
 
 
 @needs_rerun

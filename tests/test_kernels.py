@@ -84,6 +84,29 @@ def test_kron_quant_strided_rows_and_identity():
 
 
 @needs_triton
+@pytest.mark.parametrize("n1,n2,dtype,sym,codes", [(9, 64, torch.float16, True, "int4"),
+                                                   (9, 64, torch.bfloat16, False, "int4"),
+                                                   (16, 32, torch.float16, True, "e4m3"),
+                                                   (32, 128, torch.float16, False, "int4")])
+def test_kron_quant_identity_r_is_the_explicit_identity(n1, n2, dtype, sym, codes):
+    """R=None (o_proj's H ⊗ I: one product a token instead of two) against the reference with an explicit identity
+    R, and bit for bit the kernel's own output with that identity passed (X·I rounded is X itself). SmolLM2's 9 × 64
+    heads and LLaMA-3-8B's 32 × 128 (two tokens stacked a step)."""
+    torch.manual_seed(n1 * n2 + sym)
+    r = check_kron_quant(21, n1, n2, dtype, sym, DEVICE, codes=codes, r_eye=True)
+    _assert_check(r)
+    assert r["scale_rel"] < 1e-5
+    x = (torch.randn(21, n1 * n2) * 3).to(DEVICE, dtype)
+    L = torch.linalg.qr(torch.randn(n1, n1))[0].to(DEVICE)
+    a = kron_quant(x, L, None, 0.9, sym, codes=codes)
+    b = kron_quant(x, L, torch.eye(n2, device=DEVICE), 0.9, sym, codes=codes)
+    for u, v in zip(a, b):
+        assert (u is None and v is None) or torch.equal(u.cpu(), v.cpu())
+    with pytest.raises(ValueError, match="identity"):
+        kron_quant(x[:, :-2], L, None, 0.9, sym)
+
+
+@needs_triton
 @pytest.mark.parametrize("M,N,K,asym,bias", [(37, 48, 576, False, False), (5, 40, 1536, True, True),
                                             (37, 50, 160, True, False), (1, 64, 2304, False, True)])
 def test_w4a4_gemm_matches_float64_reference(M, N, K, asym, bias):
@@ -505,13 +528,16 @@ def _kq_case(M, n1, n2, N, dtype, device, seed):
             bias.to(device))
 
 
-def _check_kq(M, n1, n2, N, dtype, sym, device, seed, config=None):
-    """kq_gemm (the transform, the quantizer and the GEMM in one launch) equals kron_quant then w4a4_gemm."""
+def _check_kq(M, n1, n2, N, dtype, sym, device, seed, config=None, r_eye=False):
+    """kq_gemm (the transform, the quantizer and the GEMM in one launch) equals kron_quant then w4a4_gemm.
+    r_eye: kq_gemm gets R=None (identity) and kron_quant an explicit identity R."""
     from flatquant.kernels.w4a4_gemm import kq_gemm, weight_sums
 
     x, L, R, qw, sw, bias = _kq_case(M, n1, n2, N, dtype, device, seed)
+    if r_eye:
+        R = torch.eye(n2, device=device)
     wsum = weight_sums(qw)
-    got = kq_gemm(x, L, R, 0.9, sym, qw, sw, wsum, bias, config=config)
+    got = kq_gemm(x, L, None if r_eye else R, 0.9, sym, qw, sw, wsum, bias, config=config)
     q, s, z = kron_quant(x, L, R, 0.9, sym)
     full = None if config is None else {**pick_config(M, N, n1 * n2 // 2, x.is_cuda, False, None), **config}
     want = w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype=dtype, config=full)
@@ -528,6 +554,37 @@ def test_kq_gemm_equals_kron_quant_then_gemm(M, n1, n2, N, dtype, sym, config):
     """One launch per decode linear: each GEMM program quantizes the tokens itself into its own scratch (split-K
     programs too), then streams its weights; the output is the two kernels' bit for bit (padded factors, odd N)."""
     _check_kq(M, n1, n2, N, dtype, sym, DEVICE, seed=M * n1 + N, config=config)
+
+
+@needs_triton
+def test_kq_gemm_identity_r():
+    """R=None in the one-launch decode linear (o_proj's H ⊗ I) equals kron_quant with an explicit identity, then
+    the GEMM, bit for bit."""
+    _check_kq(1, 9, 64, 80, torch.float16, True, DEVICE, seed=9, r_eye=True)
+    _check_kq(2, 16, 32, 48, torch.bfloat16, False, DEVICE, seed=10, r_eye=True)
+
+
+@needs_triton
+def test_quant_linear_skips_an_identity_r(monkeypatch):
+    """QuantLinear hands the kernels R=None when its R is the identity (and its factors otherwise), remade after an
+    in-place write to R; the output is the explicit-identity computation's, bit for bit."""
+    qmod = importlib.import_module("flatquant.kernels.qlinear")
+    torch.manual_seed(4)
+    L = torch.linalg.qr(torch.randn(9, 9))[0]
+    layer = QuantLinear.from_float(torch.randn(40, 576) * 0.05, L=L, R=torch.eye(64), act_clip=0.9).to(DEVICE)
+    seen = []
+    real = qmod.kron_quant
+    monkeypatch.setattr(qmod, "kron_quant", lambda x, L, R, *a, **k: seen.append(R) or real(x, L, R, *a, **k))
+    monkeypatch.setattr(qmod, "KQ_MAX_TOKENS", 0)
+    x = torch.randn(5, 576, device=DEVICE).half()
+    y = layer(x)
+    q, s, _ = real(x, L.half().to(DEVICE), torch.eye(64, device=DEVICE).half(), 0.9, True)
+    assert seen == [None]
+    assert torch.equal(y.cpu(), w4a4_gemm(q, s, layer.qweight, layer.wscale, out_dtype=torch.float16).cpu())
+    with torch.no_grad():
+        layer.R.copy_(torch.linalg.qr(torch.randn(64, 64))[0])
+    layer(x)
+    assert seen[-1] is not None and seen[-1].shape == (64, 64)
 
 
 @needs_triton
@@ -563,6 +620,7 @@ def test_kq_gemm_gpu_model_shapes(dtype):
     for M, N, sym in ((1, 6144, True), (1, 28672, False), (4, 4096, False), (16, 28672, True), (1, 4096, True)):
         _check_kq(M, 64, 64, N, dtype, sym, "cuda", seed=M + N)
     _check_kq(1, 32, 128, 4096, dtype, False, "cuda", seed=3)  # o_proj's heads × head_dim (kron_quant stacks 2 there)
+    _check_kq(1, 32, 128, 4096, dtype, True, "cuda", seed=4, r_eye=True)  # o_proj as the model runs it: R = I skipped
     _check_kq(1, 112, 128, 4096, dtype, False, "cuda", seed=5)
 
 
@@ -572,6 +630,17 @@ def test_kq_gemm_gpu_model_shapes(dtype):
 def test_kron_quant_gpu_model_shapes(n1, n2):
     for sym in (True, False):
         _assert_check(check_kron_quant(1003, n1, n2, torch.float16, sym, "cuda"))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kron_quant_identity_r_gpu_model_shapes(dtype):
+    """o_proj's 32 × 128 (LLaMA-3-8B) and 9 × 64 (SmolLM2) with R=None, both code forms, against the reference with an
+    explicit identity; every byte written."""
+    for n1, n2 in ((32, 128), (9, 64)):
+        for sym, codes in ((True, "int4"), (False, "int4"), (True, "e4m3")):
+            _assert_check(check_kron_quant(1003, n1, n2, dtype, sym, "cuda", codes=codes, r_eye=True))
 
 
 @gpu

@@ -4,6 +4,7 @@ Usage::
 
     python -m flatquant.kernels.bench --check --out results/bench          # check every kernel, then time
     python -m flatquant.kernels.bench --sweep --out $OUT                   # also time tile configs of each kernel
+    python -m flatquant.kernels.bench --sweep --sweep-kernels kron --sweep-codes e4m3 --sweep-tokens 8192 --tokens 8192
     python -m flatquant.kernels.bench --only gemm --out $OUT               # GEMMs only: fp16, int8, fp8 (< 1 min)
     python -m flatquant.kernels.bench --only decode --out $OUT             # decode_attention vs fp16 SDPA
     python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
@@ -18,9 +19,12 @@ Our linear is timed on the int8 path (kron_quant + w4a4_gemm: ``w4a4_int8_ms``) 
 on the fp8 path QuantLinear takes from FP8_MIN_TOKENS tokens (``w4a4_e4m3_ms``, with its parts: ``kron_quant_e4m3_ms``,
 ``e4m3_weight_ms``, ``scaled_mm_ms``); ``w4a4_ms`` and ``speedup`` are the path QuantLinear takes (``linear_path``).
 
-Timing: ``triton.testing.do_bench`` medians for prefill; for decode (≤ 16 tokens), where the host's launch
-time would exceed the GPU time, the same calls replayed from a CUDA graph (``do_bench_cudagraph``),
-for fp16 and ours alike. Inputs and weights rotate over enough buffer sets to exceed 3× the L2 cache.
+``w4a4_e4m3_kept_ms`` / ``speedup_e4m3_kept``: the fp8 path with the weights' e4m3 bytes kept (QuantLinear.fp8_weights =
+"keep"). o_proj's rows pass R=None, as the model runs its H ⊗ I (``IDENTITY_R``).
+
+Timing: medians of the calls replayed from a CUDA graph (``do_bench_cudagraph``), for fp16 and ours alike, so that the
+GPU's time is timed and not the host's (which exceeded it at ≤ 16 tokens and, for our several launches, at 2048).
+Inputs and weights rotate over enough buffer sets to exceed 3× the L2 cache.
 The GEMM is timed on both paths (``gemm_int8_ms``, ``gemm_fp8_ms`` where the GPU runs fp8; ``gemm_ms`` is the
 default path's) with the ratios fp8_vs_int8 and fp8_vs_fp16 (fp16 F.linear time / ours).
 Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md; ``--only decode``:
@@ -73,6 +77,11 @@ def layer_linears(hidden: int, intermediate: int, num_heads: int, num_kv_heads: 
     }
 
 
+# Linears whose R the model runs as the identity (o_proj: FlatQuant's heads × heads transform H ⊗ I): their rows pass
+# R=None, as QuantLinear does.
+IDENTITY_R = ("o",)
+
+
 def _time(fn, sets: list, graph: bool) -> float:
     """Median ms of one ``fn(*s)``, rotating over ``sets`` (a CUDA graph replays all sets in turn)."""
     for s in sets:
@@ -97,20 +106,31 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / ms / 1e6
 
 
+def kron_sweep_configs(n1: int, n2: int) -> list[dict]:
+    """Launch settings of kron_quant to sweep for n1 × n2 factors: KRON_SWEEP for large ones; for those of at most
+    64 × 128 padded values, tokens stacked a step (4 warps only, see KRON_SWEEP), programs an SM and stages."""
+    b1, b2 = max(16, 1 << (n1 - 1).bit_length()), max(32, 1 << (n2 - 1).bit_length())
+    if b1 * b2 > 64 * 128:
+        return KRON_SWEEP
+    stacks = [t for t in (1, 2, 4) if t * b1 <= 128]
+    return ([dict(num_warps=4, ctas_per_sm=c, tokens=t, num_stages=st) for t in stacks for c in (2, 4)
+             for st in (2, 3, 4)] + [dict(num_warps=8, ctas_per_sm=c, tokens=1, num_stages=3) for c in (2, 4)])
+
+
 def _rand_factor(n: int, device) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
     return (q * (1 + 0.1 * torch.rand(n, dtype=torch.float64))).to(device=device, dtype=torch.float16)
 
 
-def _linear_sets(M: int, K: int, N: int, n1: int, n2: int, l2: int) -> tuple[list, list]:
-    """Rotating input/weight sets for our linear (x, L, R, qw, sw) and for fp16 (x, W)."""
+def _linear_sets(M: int, K: int, N: int, n1: int, n2: int, l2: int, r_eye: bool = False) -> tuple[list, list]:
+    """Rotating input/weight sets for our linear (x, L, R, qw, sw) and for fp16 (x, W); r_eye: R is None."""
     ours_bytes = M * K * 2 + N * K // 2 + M * N * 2
     fp16_bytes = M * K * 2 + N * K * 2 + M * N * 2
     ours, ref = [], []
     for _ in range(_n_sets(ours_bytes, l2)):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         qw = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8)
-        ours.append((x, _rand_factor(n1, "cuda"), _rand_factor(n2, "cuda"), qw,
+        ours.append((x, _rand_factor(n1, "cuda"), None if r_eye else _rand_factor(n2, "cuda"), qw,
                      torch.rand(N, device="cuda") * 1e-2 + 1e-3))
     for _ in range(_n_sets(fp16_bytes, l2)):
         ref.append((torch.randn(M, K, device="cuda", dtype=torch.float16),
@@ -139,6 +159,9 @@ def _e4m3_times(r: dict, ours: list, graph: bool, copy_gbs: float) -> None:
     r["e4m3_weight_frac_copy"] = (N * K * 3 // 2) / r["e4m3_weight_ms"] / 1e6 / copy_gbs
     msets = [(*kron_quant(s[0], s[1], s[2], 0.9, True, codes="e4m3")[:2], e4m3_weight(s[3]), s[4]) for s in ours]
     r["scaled_mm_ms"] = _time(lambda q, s, w8, sw: scaled_mm_w4a4(q, s, w8, sw, None, torch.float16), msets, graph)
+    ksets = [(*s, m[2]) for s, m in zip(ours, msets)]  # QuantLinear.fp8_weights = "keep": no expansion per call
+    r["w4a4_e4m3_kept_ms"] = _time(lambda x, L, R, qw, sw, w8: e4m3_linear(x, L, R, 0.9, qw, sw, w8=w8), ksets, graph)
+    r["speedup_e4m3_kept"] = r["fp16_ms"] / r["w4a4_e4m3_kept_ms"]
     r["scaled_mm_TOPs"] = 2 * M * N * K / r["scaled_mm_ms"] / 1e9
     r["scaled_mm_vs_fp16"] = r["fp16_ms"] / r["scaled_mm_ms"]
 
@@ -165,9 +188,10 @@ def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy
               only_gemm: bool = False) -> dict:
     """Times for one linear shape and token count; ms, GB/s and the fp16/ours ratio. only_gemm: the GEMMs
     alone (fp16 F.linear, ours on each path, cuBLAS int8/fp8) on random codes, no kron_quant."""
-    graph = M <= 16
-    ours, ref = _linear_sets(M, K, N, n1, n2, l2)
-    r = {"linear": name, "tokens": M, "in": K, "out": N, "kron": [n1, n2], "timer": "cudagraph" if graph else "do_bench"}
+    graph = True  # every row from a CUDA graph: eager, the 2048-token rows timed the host (kernels/NOTES.md)
+    ours, ref = _linear_sets(M, K, N, n1, n2, l2, name in IDENTITY_R)
+    r = {"linear": name, "tokens": M, "in": K, "out": N, "kron": [n1, n2], "r_eye": name in IDENTITY_R,
+         "timer": "cudagraph" if graph else "do_bench"}
     r["fp16_ms"] = _time(lambda x, w: F.linear(x, w), ref, graph)
     r["fp16_TFLOPs"] = 2 * M * N * K / r["fp16_ms"] / 1e9
     if only_gemm:
@@ -242,7 +266,7 @@ def _write(out_dir: str, suffix: str, res: dict, markdown: str) -> None:
 
 
 _COLS = ("linear", "tokens", "in", "out", "fp16_ms", "linear_path", "w4a4_ms", "speedup", "speedup_int8",
-         "speedup_e4m3", "kron_quant_ms", "kron_quant_GBs", "kron_quant_frac_copy", "kron_quant_e4m3_ms",
+         "speedup_e4m3", "speedup_e4m3_kept", "kron_quant_ms", "kron_quant_GBs", "kron_quant_frac_copy", "kron_quant_e4m3_ms",
          "kron_quant_e4m3_frac_copy", "e4m3_weight_ms", "e4m3_weight_frac_copy", "scaled_mm_ms", "scaled_mm_TOPs",
          "scaled_mm_vs_fp16", "gemm_path", "gemm_ms", "gemm_TOPs", "gemm_weight_GBs", "gemm_int8_ms", "gemm_fp8_ms",
          "fp8_vs_int8", "fp8_vs_fp16", "int8_vs_fp16", "int8_cublas_ms", "fp8_cublas_ms")
@@ -282,20 +306,21 @@ def packed_ok(c: dict) -> bool:
 
 
 def check_kron_quant(M: int, n1: int, n2: int, dtype: torch.dtype, sym: bool, device: str = "cuda",
-                     config: dict | None = None, codes: str = "int4") -> dict:
+                     config: dict | None = None, codes: str = "int4", r_eye: bool = False) -> dict:
     """Run kron_quant on fresh random data (outlier channels included) against kron_quant_ref.
     Outputs are poisoned (q with 0x00, then 0xFF; scales with NaN): equal runs prove every byte was written.
-    codes="e4m3": the one-byte codes, compared as the integers they encode."""
+    codes="e4m3": the one-byte codes, compared as the integers they encode. r_eye: the kernel gets R=None
+    (identity, o_proj's head transform) and the reference an explicit identity R."""
     x = torch.randn(M, n1 * n2) * (1 + 20 * (torch.rand(n1 * n2) > 0.99))
     x = x.to(device=device, dtype=dtype)
     L = _rand_factor(n1, device).to(dtype)
-    R = _rand_factor(n2, device).to(dtype)
+    R = torch.eye(n2, device=device, dtype=dtype) if r_eye else _rand_factor(n2, device).to(dtype)
     outs = []
     for poison in (0, 255):
         q = torch.full((M, n1 * n2 // (1 if codes == "e4m3" else 2)), poison, dtype=torch.uint8, device=device)
         s = torch.full((M,), float("nan"), device=device)
         z = None if sym else torch.full((M,), float("nan"), device=device)
-        outs.append(kron_quant(x, L, R, 0.9, sym, out=(q, s, z), config=config, codes=codes))
+        outs.append(kron_quant(x, L, None if r_eye else R, 0.9, sym, out=(q, s, z), config=config, codes=codes))
     (q, s, z), (q2, _, _) = outs
     qr, sr, zr, v = kron_quant_ref(x.cpu(), L.cpu(), R.cpu(), 0.9, sym, return_float=True)
     written = bool(torch.equal(q, q2))
@@ -404,7 +429,7 @@ KRON_SWEEP = [dict(num_warps=w, ctas_per_sm=c, tokens=t, num_stages=s)
 
 def _sweep_one(kind: str, name: str, M: int, cfg: dict, fn, sets, flops_or_bytes: float) -> dict:
     try:
-        ms = _time(fn, sets, M <= 16)
+        ms = _time(fn, sets, True)
     except Exception as e:  # a config that does not fit (shared memory) must not stop the sweep
         ms = float("nan")
         _log(f"sweep {kind} {name} M={M} {cfg} failed: {type(e).__name__}: {str(e)[-200:]}")
@@ -414,16 +439,19 @@ def _sweep_one(kind: str, name: str, M: int, cfg: dict, fn, sets, flops_or_bytes
     return dict(kernel=kind, linear=name, tokens=M, cfg=cfg, ms=ms)
 
 
-def sweep(linears: dict, l2: int, tokens=(1, 8192), budget_s: float = 200.0, kernels=("gemm", "kron")) -> list:
-    """Time each tile config of w4a4_gemm, and launch settings of kron_quant, per shape, until
-    ``budget_s`` has passed. Returns rows."""
+def sweep(linears: dict, l2: int, tokens=(1, 8192), budget_s: float = 200.0, kernels=("gemm", "kron"),
+          codes=("int4",)) -> list:
+    """Time each tile config of w4a4_gemm, and launch settings of kron_quant (``kron_sweep_configs``, for each of
+    ``codes``; each config first checked against the reference: row key ``ok``), per shape, until ``budget_s`` has
+    passed. Returns rows."""
     rows, t0 = [], time.time()
     for name, (K, N, (n1, n2)) in linears.items():
         for M in tokens:
             if time.time() - t0 > budget_s:
                 _log(f"sweep: budget spent, skipping {name} M={M}")
                 continue
-            ours, _ = _linear_sets(M, K, N, n1, n2, l2)
+            r_eye = name in IDENTITY_R
+            ours, _ = _linear_sets(M, K, N, n1, n2, l2, r_eye)
             if "gemm" in kernels:
                 qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
                 lists = [("int8", "decode" if M <= 16 else "prefill")]
@@ -435,9 +463,19 @@ def sweep(linears: dict, l2: int, tokens=(1, 8192), budget_s: float = 200.0, ker
                         rows.append(_sweep_one("gemm", f"{name} {path}", M, cfg, fn, qsets, 2 * M * N * K))
                 del qsets
             if "kron" in kernels and M > 16:
-                for cfg in KRON_SWEEP:
-                    fn = lambda x, L, R, *_, cfg=cfg: kron_quant(x, L, R, 0.9, True, config=cfg)
-                    rows.append(_sweep_one("kron", f"{name} {n1}x{n2}", M, cfg, fn, ours, M * K * 2.5))
+                for code in codes:
+                    for cfg in kron_sweep_configs(n1, n2):
+                        try:
+                            ok = check_kron_quant(1003, n1, n2, torch.float16, True, "cuda", cfg, code, r_eye)["ok"]
+                        except Exception as e:  # a config that does not fit must not stop the sweep
+                            ok = f"{type(e).__name__}: {str(e)[-200:]}"
+                        fn = lambda x, L, R, *_, cfg=cfg, code=code: kron_quant(x, L, R, 0.9, True, config=cfg,
+                                                                                codes=code)
+                        row = _sweep_one("kron", f"{name} {n1}x{n2} {code}{' R=I' if r_eye else ''}", M, cfg, fn,
+                                         ours, M * K * (3.0 if code == "e4m3" else 2.5))
+                        row["ok"] = ok
+                        _log(f"  checked: {ok}")
+                        rows.append(row)
             del ours
             torch.cuda.empty_cache()
     return rows
@@ -670,6 +708,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time tile configs before the main table")
     p.add_argument("--sweep-linears", default="", help="comma-separated linears to sweep (default all)")
     p.add_argument("--sweep-kernels", default="gemm,kron")
+    p.add_argument("--sweep-codes", default="int4", help="kron_quant code forms to sweep: int4, e4m3 or both")
+    p.add_argument("--sweep-tokens", default="1,8192")
     p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-tiles", "decode-writes",
                                       "decode-kq"),
                    default="all",
@@ -697,7 +737,8 @@ def main(argv=None) -> int:
         l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
         lin = layer_linears(*shape)
         keep = [n for n in a.sweep_linears.split(",") if n] or list(lin)
-        rows = sweep({n: lin[n] for n in keep}, l2, kernels=tuple(a.sweep_kernels.split(",")))
+        rows = sweep({n: lin[n] for n in keep}, l2, tuple(int(v) for v in a.sweep_tokens.split(",")),
+                     kernels=tuple(a.sweep_kernels.split(",")), codes=tuple(a.sweep_codes.split(",")))
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "sweep.json"), "w") as f:
             json.dump(rows, f, indent=1)

@@ -71,12 +71,16 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _kron_tile(x, lt, r, DOT_F32: tl.constexpr):
-        """Lᵀ·(X_t·R) in fp32; X_t·R is rounded to x's dtype in between (fp32 operands in the interpreter)."""
-        t = tl.dot(x.to(r.dtype), r, input_precision="ieee" if DOT_F32 else None)
-        if DOT_F32 and x.dtype == tl.bfloat16:
-            t = _rne_bf16(t)  # the interpreter truncates fp32 → bf16
-        t = t.to(x.dtype).to(r.dtype)
+    def _kron_tile(x, lt, r, DOT_F32: tl.constexpr, R_EYE: tl.constexpr = False):
+        """Lᵀ·(X_t·R) in fp32; X_t·R is rounded to x's dtype in between (fp32 operands in the interpreter).
+        R_EYE: R is the identity, so X_t·R rounded is X_t itself and only Lᵀ·X_t runs (r is not read)."""
+        if R_EYE:
+            t = x.to(lt.dtype)
+        else:
+            t = tl.dot(x.to(r.dtype), r, input_precision="ieee" if DOT_F32 else None)
+            if DOT_F32 and x.dtype == tl.bfloat16:
+                t = _rne_bf16(t)  # the interpreter truncates fp32 → bf16
+            t = t.to(x.dtype).to(r.dtype)
         return tl.dot(lt, t, input_precision="ieee" if DOT_F32 else None)
 
     @triton.jit
@@ -93,8 +97,14 @@ if HAS_TRITON:
         return scale, zero
 
     @triton.jit
-    def _token_stats(y, valid, TOKENS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """Max and min of y over each token's rows (padding excluded): (TOKENS,) each."""
+    def _token_stats(y, valid, TOKENS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                     SYM: tl.constexpr = False):
+        """Max and min of y over each token's rows (padding excluded): (TOKENS,) each. SYM: (max|y|, −max|y|)
+        instead, which gives the symmetric scale the same value (max(max y, −min y) = max|y|) from one
+        reduction across the warps, not two."""
+        if SYM:
+            a = tl.max(tl.reshape(tl.where(valid, tl.abs(y), 0.0), (TOKENS, ROWS * COLS)), axis=1)
+            return a, -a
         hi = tl.reshape(tl.where(valid, y, -float("inf")), (TOKENS, ROWS * COLS))
         lo = tl.reshape(tl.where(valid, y, float("inf")), (TOKENS, ROWS * COLS))
         return tl.max(hi, axis=1), tl.min(lo, axis=1)
@@ -128,12 +138,12 @@ if HAS_TRITON:
         M, N1, N2, clip,
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
-        SYM: tl.constexpr, DOT_F32: tl.constexpr, E4M3: tl.constexpr,
+        SYM: tl.constexpr, DOT_F32: tl.constexpr, E4M3: tl.constexpr, R_EYE: tl.constexpr,
     ):
         """Persistent: ``_kron_quant_blocks`` from program_id on, num_programs apart."""
         _kron_quant_blocks(tl.program_id(0), tl.num_programs(0), x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
                            M, N1, N2, clip, stride_xm, stride_qm, BLOCK_N1, BLOCK_N2, BLOCK_J, TOKENS, SYM, DOT_F32,
-                           None, E4M3)
+                           None, E4M3, R_EYE)
 
     @triton.jit
     def _kron_quant_blocks(
@@ -142,14 +152,17 @@ if HAS_TRITON:
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
         SYM: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr = None, E4M3: tl.constexpr = False,
+        R_EYE: tl.constexpr = False,
     ):
         """Token blocks pid, pid + nprog, ... of TOKENS tokens each, stacked as
         (TOKENS·BLOCK_N1, BLOCK_N2) rows, so that X·R is one product and Lᵀ·T one product with a
         block-diagonal Lᵀ (more rows per tensor-core instruction, more work in flight per token chain).
         L (and R, when one column chunk covers it) are loaded once per program. With BLOCK_J < BLOCK_N2
         (large factors, whose R does not fit in shared memory) Y is made in column chunks twice: once for
-        max/min, once to quantize. E4M3: codes one byte each (``_quant_store``), rows of N1·N2 bytes."""
+        max/min, once to quantize. E4M3: codes one byte each (``_quant_store``), rows of N1·N2 bytes. R_EYE: R is
+        the identity (r_ptr unread; one column chunk only): Y = Lᵀ·X_t, one product a step instead of two."""
         NCHUNK: tl.constexpr = BLOCK_N2 // BLOCK_J
+        tl.static_assert(NCHUNK == 1 or not R_EYE, "R_EYE takes one column chunk")
         PER_BYTE: tl.constexpr = 1 if E4M3 else 2
         RB: tl.constexpr = TOKENS * BLOCK_N1
         rr = tl.arange(0, RB)
@@ -166,7 +179,9 @@ if HAS_TRITON:
         ltb = tl.load(l_ptr + i1[None, :] * N1 + i1[:, None], mask=lmask, other=0.0)
         if DOT_F32:
             ltb = ltb.to(tl.float32)
-        if NCHUNK == 1:
+        if R_EYE:
+            r = ltb  # unused
+        elif NCHUNK == 1:
             r = tl.load(r_ptr + i2[:, None] * N2 + i2[None, :], mask=(i2 < N2)[:, None] & (i2 < N2)[None, :],
                         other=0.0)
             if DOT_F32:
@@ -178,8 +193,8 @@ if HAS_TRITON:
             x = tl.load(x_ptrs, mask=vrow[:, None] & (i2 < N2)[None, :], other=0.0)
             q_row = q_ptr + (row0 + tok)[:, None] * stride_qm + (i1 * qcols)[:, None]
             if NCHUNK == 1:
-                y = _kron_tile(x, ltb, r, DOT_F32)
-                ymax, ymin = _token_stats(y, vrow[:, None] & (i2 < N2)[None, :], TOKENS, BLOCK_N1, BLOCK_N2)
+                y = _kron_tile(x, ltb, r, DOT_F32, R_EYE)
+                ymax, ymin = _token_stats(y, vrow[:, None] & (i2 < N2)[None, :], TOKENS, BLOCK_N1, BLOCK_N2, SYM)
                 scale, zero = _scale_zero(ymax, ymin, clip, SYM)
                 _quant_store(y, _per_row(scale, TOKENS, BLOCK_N1), _per_row(zero, TOKENS, BLOCK_N1),
                              q_row + jh[None, :], vrow[:, None] & (jh < qcols)[None, :], RB, BLOCK_J, SYM, E4M3)
@@ -191,7 +206,8 @@ if HAS_TRITON:
                     rc = tl.load(r_ptr + i2[:, None] * N2 + cols[None, :],
                                  mask=(i2 < N2)[:, None] & (cols < N2)[None, :], other=0.0)
                     y = _kron_tile(x, ltb, rc.to(ltb.dtype), DOT_F32)
-                    cmax, cmin = _token_stats(y, vrow[:, None] & (cols < N2)[None, :], TOKENS, BLOCK_N1, BLOCK_J)
+                    cmax, cmin = _token_stats(y, vrow[:, None] & (cols < N2)[None, :], TOKENS, BLOCK_N1, BLOCK_J,
+                                              SYM)
                     ymax = tl.maximum(ymax, cmax)
                     ymin = tl.minimum(ymin, cmin)
                 scale, zero = _scale_zero(ymax, ymin, clip, SYM)
@@ -231,25 +247,31 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _check_inputs(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> tuple[int, int]:
+def _check_inputs(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None) -> tuple[int, int]:
+    """(n1, n2) of x's factors; R None stands for the identity of size x's width / n1."""
     if x.dim() != 2:
         raise ValueError(f"x must be (tokens, n1*n2), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
-    n1, n2 = L.shape[0], R.shape[0]
-    if L.shape != (n1, n1) or R.shape != (n2, n2):
-        raise ValueError(f"L, R must be square, got {tuple(L.shape)}, {tuple(R.shape)}")
+    n1 = L.shape[0]
+    if R is None and (L.dim() != 2 or x.shape[1] % n1):
+        raise ValueError(f"R=None (identity): L must be square and divide x's {x.shape[1]} columns, got "
+                         f"{tuple(L.shape)}")
+    n2 = x.shape[1] // n1 if R is None else R.shape[0]
+    if L.shape != (n1, n1) or (R is not None and R.shape != (n2, n2)):
+        raise ValueError(f"L, R must be square, got {tuple(L.shape)}, {None if R is None else tuple(R.shape)}")
     if n1 * n2 != x.shape[1] or n2 % 2:
         raise ValueError(f"x has {x.shape[1]} columns, need n1*n2 = {n1}*{n2} with n2 even")
     return n1, n2
 
 
-def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 1.0, sym: bool = True,
+def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float = 1.0, sym: bool = True,
                out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
                config: dict | None = None, codes: str = "int4"):
     """Transform and quantize activations in one kernel.
 
-    x: (tokens, n1*n2) fp16/bf16, last dim contiguous; L: (n1, n1); R: (n2, n2) (cast to x's dtype);
+    x: (tokens, n1*n2) fp16/bf16, last dim contiguous; L: (n1, n1); R: (n2, n2) (cast to x's dtype), or None for
+    the identity (o_proj's head transform H ⊗ I): the same result as passing I, one product a token fewer;
     clip: LAC clip factor in (0, 1]; sym: symmetric (q in [-8, 7]) or asymmetric (q in [0, 15]).
     out: optional preallocated (q, scale, zero) to write into (the GPU check poisons them first).
     config: optional launch settings {"num_warps", "num_stages", "ctas_per_sm", "tokens", "block_j"}
@@ -275,7 +297,12 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 
         x = x.contiguous()
     M = x.shape[0]
     L = L.to(device=x.device, dtype=x.dtype).contiguous()
-    R = R.to(device=x.device, dtype=x.dtype).contiguous()
+    b1 = max(16, next_pow2(n1))
+    b2 = max(32, next_pow2(n2))
+    r_eye = R is None and b1 * b2 <= 128 * 128  # larger ones need column chunks of a real R
+    if R is None and not r_eye:
+        R = torch.eye(n2, device=x.device, dtype=x.dtype)
+    R = L if r_eye else R.to(device=x.device, dtype=x.dtype).contiguous()  # r_eye: a placeholder, never read
     if out is None:
         q = torch.empty(M, n1 * n2 // (1 if e4m3 else 2), dtype=torch.uint8, device=x.device)
         scale = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -284,14 +311,12 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 
         q, scale, zero = out
     if M == 0:
         return q, scale, zero
-    b1 = max(16, next_pow2(n1))
-    b2 = max(32, next_pow2(n2))
     small = b1 * b2 <= 64 * 128
     # Narrow L (b1 < 64): stack tokens so Lᵀ·T fills a 64-row wgmma (measured 1375 vs 1128 GB/s, 32x128).
     stack = 64 // b1 if small and b1 < 64 else 1
     cfg = {"num_warps": 4 if small else 8, "ctas_per_sm": (4 if stack == 1 else 2) if small else 2,
            "tokens": stack, "num_stages": 3, "block_j": b2 if b1 * b2 <= 128 * 128 else 64, **(config or {})}
-    block_j = min(cfg["block_j"], b2)
+    block_j = b2 if r_eye else min(cfg["block_j"], b2)
     tokens = cfg["tokens"] if block_j == b2 else 1
     if tokens > 1 and cfg["num_warps"] != 4:
         raise ValueError("tokens > 1 is validated with num_warps=4 only (wrong output seen with 8 on H100)")
@@ -302,7 +327,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 
         M, n1, n2, float(clip),
         x.stride(0), q.stride(0),
         BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=block_j, TOKENS=tokens, SYM=sym,
-        DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3,
+        DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3, R_EYE=r_eye,
         num_warps=cfg["num_warps"], num_stages=num_stages,
     )
     return q, scale, zero
@@ -325,24 +350,26 @@ def quantize_per_token_ref(y: torch.Tensor, clip: float, sym: bool):
     return q.to(torch.int32), scale, zero
 
 
-def kron_transform_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+def kron_transform_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None,
                        intermediate_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y = x·(L⊗R) per token in fp32 as Lᵀ·X_t·R. x: (tokens, n1*n2) → (tokens, n1*n2) fp32.
+    """y = x·(L⊗R) per token in fp32 as Lᵀ·X_t·R. x: (tokens, n1*n2) → (tokens, n1*n2) fp32; R None: identity.
 
     intermediate_dtype: dtype X_t·R is rounded to before the product with Lᵀ (the kernel rounds to x's
     dtype, L and R being cast to it first); None keeps fp32 throughout and the factors as given.
     """
-    n1, n2 = L.shape[0], R.shape[0]
+    n1 = L.shape[0]
+    n2 = x.shape[1] // n1 if R is None else R.shape[0]
     if intermediate_dtype is not None:
-        L, R = L.to(x.dtype), R.to(x.dtype)
+        L = L.to(x.dtype)
+        R = None if R is None else R.to(x.dtype)
     xt = x.float().reshape(-1, n1, n2)
-    t = xt @ R.float()
+    t = xt if R is None else xt @ R.float()
     if intermediate_dtype is not None:
         t = t.to(intermediate_dtype).float()
     return (L.float().T @ t).reshape(x.shape[0], n1 * n2)
 
 
-def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float = 1.0, sym: bool = True,
+def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float = 1.0, sym: bool = True,
                    intermediate_dtype: torch.dtype | None = "input", return_float: bool = False,
                    codes: str = "int4"):
     """Plain-PyTorch reference of ``kron_quant`` (same outputs).

@@ -24,7 +24,7 @@ from torch import nn
 
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
-from .e4m3 import e4m3_linear, e4m3_scale_b, scaled_mm_shapes_ok, scaled_mm_supported
+from .e4m3 import e4m3_linear, e4m3_scale_b, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported
 from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, use_triton
 from .w4a4_gemm import kq_gemm, w4a4_gemm
 
@@ -39,6 +39,11 @@ KQ_MAX_TOKENS = int(os.environ.get("FLATQUANT_KQ_MAX_TOKENS", "1"))
 # take about the same time (qkv: kron_quant + GEMM 0.077 ms on int8; kron_quant + cuBLAS fp8 0.073 ms, plus the
 # weights' expansion); from 2048 the fp8 path is ahead (cuBLAS's fp8 GEMM 1.57–1.88× fp16, ours on int8 1.27–1.42×).
 FP8_MIN_TOKENS = int(os.environ.get("FLATQUANT_FP8_MIN_TOKENS", "512"))
+# What the fp8 path does with the weights' e4m3 bytes (N·K, twice the packed codes): "expand" makes them on each call
+# (one pass over the weights, nothing kept); "keep" makes them once per layer and keeps them, so that the model holds
+# 1.5 bytes a weight (the packed codes stay for decode) and a prefill skips the pass. FLATQUANT_FP8_WEIGHTS sets it
+# for new layers; QuantLinear.fp8_weights for one.
+FP8_WEIGHTS = os.environ.get("FLATQUANT_FP8_WEIGHTS", "expand")
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -93,6 +98,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
         self._cast_cache: dict = {}
         self._scale_cache: dict = {}
+        self._w8_cache: dict = {}
+        if FP8_WEIGHTS not in ("expand", "keep"):
+            raise ValueError(f"FLATQUANT_FP8_WEIGHTS must be 'expand' or 'keep', got {FP8_WEIGHTS!r}")
+        self.fp8_weights = FP8_WEIGHTS
         self.splits = [out_features]  # the outputs side by side (from_group: one per linear of the group)
 
     @classmethod
@@ -141,9 +150,15 @@ class QuantLinear(nn.Module):
         return layer.to(codes.device)
 
     def _factors(self, dtype: torch.dtype, device: torch.device):
-        key = (dtype, device, self.L.data_ptr(), self.R.data_ptr())
+        """(L, R) in the activations' dtype on their device, made once per state of the buffers; R is None where it is
+        the identity (o_proj's head transform H ⊗ I, layers without a transform), which the kernels then skip."""
+        key = (dtype, device, self.L.data_ptr(), self.R.data_ptr(), _version(self.L), _version(self.R))
         if key not in self._cast_cache:
-            self._cast_cache = {key: (self.L.to(device, dtype).contiguous(), self.R.to(device, dtype).contiguous())}
+            # (a comparison syncs, which a CUDA graph's capture forbids: there R stays explicit, the same result)
+            eye = not (self.R.is_cuda and torch.cuda.is_current_stream_capturing()) and torch.equal(
+                self.R, torch.eye(self.R.shape[0], dtype=self.R.dtype, device=self.R.device))
+            self._cast_cache = {key: (self.L.to(device, dtype).contiguous(),
+                                      None if eye else self.R.to(device, dtype).contiguous())}
         return self._cast_cache[key]
 
     def _e4m3_scale(self, device: torch.device) -> torch.Tensor:
@@ -152,6 +167,17 @@ class QuantLinear(nn.Module):
         if key not in self._scale_cache:
             self._scale_cache = {key: e4m3_scale_b(self.wscale.to(device))}
         return self._scale_cache[key]
+
+    def _e4m3_weight(self, device: torch.device) -> torch.Tensor | None:
+        """The weights' e4m3 bytes, kept per state of qweight when ``fp8_weights`` is "keep"; None (made on each
+        call) for "expand", or while a CUDA graph is being captured (memory of its pool is not kept)."""
+        if self.fp8_weights != "keep" or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        key = (device, self.qweight.data_ptr(), _version(self.qweight))
+        if key not in self._w8_cache:
+            self._w8_cache = {}  # the old bytes go before the new ones are made
+            self._w8_cache[key] = e4m3_weight(self.qweight.to(device))
+        return self._w8_cache[key]
 
     def fp8_path(self, x: torch.Tensor) -> bool:
         """Whether forward runs x (tokens, in) on fp8 tensor cores: FP8_MIN_TOKENS tokens or more, symmetric
@@ -167,7 +193,7 @@ class QuantLinear(nn.Module):
             L, R = self._factors(x.dtype, x.device)
             if self.fp8_path(x2):
                 y = e4m3_linear(x2, L, R, self.act_clip, self.qweight, self.wscale, self.bias,
-                                self._e4m3_scale(x.device))
+                                self._e4m3_scale(x.device), self._e4m3_weight(x.device))
             elif x2.shape[0] <= KQ_MAX_TOKENS:
                 y = kq_gemm(x2, L, R, self.act_clip, self.act_sym, self.qweight, self.wscale, self.wsum, self.bias,
                             x.dtype)

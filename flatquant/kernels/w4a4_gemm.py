@@ -151,7 +151,7 @@ if HAS_TRITON:
         FP8: tl.constexpr, SPLIT_K: tl.constexpr,
         x_ptr=None, l_ptr=None, r_ptr=None, N1=0, N2=0, clip=1.0, stride_xm=0,
         KQ: tl.constexpr = False, KQ_N1: tl.constexpr = 16, KQ_N2: tl.constexpr = 32, KQ_J: tl.constexpr = 32,
-        KQ_F32: tl.constexpr = False,
+        KQ_F32: tl.constexpr = False, KQ_R_EYE: tl.constexpr = False,
     ):
         """C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]); KH = k/2 bytes per row of A and W.
 
@@ -190,7 +190,7 @@ if HAS_TRITON:
             sa_ptr += slot * M
             za_ptr += slot * M
             _kron_quant_blocks(0, 1, x_ptr, l_ptr, r_ptr, a_ptr, sa_ptr, za_ptr, M, N1, N2, clip, stride_xm, KH,
-                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32, 1)
+                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32, 1, False, KQ_R_EYE)
             tl.debug_barrier()
             stride_am = KH
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -428,7 +428,7 @@ def kq_fuses(M: int, n1: int, n2: int, dtype: torch.dtype, device: torch.device)
     return 0 < M <= 16 and b1 * b2 <= 64 * 128 and (device.type != "cuda" or dtype != torch.float32)
 
 
-def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float, sym: bool, qw: torch.Tensor,
+def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float, sym: bool, qw: torch.Tensor,
             sw: torch.Tensor, wsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
             out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
     """``kron_quant(x, L, R, clip, sym)`` then ``w4a4_gemm`` on its codes, in one launch (the int8 path): each GEMM
@@ -436,7 +436,7 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float, sym:
     (``_w4a4_gemm_kernel``'s KQ). For decode, where a token's transform is a few µs of one program and the launch
     between the two kernels a few more; the work grows with M in every program (``kq_fuses`` says where it fuses).
 
-    x: (M, n1·n2) fp16/bf16/fp32; L, R, clip, sym as ``kron_quant``; qw, sw, wsum, bias as ``w4a4_gemm``;
+    x: (M, n1·n2) fp16/bf16/fp32; L, R (None: identity), clip, sym as ``kron_quant``; qw, sw, wsum, bias as ``w4a4_gemm``;
     out_dtype: x's dtype if None; config: ``pick_config`` overrides. Returns (M, out), equal to the two calls
     (the same kernel code on the same inputs). Runs the two where Triton cannot run or ``kq_fuses`` is false."""
     from .kron_quant import kron_quant
@@ -455,7 +455,8 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float, sym:
         return w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype)
     x = x if x.stride(1) == 1 else x.contiguous()
     L = L.to(device=x.device, dtype=x.dtype).contiguous()
-    R = R.to(device=x.device, dtype=x.dtype).contiguous()
+    r_eye = R is None
+    R = L if r_eye else R.to(device=x.device, dtype=x.dtype).contiguous()  # r_eye: a placeholder, never read
     qw, sw = qw.contiguous(), sw.float().contiguous()
     cfg = dict(pick_config(M, N, KH, x.is_cuda, False, _sm_count(x.device) if x.is_cuda else None), **(config or {}))
     split = cfg.pop("SPLIT_K", 1)
@@ -476,7 +477,7 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, clip: float, sym:
         ASYM=not sym, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0, UNPACK_ASM=x.is_cuda, FP8=False,
         SPLIT_K=split, x_ptr=x, l_ptr=L, r_ptr=R, N1=n1, N2=n2, clip=float(clip), stride_xm=x.stride(0), KQ=True,
         KQ_N1=b1, KQ_N2=b2, KQ_J=b2 if b1 * b2 <= 64 * 128 else 64, KQ_F32=not x.is_cuda or x.dtype == torch.float32,
-        **cfg,
+        KQ_R_EYE=r_eye, **cfg,
     )
     return c
 

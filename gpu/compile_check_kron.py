@@ -1,0 +1,76 @@
+"""Compile kron_quant for sm_90 without a GPU: registers, spills, shared memory, tensor-core products and the width
+of the global stores, per factor shape and code form.
+
+Usage::
+
+    pip install --target /tmp/tri36 triton==3.6.0          # the device's Triton
+    python gpu/compile_check_kron.py [--triton /tmp/tri36]  # one line per case; exit 1 if one does not compile
+
+The launch settings are ``kron_quant``'s defaults for the shape (``tokens`` overrides the stacking). A case fails
+when it does not compile, spills, asks for more than 227 KB of shared memory, or has no wgmma.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from collections import Counter
+
+import sm90
+
+SMEM_MAX = 227 * 1024
+
+# (label, n1, n2, e4m3 codes, R is the identity, tokens stacked a step or None for the default)
+CASES = [
+    ("qkv/up_gate 64x64 int4", 64, 64, False, False, None),
+    ("qkv/up_gate 64x64 e4m3", 64, 64, True, False, None),
+    ("o_proj 32x128 e4m3, R explicit", 32, 128, True, False, None),
+    ("o_proj 32x128 e4m3, R = I", 32, 128, True, True, None),
+    ("o_proj 32x128 int4, R = I", 32, 128, False, True, None),
+    ("o_proj 32x128 e4m3, R = I, 4 tokens a step", 32, 128, True, True, 4),
+    ("SmolLM2 o_proj 9x64 e4m3, R = I", 9, 64, True, True, None),
+    ("down 112x128 e4m3", 112, 128, True, False, None),
+]
+
+
+def launch(n1: int, n2: int, tokens):
+    """kron_quant's default settings for n1 × n2 (see its wrapper): block sizes, warps, stages, stacking."""
+    b1, b2 = max(16, 1 << (n1 - 1).bit_length()), max(32, 1 << (n2 - 1).bit_length())
+    small = b1 * b2 <= 64 * 128
+    stack = 64 // b1 if small and b1 < 64 else 1
+    t = stack if tokens is None else tokens
+    return dict(BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=b2, TOKENS=t), dict(num_warps=4 if small else 8, num_stages=3)
+
+
+def main(argv=None) -> int:
+    triton = sm90.load(argv, __doc__.split("\n")[0])
+    mod = importlib.import_module("flatquant.kernels.kron_quant")
+    sig = {"x_ptr": "*fp16", "l_ptr": "*fp16", "r_ptr": "*fp16", "q_ptr": "*u8", "scale_ptr": "*fp32",
+           "zero_ptr": "*fp32", "M": "i32", "N1": "i32", "N2": "i32", "clip": "fp32", "stride_xm": "i32",
+           "stride_qm": "i32"}
+    ok = True
+    for label, n1, n2, e4m3, r_eye, tokens in CASES:
+        consts, opts = launch(n1, n2, tokens)
+        consts.update(SYM=True, DOT_F32=False, E4M3=e4m3, R_EYE=r_eye)
+        div16 = ["x_ptr", "l_ptr", "r_ptr", "q_ptr", "scale_ptr", "zero_ptr", "stride_xm", "stride_qm"]
+        div16 += [k for k, v in (("N1", n1), ("N2", n2)) if v % 16 == 0]
+        got = sm90.attempt(label, lambda: sm90.compile(triton, mod._kron_quant_kernel, sig, consts, div16, opts))
+        if got is None:
+            ok = False
+            continue
+        compiled, st = got
+        ptx = compiled.asm["ptx"]
+        wgmma = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+        stores = Counter(re.findall(r"st\.global(?:\.\w+)*?\.(v\d\.)?(b8|b16|b32|b64|u8|u16|u32)", ptx))
+        shared = compiled.metadata.shared
+        good = shared <= SMEM_MAX and bool(wgmma) and st["spills"] in (None, ("0", "0"))
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {label}: {consts} {opts}\n"
+              f"    shared {shared / 1024:.1f} KB, registers {st['registers']}, spills {st['spills'] or '?'}, "
+              f"wgmma {dict(wgmma)}, bar.sync {ptx.count('bar.sync')}\n"
+              f"    global stores (vector, width): {dict((''.join(k) or '?', v) for k, v in stores.items())}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
