@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The GPU round: what "done" means for code that runs on a GPU, in one command on a CUDA machine.
 #
-#     bash gpu/checks.sh OUT [full|bench|tests|pipeline]
+#     bash gpu/checks.sh OUT [full|bench|tests|pipeline|kernels|suite|accuracy]
 #
 # A device call is limited to 10 minutes: `bench`, `tests` and `pipeline` run steps 1, 2 without the pipeline file,
-# and the pipeline file alone, one a call.
+# and the pipeline file alone, one a call. `kernels` runs the kron_quant sweep (e4m3 codes, each config checked
+# against the reference first), the prefill linears and the decoder layer with the fp8 weights
+# expanded per call and kept (QuantLinear.fp8_weights); `suite` every GPU test (the pipeline file as two
+# invocations beside the rest); `accuracy` calibrates the default model at the reference
+# schedule (experiment=paper, WikiText-2 perplexity only) as four workers sharing the GPU, then evaluates the same
+# store on the kernels: fake quantization against the kernels, issue 14's accuracy bound.
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
 #    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
@@ -19,6 +24,41 @@ PART=${2:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/smi.txt" 2>&1
+if [ "$PART" = kernels ]; then
+  python -m flatquant.kernels.bench --sweep --sweep-kernels kron --sweep-codes e4m3 --sweep-linears qkv,o,down \
+    --sweep-tokens 8192 --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
+  for W in expand keep; do
+    FLATQUANT_FP8_WEIGHTS=$W python run.py stage=bench model=llama3_8b bench.linears=false bench.layer=true \
+      bench.model=false bench.calibration=false device=cuda results_dir="$OUT/layer_$W" \
+      artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/layer_$W.log" 2>&1
+  done
+  touch "$OUT/ALLDONE"
+  exit 0
+fi
+if [ "$PART" = suite ]; then  # every GPU test, the pipeline file split in two, the three side by side
+  ( python -m pytest -m gpu -q tests --ignore=tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_tests.log" 2>&1 ) &
+  K="sweep or calibration or calibrate_stage or offloaded"
+  ( python -m pytest -m gpu -q tests/test_gpu_pipeline.py -k "$K" --durations=10 > "$OUT/gpu_pipeline_1.log" 2>&1 ) &
+  ( python -m pytest -m gpu -q tests/test_gpu_pipeline.py -k "not ($K)" --durations=10 \
+    > "$OUT/gpu_pipeline_2.log" 2>&1 ) &
+  wait
+  grep -h -E "passed|failed|error" "$OUT"/gpu_*.log | tail -6
+  touch "$OUT/ALLDONE"
+  exit 0
+fi
+if [ "$PART" = accuracy ]; then
+  REF=(experiment=paper eval.qa_tasks=[] eval.qa_baseline=false eval.baseline=false method=flatquant
+       model.dtype=float16 device=cuda artifacts_dir="$OUT/art_ref" tracking.enabled=false)
+  for K in 0 1 2 3; do  # by hand, not joblib: four processes on the one GPU; the last to finish evaluates
+    python run.py calib.workers=4 calib.worker=$K "${REF[@]}" results_dir="$OUT/ref_fake" \
+      > "$OUT/ref_calib_$K.log" 2>&1 &
+  done
+  wait
+  python run.py stage=eval kernels=true "${REF[@]}" results_dir="$OUT/ref_kernels" > "$OUT/ref_kernels.log" 2>&1
+  grep -h -A2 "| model | method" "$OUT"/ref_*.log
+  touch "$OUT/ALLDONE"
+  exit 0
+fi
 if [ "$PART" = pipeline ]; then
   python -m pytest -m gpu -q tests/test_gpu_pipeline.py --durations=10 > "$OUT/gpu_pipeline.log" 2>&1
   tail -3 "$OUT/gpu_pipeline.log"

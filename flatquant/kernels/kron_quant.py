@@ -274,7 +274,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
     the identity (o_proj's head transform H ⊗ I): the same result as passing I, one product a token fewer;
     clip: LAC clip factor in (0, 1]; sym: symmetric (q in [-8, 7]) or asymmetric (q in [0, 15]).
     out: optional preallocated (q, scale, zero) to write into (the GPU check poisons them first).
-    config: optional launch settings {"num_warps", "num_stages", "ctas_per_sm", "tokens", "block_j"}
+    config: optional launch settings {"num_warps", "num_stages", "ctas_per_sm", "tokens", "block_j", "maxnreg"}
     (defaults by block size). tokens: tokens stacked per step (power of 2); block_j < padded n2 makes Y in
     column chunks, for factors whose R does not fit in shared memory (then tokens = 1).
     codes: "int4" or "e4m3" (symmetric only: one byte a code, the e4m3fn encoding of q·2^-9 that the fp8 GEMM
@@ -322,13 +322,14 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
         raise ValueError("tokens > 1 is validated with num_warps=4 only (wrong output seen with 8 on H100)")
     num_stages = cfg["num_stages"] if block_j == b2 else 1  # chunked R: pipelining buffers overflow smem
     grid_size = min(cdiv(M, tokens), _sm_count(x.device) * cfg["ctas_per_sm"] if x.is_cuda else 4)
+    extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and x.is_cuda else {}
     _kron_quant_kernel[(grid_size,)](
         x, L, R, q, scale, scale if zero is None else zero,
         M, n1, n2, float(clip),
         x.stride(0), q.stride(0),
         BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=block_j, TOKENS=tokens, SYM=sym,
         DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3, R_EYE=r_eye,
-        num_warps=cfg["num_warps"], num_stages=num_stages,
+        num_warps=cfg["num_warps"], num_stages=num_stages, **extra,
     )
     return q, scale, zero
 
