@@ -4,10 +4,9 @@
 #     bash gpu/checks.sh OUT [full|bench|tests|pipeline|kernels|suite|accuracy]
 #
 # A device call is limited to 10 minutes: `bench`, `tests` and `pipeline` run steps 1, 2 without the pipeline file,
-# and the pipeline file alone, one a call. `kernels`: the kron_quant sweep of o_proj's and down_proj's factors (e4m3
-# codes, each config checked against the reference first), the prefill linears, the decoder layer with the fp8
-# weights expanded per call and kept (QuantLinear.fp8_weights), then the GPU tests of kron_quant, kq_gemm and the
-# fp8 path. `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default
+# and the pipeline file alone, one a call. `kernels`: the GPU tests of kron_quant, kq_gemm and the fp8 path, the
+# prefill linears, the decoder layer with the fp8 weights expanded per call and kept (QuantLinear.fp8_weights), then
+# the kron_quant sweep of o_proj's and down_proj's factors (e4m3 codes, each config checked against the reference). `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default
 # model calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by four workers sharing
 # the GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
@@ -24,17 +23,18 @@ PART=${2:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/smi.txt" 2>&1
-if [ "$PART" = kernels ]; then
-  python -m flatquant.kernels.bench --sweep --sweep-kernels kron --sweep-codes e4m3 --sweep-linears o,down \
-    --sweep-tokens 8192 --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
+if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps what finished
+  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3" \
+    > "$OUT/gpu_kernel_tests.log" 2>&1
+  tail -1 "$OUT/gpu_kernel_tests.log"
+  python -m flatquant.kernels.bench --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
   for W in expand keep; do
     FLATQUANT_FP8_WEIGHTS=$W python run.py stage=bench model=llama3_8b bench.linears=false bench.layer=true \
       bench.model=false bench.calibration=false device=cuda results_dir="$OUT/layer_$W" \
       artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/layer_$W.log" 2>&1
   done
-  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3" \
-    > "$OUT/gpu_kernel_tests.log" 2>&1
-  tail -1 "$OUT/gpu_kernel_tests.log"
+  python -m flatquant.kernels.bench --sweep --sweep-kernels kron --sweep-codes e4m3 --sweep-linears o,down \
+    --sweep-tokens 8192 --tokens 8192 --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
   touch "$OUT/ALLDONE"
   exit 0
 fi
