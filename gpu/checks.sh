@@ -6,9 +6,10 @@
 # A device call is limited to 10 minutes: `bench`, `tests` and `pipeline` run steps 1, 2 without the pipeline file,
 # and the pipeline file alone, one a call. `kernels`: the GPU tests of kron_quant, kq_gemm and the fp8 path, the
 # prefill linears, the decoder layer with the fp8 weights expanded per call and kept (QuantLinear.fp8_weights), then
-# the kron_quant sweep of o_proj's and down_proj's factors (e4m3 codes, each config checked against the reference). `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default
-# model calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by four workers sharing
-# the GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
+# the kron_quant sweep of o_proj's and down_proj's factors (e4m3 codes, each config checked against the reference).
+# `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default model
+# calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by four workers sharing the
+# GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
 #    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
