@@ -7,7 +7,8 @@ Usage::
     python gpu/compile_check_kron.py [--triton /tmp/tri36]  # one line per case; exit 1 if one does not compile
 
 The launch settings are ``kron_quant``'s defaults for the shape (``tokens`` overrides the stacking). A case fails
-when it does not compile, spills, asks for more than 227 KB of shared memory, or has no wgmma.
+when it does not compile, spills, asks for more than 227 KB of shared memory, or has no wgmma. Last, kq_gemm's
+one-launch decode linear for o_proj, with R explicit and R = I.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ CASES = [
     ("o_proj 32x128 e4m3, R explicit", 32, 128, True, False, None),
     ("o_proj 32x128 e4m3, R = I", 32, 128, True, True, None),
     ("o_proj 32x128 int4, R = I", 32, 128, False, True, None),
-    ("o_proj 32x128 e4m3, R = I, 4 tokens a step", 32, 128, True, True, 4),
     ("SmolLM2 o_proj 9x64 e4m3, R = I", 9, 64, True, True, None),
     ("down 112x128 e4m3", 112, 128, True, False, None),
 ]
@@ -40,6 +40,24 @@ def launch(n1: int, n2: int, tokens):
     stack = 64 // b1 if small and b1 < 64 else 1
     t = stack if tokens is None else tokens
     return dict(BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=b2, TOKENS=t), dict(num_warps=4 if small else 8, num_stages=3)
+
+
+def compile_kq(triton, r_eye: bool):
+    """kq_gemm's one-launch decode linear for o_proj (1 token, 32 × 128 factors, N = 4096) at pick_config's tiles."""
+    mod = importlib.import_module("flatquant.kernels.w4a4_gemm")
+    cfg = dict(mod.pick_config(1, 4096, 2048, True, False, 132))
+    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    sig = {"a_ptr": "*u8", "w_ptr": "*u8", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32",
+           "wsum_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*fp32",
+           "M": "i32", "N": "i32", "KH": "i32", "kb_per_split": "i32", "stride_am": "i32", "stride_wn": "i32",
+           "stride_cm": "i32", "x_ptr": "*fp16", "l_ptr": "*fp16", "r_ptr": "*fp16", "N1": "i32", "N2": "i32",
+           "clip": "fp32", "stride_xm": "i32"}
+    consts = dict(cfg, ASYM=False, HAS_BIAS=False, EVEN_K=True, UNPACK_ASM=True, FP8=False, KQ=True, KQ_N1=32,
+                  KQ_N2=128, KQ_J=128, KQ_F32=False, KQ_R_EYE=r_eye)
+    consts.setdefault("SPLIT_K", 1)
+    div16 = [k for k in sig if k.endswith("_ptr")] + ["N", "KH", "stride_am", "stride_wn", "stride_cm", "N1", "N2",
+                                                      "stride_xm"]
+    return sm90.compile(triton, mod._w4a4_gemm_kernel, sig, consts, div16, opts)
 
 
 def main(argv=None) -> int:
@@ -69,6 +87,17 @@ def main(argv=None) -> int:
               f"    shared {shared / 1024:.1f} KB, registers {st['registers']}, spills {st['spills'] or '?'}, "
               f"wgmma {dict(wgmma)}, bar.sync {ptx.count('bar.sync')}\n"
               f"    global stores (vector, width): {dict((''.join(k) or '?', v) for k, v in stores.items())}")
+    for r_eye in (False, True):
+        label = f"kq_gemm o_proj 1 token, R {'= I' if r_eye else 'explicit'}"
+        got = sm90.attempt(label, lambda: compile_kq(triton, r_eye))
+        if got is None:
+            ok = False
+            continue
+        compiled, st = got
+        good = st["spills"] in (None, ("0", "0"))
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {label}: shared {compiled.metadata.shared / 1024:.1f} KB, "
+              f"registers {st['registers']}, spills {st['spills'] or '?'}")
     return 0 if ok else 1
 
 
