@@ -33,13 +33,13 @@ CASES = [
 ]
 
 
-def launch(n1: int, n2: int, tokens):
-    """kron_quant's default settings for n1 × n2 (see its wrapper): block sizes, warps, stages, stacking."""
-    b1, b2 = max(16, 1 << (n1 - 1).bit_length()), max(32, 1 << (n2 - 1).bit_length())
-    small = b1 * b2 <= 64 * 128
-    stack = 64 // b1 if small and b1 < 64 else 1
-    t = stack if tokens is None else tokens
-    return dict(BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=b2, TOKENS=t), dict(num_warps=4 if small else 8, num_stages=3)
+def launch(mod, n1: int, n2: int, tokens):
+    """kron_quant's default settings for n1 × n2 (``default_config``): block sizes, stacking, warps, stages."""
+    b1, b2 = mod.padded_factors(n1, n2)
+    cfg = mod.default_config(b1, b2)
+    t = cfg["tokens"] if tokens is None else tokens
+    return (dict(BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=cfg["block_j"], TOKENS=t),
+            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
 def compile_kq(triton, r_eye: bool):
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
            "stride_qm": "i32"}
     ok = True
     for label, n1, n2, e4m3, r_eye, tokens in CASES:
-        consts, opts = launch(n1, n2, tokens)
+        consts, opts = launch(mod, n1, n2, tokens)
         consts.update(SYM=True, DOT_F32=False, E4M3=e4m3, R_EYE=r_eye)
         div16 = ["x_ptr", "l_ptr", "r_ptr", "q_ptr", "scale_ptr", "zero_ptr", "stride_xm", "stride_qm"]
         div16 += [k for k, v in (("N1", n1), ("N2", n2)) if v % 16 == 0]

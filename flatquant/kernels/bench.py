@@ -48,7 +48,7 @@ from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from . import qlinear
 from .e4m3 import E4M3_UNIT, e4m3_linear, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
-from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref
+from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref, padded_factors
 from .qlinear import QuantLinear
 from .w4a4_gemm import default_path, fp8_supported, pick_config, w4a4_gemm, w4a4_gemm_ref, weight_sums
 
@@ -109,7 +109,7 @@ def copy_bandwidth() -> float:
 def kron_sweep_configs(n1: int, n2: int) -> list[dict]:
     """Launch settings of kron_quant to sweep for n1 × n2 factors: KRON_SWEEP for large ones; for those of at most
     64 × 128 padded values, tokens stacked a step (4 warps only, see KRON_SWEEP), programs an SM and stages."""
-    b1, b2 = max(16, 1 << (n1 - 1).bit_length()), max(32, 1 << (n2 - 1).bit_length())
+    b1, b2 = padded_factors(n1, n2)
     if b1 * b2 > 64 * 128:
         return KRON_SWEEP
     stacks = [t for t in (1, 2, 4) if t * b1 <= 128]
@@ -191,7 +191,7 @@ def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy
     graph = True  # every row from a CUDA graph: eager, the 2048-token rows timed the host (kernels/NOTES.md)
     ours, ref = _linear_sets(M, K, N, n1, n2, l2, name in IDENTITY_R)
     r = {"linear": name, "tokens": M, "in": K, "out": N, "kron": [n1, n2], "r_eye": name in IDENTITY_R,
-         "timer": "cudagraph" if graph else "do_bench"}
+         "timer": "cudagraph"}
     r["fp16_ms"] = _time(lambda x, w: F.linear(x, w), ref, graph)
     r["fp16_TFLOPs"] = 2 * M * N * K / r["fp16_ms"] / 1e9
     if only_gemm:

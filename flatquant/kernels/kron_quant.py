@@ -240,6 +240,20 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def padded_factors(n1: int, n2: int) -> tuple[int, int]:
+    """The kernels' block sizes for n1 × n2 factors: powers of 2, at least 16 (L, tl.dot's minimum) and 32 (R)."""
+    return max(16, next_pow2(n1)), max(32, next_pow2(n2))
+
+
+def default_config(b1: int, b2: int) -> dict:
+    """kron_quant's launch settings for padded factors b1 × b2 (``config`` overrides them)."""
+    small = b1 * b2 <= 64 * 128
+    # Narrow L (b1 < 64): stack tokens so Lᵀ·T fills a 64-row wgmma (measured 1375 vs 1128 GB/s, 32x128).
+    stack = 64 // b1 if small and b1 < 64 else 1
+    return {"num_warps": 4 if small else 8, "ctas_per_sm": (4 if stack == 1 else 2) if small else 2,
+            "tokens": stack, "num_stages": 3, "block_j": b2 if b1 * b2 <= 128 * 128 else 64}
+
+
 def _sm_count(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
@@ -297,8 +311,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
         x = x.contiguous()
     M = x.shape[0]
     L = L.to(device=x.device, dtype=x.dtype).contiguous()
-    b1 = max(16, next_pow2(n1))
-    b2 = max(32, next_pow2(n2))
+    b1, b2 = padded_factors(n1, n2)
     r_eye = R is None and b1 * b2 <= 128 * 128  # larger ones need column chunks of a real R
     if R is None and not r_eye:
         R = torch.eye(n2, device=x.device, dtype=x.dtype)
@@ -311,11 +324,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
         q, scale, zero = out
     if M == 0:
         return q, scale, zero
-    small = b1 * b2 <= 64 * 128
-    # Narrow L (b1 < 64): stack tokens so Lᵀ·T fills a 64-row wgmma (measured 1375 vs 1128 GB/s, 32x128).
-    stack = 64 // b1 if small and b1 < 64 else 1
-    cfg = {"num_warps": 4 if small else 8, "ctas_per_sm": (4 if stack == 1 else 2) if small else 2,
-           "tokens": stack, "num_stages": 3, "block_j": b2 if b1 * b2 <= 128 * 128 else 64, **(config or {})}
+    cfg = {**default_config(b1, b2), **(config or {})}
     block_j = b2 if r_eye else min(cfg["block_j"], b2)
     tokens = cfg["tokens"] if block_j == b2 else 1
     if tokens > 1 and cfg["num_warps"] != 4:

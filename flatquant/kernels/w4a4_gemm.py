@@ -41,7 +41,7 @@ import torch
 
 from flatquant.packing import unpack_int4_twos
 
-from .kron_quant import HAS_TRITON, _check_inputs, _sm_count, cdiv, next_pow2, use_triton
+from .kron_quant import HAS_TRITON, _check_inputs, _sm_count, cdiv, padded_factors, use_triton
 
 # Products per partial sum on the fp8 path (see _w4a4_gemm_kernel): |partial| ≤ 128 · 64 = 2^13 units of 2^-18.
 FP8_PARTIAL = 128
@@ -424,7 +424,7 @@ def kq_fuses(M: int, n1: int, n2: int, dtype: torch.dtype, device: torch.device)
     64 × 128 values (LLaMA-3-8B's 4096-wide inputs: qkv, o_proj, up/gate). Compiled for sm_90 (Triton 3.6) at the
     decode configs (4 warps, 4 stages): 140–144 registers and 54–60 KB of shared memory for those, no spills;
     down_proj's 112 × 128 factors spilled 200 bytes and fp32 activations 1.3 KB, so those run the two kernels."""
-    b1, b2 = max(16, next_pow2(n1)), max(32, next_pow2(n2))
+    b1, b2 = padded_factors(n1, n2)
     return 0 < M <= 16 and b1 * b2 <= 64 * 128 and (device.type != "cuda" or dtype != torch.float32)
 
 
@@ -469,7 +469,7 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: floa
     scale = torch.empty(slots * M, dtype=torch.float32, device=x.device)
     zero = scale if sym else torch.empty(slots * M, dtype=torch.float32, device=x.device)
     c = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    b1, b2 = max(16, next_pow2(n1)), max(32, next_pow2(n2))
+    b1, b2 = padded_factors(n1, n2)
     _w4a4_gemm_kernel[(tiles, split)](
         codes, qw, scale, zero, sw, sw if wsum is None else wsum.contiguous(),
         sw if bias is None else bias.contiguous(), c, ws[0], ws[1],
