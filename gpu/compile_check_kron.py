@@ -7,8 +7,9 @@ Usage::
     python gpu/compile_check_kron.py [--triton /tmp/tri36]  # one line per case; exit 1 if one does not compile
 
 The launch settings are ``kron_quant``'s defaults for the shape (``tokens`` overrides the stacking). A case fails
-when it does not compile, spills, asks for more than 227 KB of shared memory, or has no wgmma. Last, kq_gemm's
-one-launch decode linear for o_proj, with R explicit and R = I.
+when it does not compile, spills, asks for more than 227 KB of shared memory, or has no tensor-core product (wgmma;
+mma.sync where a product has fewer than 64 rows, as o_proj's unstacked one with R = I). Last, kq_gemm's one-launch
+decode linear for o_proj, with R explicit and R = I.
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ CASES = [
 ]
 
 
-def launch(mod, n1: int, n2: int, tokens):
+def launch(mod, n1: int, n2: int, r_eye: bool, tokens):
     """kron_quant's default settings for n1 × n2 (``default_config``): block sizes, stacking, warps, stages."""
     b1, b2 = mod.padded_factors(n1, n2)
-    cfg = mod.default_config(b1, b2)
+    cfg = mod.default_config(b1, b2, r_eye)
     t = cfg["tokens"] if tokens is None else tokens
     return (dict(BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=cfg["block_j"], TOKENS=t),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
            "stride_qm": "i32"}
     ok = True
     for label, n1, n2, e4m3, r_eye, tokens in CASES:
-        consts, opts = launch(mod, n1, n2, tokens)
+        consts, opts = launch(mod, n1, n2, r_eye, tokens)
         consts.update(SYM=True, DOT_F32=False, E4M3=e4m3, R_EYE=r_eye)
         div16 = ["x_ptr", "l_ptr", "r_ptr", "q_ptr", "scale_ptr", "zero_ptr", "stride_xm", "stride_qm"]
         div16 += [k for k, v in (("N1", n1), ("N2", n2)) if v % 16 == 0]
@@ -79,13 +80,15 @@ def main(argv=None) -> int:
         compiled, st = got
         ptx = compiled.asm["ptx"]
         wgmma = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+        # tensor cores either way: wgmma needs 64 rows, so an unstacked narrow L (R = I) takes mma.sync
+        mma = Counter(re.findall(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
         stores = Counter(re.findall(r"st\.global(?:\.\w+)*?\.(v\d\.)?(b8|b16|b32|b64|u8|u16|u32)", ptx))
         shared = compiled.metadata.shared
-        good = shared <= SMEM_MAX and bool(wgmma) and st["spills"] in (None, ("0", "0"))
+        good = shared <= SMEM_MAX and bool(wgmma or mma) and st["spills"] in (None, ("0", "0"))
         ok &= good
         print(f"{'PASS' if good else 'FAIL'} {label}: {consts} {opts}\n"
               f"    shared {shared / 1024:.1f} KB, registers {st['registers']}, spills {st['spills'] or '?'}, "
-              f"wgmma {dict(wgmma)}, bar.sync {ptx.count('bar.sync')}\n"
+              f"wgmma {dict(wgmma)}, mma.sync {dict(mma)}, bar.sync {ptx.count('bar.sync')}\n"
               f"    global stores (vector, width): {dict((''.join(k) or '?', v) for k, v in stores.items())}")
     for r_eye in (False, True):
         label = f"kq_gemm o_proj 1 token, R {'= I' if r_eye else 'explicit'}"

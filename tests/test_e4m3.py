@@ -168,6 +168,30 @@ def test_quant_linear_keeps_fp8_weights_when_asked(monkeypatch):
         QuantLinear(64, 32)
 
 
+def test_quant_linear_capture_uses_the_kept_fp8_weights(monkeypatch):
+    """While a CUDA graph is captured, fp8_weights="keep" hands the GEMM the bytes an eager call kept (the graph
+    skips the expansion) and makes none (capture memory is not kept): the first capture without an eager warm-up
+    expands in the graph instead, with the same output."""
+    monkeypatch.setattr(qlinear_mod, "FP8_MIN_TOKENS", 1)
+    monkeypatch.setattr(qlinear_mod, "scaled_mm_supported", lambda device: True)
+    torch.manual_seed(10)
+    layer = QuantLinear.from_float(torch.randn(32, 64), act_sym=True).to(DEVICE)
+    layer.fp8_weights = "keep"
+    x = torch.randn(3, 64, dtype=torch.float16, device=DEVICE)
+    handed = []
+    real = qlinear_mod.e4m3_linear
+    monkeypatch.setattr(qlinear_mod, "e4m3_linear", lambda *a: handed.append(a[-1]) or real(*a))
+    monkeypatch.setattr(qlinear_mod, "_capturing", lambda device: True)
+    y_cold = layer(x)  # a capture before any eager call: nothing kept, nothing made
+    assert handed[-1] is None and not layer._w8_cache
+    monkeypatch.setattr(qlinear_mod, "_capturing", lambda device: False)
+    y = layer(x)  # eager: the bytes are made and kept
+    (kept,) = layer._w8_cache.values()
+    assert handed[-1] is kept
+    monkeypatch.setattr(qlinear_mod, "_capturing", lambda device: True)
+    assert torch.equal(layer(x), y) and handed[-1] is kept and torch.equal(y_cold, y)
+
+
 def test_quant_linear_fp8_path_needs_symmetric_16_bit_inputs(monkeypatch):
     monkeypatch.setattr(qlinear_mod, "FP8_MIN_TOKENS", 1)
     monkeypatch.setattr(qlinear_mod, "scaled_mm_supported", lambda device: True)

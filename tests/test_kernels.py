@@ -90,16 +90,17 @@ def test_kron_quant_strided_rows_and_identity():
                                                    (32, 128, torch.float16, False, "int4")])
 def test_kron_quant_identity_r_is_the_explicit_identity(n1, n2, dtype, sym, codes):
     """R=None (o_proj's H ⊗ I: one product a token instead of two) against the reference with an explicit identity
-    R, and bit for bit the kernel's own output with that identity passed (X·I rounded is X itself). SmolLM2's 9 × 64
-    heads and LLaMA-3-8B's 32 × 128 (two tokens stacked a step)."""
+    R, and bit for bit the kernel's own output with that identity passed at the same launch settings (X·I rounded is
+    X itself; stacked tokens would sum Lᵀ's products in another order). SmolLM2's 9 × 64 heads and LLaMA-3-8B's
+    32 × 128."""
     torch.manual_seed(n1 * n2 + sym)
     r = check_kron_quant(21, n1, n2, dtype, sym, DEVICE, codes=codes, r_eye=True)
     _assert_check(r)
     assert r["scale_rel"] < 1e-5
     x = (torch.randn(21, n1 * n2) * 3).to(DEVICE, dtype)
     L = torch.linalg.qr(torch.randn(n1, n1))[0].to(DEVICE)
-    a = kron_quant(x, L, None, 0.9, sym, codes=codes)
-    b = kron_quant(x, L, torch.eye(n2, device=DEVICE), 0.9, sym, codes=codes)
+    a = kron_quant(x, L, None, 0.9, sym, codes=codes, config={"tokens": 1})
+    b = kron_quant(x, L, torch.eye(n2, device=DEVICE), 0.9, sym, codes=codes, config={"tokens": 1})
     for u, v in zip(a, b):
         assert (u is None and v is None) or torch.equal(u.cpu(), v.cpu())
     with pytest.raises(ValueError, match="identity"):

@@ -32,14 +32,24 @@ def six_layer_dir(tmp_path_factory, smollm2):
 
 
 def _cmd(model_dir, out: Path, metrics: str):
+    # the token cache sits beside the model, so each run of this file tokenizes WikiText-2 once, not once per run
     return [sys.executable, str(ROOT / "run.py"), f"model.path={model_dir}", "model.name=six", "calib.nsamples=8",
             "calib.seqlen=32", "calib.epochs=8", "calib.batch_size=4", "eval.seqlen=128", "eval.max_windows=2",
-            f"artifacts_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"+metrics_out={out}/{metrics}"]
+            f"artifacts_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"+metrics_out={out}/{metrics}",
+            f"data.cache_dir={model_dir.parent / 'tokens'}"]
 
 
-def test_killed_run_resumes_at_next_layer_with_the_same_result(six_layer_dir, tmp_path):
+@pytest.fixture(scope="module")
+def clean_six_run(six_layer_dir, tmp_path_factory):
+    """The metrics of one uninterrupted run of _cmd: what a killed and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("clean")
+    subprocess.run(_cmd(six_layer_dir, out, "m.json"), cwd=out, check=True, capture_output=True)
+    return json.loads((out / "m.json").read_text())["metrics"]
+
+
+def test_killed_run_resumes_at_next_layer_with_the_same_result(six_layer_dir, clean_six_run, tmp_path):
     """SIGKILL after layer 2 is saved, start again: layers 0–2 are reused and the perplexity equals a clean run's."""
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_cmd(six_layer_dir, killed, "m.json"), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -55,11 +65,9 @@ def test_killed_run_resumes_at_next_layer_with_the_same_result(six_layer_dir, tm
     done = len(json.loads(manifests[0].read_text())["layers"])
     assert 3 <= done < 6
     subprocess.run(_cmd(six_layer_dir, killed, "m.json"), cwd=tmp_path, env=env, check=True, capture_output=True)
-    subprocess.run(_cmd(six_layer_dir, clean, "m.json"), cwd=tmp_path, env=env, check=True, capture_output=True)
     resumed = json.loads((killed / "m.json").read_text())["metrics"]
-    fresh = json.loads((clean / "m.json").read_text())["metrics"]
-    assert resumed["calibrate/resumed_layers"] == done and fresh["calibrate/resumed_layers"] == 0
-    assert resumed["eval_ppl/wikitext2/ppl"] == fresh["eval_ppl/wikitext2/ppl"]
+    assert resumed["calibrate/resumed_layers"] == done and clean_six_run["calibrate/resumed_layers"] == 0
+    assert resumed["eval_ppl/wikitext2/ppl"] == clean_six_run["eval_ppl/wikitext2/ppl"]
 
 
 def test_nan_loss_retries_at_lower_lr_then_falls_back(monkeypatch):
@@ -139,9 +147,10 @@ def test_unreachable_mlflow_server_falls_back_to_local_store(tmp_path, caplog):
     assert run.data.metrics["x/y/z"] == 1.0
 
 
-def test_sigterm_ends_the_run_killed_and_the_same_command_resumes(six_layer_dir, tmp_path):
+def test_sigterm_ends_the_run_killed_and_the_same_command_resumes(six_layer_dir, clean_six_run, tmp_path):
     """timeout / kill / SLURM preemption send SIGTERM: the MLflow run ends KILLED (not RUNNING for ever), the saved
-    layers stay valid, the message says to run the command again, and doing so resumes at the next layer."""
+    layers stay valid, the message says to run the command again, and doing so resumes at the next layer with the
+    perplexity of a run never stopped."""
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
@@ -163,7 +172,9 @@ def test_sigterm_ends_the_run_killed_and_the_same_command_resumes(six_layer_dir,
     assert run.info.status == "KILLED"
     done = len(json.loads(manifests[0].read_text())["layers"])
     subprocess.run(_cmd(six_layer_dir, out, "m.json"), cwd=tmp_path, env=env, check=True, capture_output=True)
-    assert json.loads((out / "m.json").read_text())["metrics"]["calibrate/resumed_layers"] == done
+    resumed = json.loads((out / "m.json").read_text())["metrics"]
+    assert resumed["calibrate/resumed_layers"] == done
+    assert resumed["eval_ppl/wikitext2/ppl"] == clean_six_run["eval_ppl/wikitext2/ppl"]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost raise, as Python reports it

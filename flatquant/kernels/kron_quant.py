@@ -245,11 +245,13 @@ def padded_factors(n1: int, n2: int) -> tuple[int, int]:
     return max(16, next_pow2(n1)), max(32, next_pow2(n2))
 
 
-def default_config(b1: int, b2: int) -> dict:
-    """kron_quant's launch settings for padded factors b1 × b2 (``config`` overrides them)."""
+def default_config(b1: int, b2: int, r_eye: bool = False) -> dict:
+    """kron_quant's launch settings for padded factors b1 × b2 (``config`` overrides them); r_eye: R is None."""
     small = b1 * b2 <= 64 * 128
-    # Narrow L (b1 < 64): stack tokens so Lᵀ·T fills a 64-row wgmma (measured 1375 vs 1128 GB/s, 32x128).
-    stack = 64 // b1 if small and b1 < 64 else 1
+    # Narrow L (b1 < 64): stack tokens so Lᵀ·T fills a 64-row wgmma (measured 1375 vs 1128 GB/s, 32x128). Not
+    # with R = I, where the one product a token is cheap and four programs an SM win (o_proj's 32x128, e4m3, 8192
+    # tokens, H100: 0.0397 ms against 0.0424 stacking two; results/bench/NVIDIA_H100_80GB_HBM3_kron_sweep.json).
+    stack = 64 // b1 if small and b1 < 64 and not r_eye else 1
     return {"num_warps": 4 if small else 8, "ctas_per_sm": (4 if stack == 1 else 2) if small else 2,
             "tokens": stack, "num_stages": 3, "block_j": b2 if b1 * b2 <= 128 * 128 else 64}
 
@@ -324,7 +326,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
         q, scale, zero = out
     if M == 0:
         return q, scale, zero
-    cfg = {**default_config(b1, b2), **(config or {})}
+    cfg = {**default_config(b1, b2, r_eye), **(config or {})}
     block_j = b2 if r_eye else min(cfg["block_j"], b2)
     tokens = cfg["tokens"] if block_j == b2 else 1
     if tokens > 1 and cfg["num_warps"] != 4:

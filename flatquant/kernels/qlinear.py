@@ -46,6 +46,11 @@ FP8_MIN_TOKENS = int(os.environ.get("FLATQUANT_FP8_MIN_TOKENS", "512"))
 FP8_WEIGHTS = os.environ.get("FLATQUANT_FP8_WEIGHTS", "expand")
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on device's current stream (no syncs, no new kept memory then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _version(t: torch.Tensor) -> int | None:
     """t's version counter (bumped by in-place writes such as load_state_dict's copy); None for an inference tensor,
     which keeps none."""
@@ -155,7 +160,7 @@ class QuantLinear(nn.Module):
         key = (dtype, device, self.L.data_ptr(), self.R.data_ptr(), _version(self.L), _version(self.R))
         if key not in self._cast_cache:
             # (a comparison syncs, which a CUDA graph's capture forbids: there R stays explicit, the same result)
-            eye = not (self.R.is_cuda and torch.cuda.is_current_stream_capturing()) and torch.equal(
+            eye = not _capturing(self.R.device) and torch.equal(
                 self.R, torch.eye(self.R.shape[0], dtype=self.R.dtype, device=self.R.device))
             self._cast_cache = {key: (self.L.to(device, dtype).contiguous(),
                                       None if eye else self.R.to(device, dtype).contiguous())}
@@ -170,10 +175,14 @@ class QuantLinear(nn.Module):
 
     def _e4m3_weight(self, device: torch.device) -> torch.Tensor | None:
         """The weights' e4m3 bytes, kept per state of qweight when ``fp8_weights`` is "keep"; None (made on each
-        call) for "expand", or while a CUDA graph is being captured (memory of its pool is not kept)."""
-        if self.fp8_weights != "keep" or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        call) for "expand". While a CUDA graph is being captured the bytes an eager call kept are used, and none are
+        made (memory of the graph's pool is not kept): warm up eagerly before capturing, as torch.cuda.graphs asks,
+        and the graph skips the expansion. A graph reads the bytes of the weights it was captured with."""
+        if self.fp8_weights != "keep":
             return None
         key = (device, self.qweight.data_ptr(), _version(self.qweight))
+        if _capturing(device):
+            return self._w8_cache.get(key)
         if key not in self._w8_cache:
             self._w8_cache = {}  # the old bytes go before the new ones are made
             self._w8_cache[key] = e4m3_weight(self.qweight.to(device))
