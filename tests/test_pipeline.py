@@ -19,7 +19,7 @@ def make_cfg(overrides, tmp_path):
         cfg = compose("config", overrides=overrides)
     cfg.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg.artifacts_dir = str(tmp_path / "artifacts")
-    cfg.data.cache_dir = str(tmp_path / "tokens")
+    cfg.data.cache_dir = str(tmp_path.parent / "tokens")  # shared by the session's runs (keyed by content): one tokenization
     return OmegaConf.to_container(cfg, resolve=True)
 
 

@@ -32,7 +32,7 @@ def six_layer_dir(tmp_path_factory, smollm2):
 
 
 def _cmd(model_dir, out: Path, metrics: str):
-    # the token cache sits beside the model, so each run of this file tokenizes WikiText-2 once, not once per run
+    # the session's token cache (its base folder's tokens/, as test_pipeline.make_cfg's): WikiText-2 is tokenized once
     return [sys.executable, str(ROOT / "run.py"), f"model.path={model_dir}", "model.name=six", "calib.nsamples=8",
             "calib.seqlen=32", "calib.epochs=8", "calib.batch_size=4", "eval.seqlen=128", "eval.max_windows=2",
             f"artifacts_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"+metrics_out={out}/{metrics}",
