@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU round: what "done" means for code that runs on a GPU, in one command on a CUDA machine.
 #
-#     bash gpu/checks.sh OUT [full|bench|tests|pipeline|kernels|suite|accuracy]
+#     bash gpu/checks.sh OUT [full|bench|tests|pipeline|kernels|layer|suite|accuracy]
 #
 # A device call is limited to 10 minutes: `bench`, `tests` and `pipeline` run steps 1, 2 without the pipeline file,
 # and the pipeline file alone, one a call. `kernels`: the GPU tests of kron_quant, kq_gemm and the fp8 path, the
 # prefill linears, the decoder layer with the fp8 weights expanded per call and kept (QuantLinear.fp8_weights), then
 # the kron_quant sweep of o_proj's and down_proj's factors (e4m3 codes, each config checked against the reference).
 # `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default model
-# calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by four workers sharing the
+# calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by eight workers sharing the
 # GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
+# `layer`: the decoder layer's benchmark with the fp8 weights expanded and kept, and the bench stage's GPU test.
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
 #    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
@@ -39,6 +40,17 @@ if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps w
   touch "$OUT/ALLDONE"
   exit 0
 fi
+if [ "$PART" = layer ]; then  # the decoder layer with the fp8 weights expanded and kept, then the bench stage's test
+  for W in expand keep; do
+    FLATQUANT_FP8_WEIGHTS=$W python run.py stage=bench model=llama3_8b bench.linears=false bench.layer=true \
+      bench.model=false bench.calibration=false device=cuda results_dir="$OUT/layer_$W" \
+      artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/layer_$W.log" 2>&1
+  done
+  python -m pytest -m gpu -q tests/test_gpu_pipeline.py -k bench_stage > "$OUT/gpu_bench_stage.log" 2>&1
+  tail -1 "$OUT/gpu_bench_stage.log"
+  touch "$OUT/ALLDONE"
+  exit 0
+fi
 if [ "$PART" = suite ]; then  # every GPU test, the pipeline file split in two, the three side by side
   # the tracking tests skip without mlflow: say why it does not import (a wheel missing from the carried closure)
   python -c "import mlflow; print('mlflow', mlflow.__version__)" > "$OUT/mlflow_import.log" 2>&1
@@ -58,8 +70,9 @@ if [ "$PART" = accuracy ]; then
   # in 470 s, so point it outside OUT and a second call on the same machine resumes at the missing layers.
   REF=(experiment=paper eval.qa_tasks=[] eval.qa_baseline=false eval.baseline=false method=flatquant
        model.dtype=float16 device=cuda artifacts_dir="${FLATQUANT_ART_REF:-$OUT/art_ref}" tracking.enabled=false)
-  for K in 0 1 2 3; do  # by hand, not joblib: four processes on the one GPU; the last to finish evaluates
-    python run.py calib.workers=4 calib.worker=$K "${REF[@]}" results_dir="$OUT/ref_fake" \
+  W=${FLATQUANT_ACC_WORKERS:-8}  # the default model leaves an H100 half idle at four (1.3x one process's rate)
+  for K in $(seq 0 $((W - 1))); do  # by hand, not joblib: W processes on the one GPU; the last to finish evaluates
+    python run.py calib.workers=$W calib.worker=$K "${REF[@]}" results_dir="$OUT/ref_fake" \
       > "$OUT/ref_calib_$K.log" 2>&1 &
   done
   wait
