@@ -25,27 +25,26 @@ PART=${2:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/smi.txt" 2>&1
-if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps what finished
-  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3" \
-    > "$OUT/gpu_kernel_tests.log" 2>&1
-  tail -1 "$OUT/gpu_kernel_tests.log"
-  python -m flatquant.kernels.bench --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
+layer_benches() {  # the 8B-shaped decoder layer, fp8 weights expanded per call, then kept (OUT/layer_{expand,keep})
   for W in expand keep; do
     FLATQUANT_FP8_WEIGHTS=$W python run.py stage=bench model=llama3_8b bench.linears=false bench.layer=true \
       bench.model=false bench.calibration=false device=cuda results_dir="$OUT/layer_$W" \
       artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/layer_$W.log" 2>&1
   done
+}
+if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps what finished
+  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3" \
+    > "$OUT/gpu_kernel_tests.log" 2>&1
+  tail -1 "$OUT/gpu_kernel_tests.log"
+  python -m flatquant.kernels.bench --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
+  layer_benches
   python -m flatquant.kernels.bench --sweep --sweep-kernels kron --sweep-codes e4m3 --sweep-linears o,down \
     --sweep-tokens 8192 --tokens 8192 --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
   touch "$OUT/ALLDONE"
   exit 0
 fi
 if [ "$PART" = layer ]; then  # the decoder layer with the fp8 weights expanded and kept, then the bench stage's test
-  for W in expand keep; do
-    FLATQUANT_FP8_WEIGHTS=$W python run.py stage=bench model=llama3_8b bench.linears=false bench.layer=true \
-      bench.model=false bench.calibration=false device=cuda results_dir="$OUT/layer_$W" \
-      artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/layer_$W.log" 2>&1
-  done
+  layer_benches
   python -m pytest -m gpu -q tests/test_gpu_pipeline.py -k bench_stage > "$OUT/gpu_bench_stage.log" 2>&1
   tail -1 "$OUT/gpu_bench_stage.log"
   touch "$OUT/ALLDONE"
