@@ -82,8 +82,9 @@ def layer_linears(hidden: int, intermediate: int, num_heads: int, num_kv_heads: 
 IDENTITY_R = ("o",)
 
 
-def _time(fn, sets: list, graph: bool) -> float:
-    """Median ms of one ``fn(*s)``, rotating over ``sets`` (a CUDA graph replays all sets in turn)."""
+def _time(fn, sets: list, graph: bool = True) -> float:
+    """Median ms of one ``fn(*s)``, rotating over ``sets`` (a CUDA graph replays all sets in turn; graph=False: eager,
+    which times the host's launches too)."""
     for s in sets:
         fn(*s)
     torch.cuda.synchronize()
@@ -147,32 +148,32 @@ def _ours(x, L, R, qw, sw, clip=0.9, kcfg=None, gcfg=None, path="int8"):
     return w4a4_gemm(q, s, qw, sw, config=gcfg)
 
 
-def _e4m3_times(r: dict, ours: list, graph: bool, copy_gbs: float) -> None:
+def _e4m3_times(r: dict, ours: list, copy_gbs: float) -> None:
     """Time the fp8 path and its three parts on ``ours`` and add them to row ``r`` (tokens, in, out, fp16_ms):
     the whole linear, kron_quant writing e4m3 codes, e4m3_weight, and cuBLAS's GEMM on already-expanded weights."""
     M, K, N = r["tokens"], r["in"], r["out"]
-    r["w4a4_e4m3_ms"] = _time(lambda *a: _ours(*a, path="e4m3"), ours, graph)
+    r["w4a4_e4m3_ms"] = _time(lambda *a: _ours(*a, path="e4m3"), ours)
     r["speedup_e4m3"] = r["fp16_ms"] / r["w4a4_e4m3_ms"]
-    r["kron_quant_e4m3_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True, codes="e4m3"), ours, graph)
+    r["kron_quant_e4m3_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True, codes="e4m3"), ours)
     r["kron_quant_e4m3_frac_copy"] = (M * K * 3 + M * 4) / r["kron_quant_e4m3_ms"] / 1e6 / copy_gbs
-    r["e4m3_weight_ms"] = _time(lambda x, L, R, qw, sw: e4m3_weight(qw), ours, graph)
+    r["e4m3_weight_ms"] = _time(lambda x, L, R, qw, sw: e4m3_weight(qw), ours)
     r["e4m3_weight_frac_copy"] = (N * K * 3 // 2) / r["e4m3_weight_ms"] / 1e6 / copy_gbs
     msets = [(*kron_quant(s[0], s[1], s[2], 0.9, True, codes="e4m3")[:2], e4m3_weight(s[3]), s[4]) for s in ours]
-    r["scaled_mm_ms"] = _time(lambda q, s, w8, sw: scaled_mm_w4a4(q, s, w8, sw, None, torch.float16), msets, graph)
+    r["scaled_mm_ms"] = _time(lambda q, s, w8, sw: scaled_mm_w4a4(q, s, w8, sw, None, torch.float16), msets)
     ksets = [(*s, m[2]) for s, m in zip(ours, msets)]  # QuantLinear.fp8_weights = "keep": no expansion per call
-    r["w4a4_e4m3_kept_ms"] = _time(lambda x, L, R, qw, sw, w8: e4m3_linear(x, L, R, 0.9, qw, sw, w8=w8), ksets, graph)
+    r["w4a4_e4m3_kept_ms"] = _time(lambda x, L, R, qw, sw, w8: e4m3_linear(x, L, R, 0.9, qw, sw, w8=w8), ksets)
     r["speedup_e4m3_kept"] = r["fp16_ms"] / r["w4a4_e4m3_kept_ms"]
     r["scaled_mm_TOPs"] = 2 * M * N * K / r["scaled_mm_ms"] / 1e9
     r["scaled_mm_vs_fp16"] = r["fp16_ms"] / r["scaled_mm_ms"]
 
 
-def _gemm_times(r: dict, qsets: list, graph: bool) -> None:
+def _gemm_times(r: dict, qsets: list) -> None:
     """Time w4a4_gemm on ``qsets`` on each path the GPU runs and add ms, TOP/s and the ratios to row ``r``
     (which holds tokens, in, out and fp16_ms)."""
     M, K, N = r["tokens"], r["in"], r["out"]
     dev = qsets[0][0].device
     for path in ("int8", "fp8") if fp8_supported(dev) else ("int8",):
-        r[f"gemm_{path}_ms"] = _time(lambda q, s, qw, sw, path=path: w4a4_gemm(q, s, qw, sw, path=path), qsets, graph)
+        r[f"gemm_{path}_ms"] = _time(lambda q, s, qw, sw, path=path: w4a4_gemm(q, s, qw, sw, path=path), qsets)
         r[f"gemm_{path}_TOPs"] = 2 * M * N * K / r[f"gemm_{path}_ms"] / 1e9
     r["gemm_path"] = default_path(M, dev)
     r["gemm_ms"] = r[f"gemm_{r['gemm_path']}_ms"]
@@ -188,31 +189,31 @@ def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy
               only_gemm: bool = False) -> dict:
     """Times for one linear shape and token count; ms, GB/s and the fp16/ours ratio. only_gemm: the GEMMs
     alone (fp16 F.linear, ours on each path, cuBLAS int8/fp8) on random codes, no kron_quant."""
-    graph = True  # every row from a CUDA graph: eager, the 2048-token rows timed the host (kernels/NOTES.md)
     ours, ref = _linear_sets(M, K, N, n1, n2, l2, name in IDENTITY_R)
+    # every row from a CUDA graph (_time's default): eager, the 2048-token rows timed the host (kernels/NOTES.md)
     r = {"linear": name, "tokens": M, "in": K, "out": N, "kron": [n1, n2], "r_eye": name in IDENTITY_R,
          "timer": "cudagraph"}
-    r["fp16_ms"] = _time(lambda x, w: F.linear(x, w), ref, graph)
+    r["fp16_ms"] = _time(lambda x, w: F.linear(x, w), ref)
     r["fp16_TFLOPs"] = 2 * M * N * K / r["fp16_ms"] / 1e9
     if only_gemm:
         qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
                   torch.rand(M, device="cuda") + 0.1, s[3], s[4]) for s in ours]
     else:
-        r["w4a4_int8_ms"] = _time(_ours, ours, graph)
+        r["w4a4_int8_ms"] = _time(_ours, ours)
         r["speedup_int8"] = r["fp16_ms"] / r["w4a4_int8_ms"]
         r["linear_path"] = "int8"
         if M >= 16 and scaled_mm_supported(ours[0][0].device) and scaled_mm_shapes_ok(K, N):
-            _e4m3_times(r, ours, graph, copy_gbs)
+            _e4m3_times(r, ours, copy_gbs)
             if 0 < qlinear.FP8_MIN_TOKENS <= M:
                 r["linear_path"] = "e4m3"
         r["w4a4_ms"] = r[f"w4a4_{r['linear_path']}_ms"]
         r["speedup"] = r["fp16_ms"] / r["w4a4_ms"]
-        r["kron_quant_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True), ours, graph)
+        r["kron_quant_ms"] = _time(lambda x, L, R, *_: kron_quant(x, L, R, 0.9, True), ours)
         kbytes = M * K * 2 + M * K // 2 + M * 4
         r["kron_quant_GBs"] = kbytes / r["kron_quant_ms"] / 1e6
         r["kron_quant_frac_copy"] = r["kron_quant_GBs"] / copy_gbs
         qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
-    _gemm_times(r, qsets, graph)
+    _gemm_times(r, qsets)
     if M > 16:
         a8 = torch.randint(-8, 8, (M, K), device="cuda", dtype=torch.int8)
         b8 = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
