@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 if not torch.cuda.is_available():
     # before any test module can import triton: its kernels then run in the CPU interpreter in-process
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def shared_token_cache(tmp: Path) -> Path:
+    """The session's token cache, in pytest's base folder beside ``tmp`` (a tmp_path or mktemp folder): the session's
+    runs tokenize WikiText-2 once instead of once a run (the cache is keyed by the tokenizer and the text)."""
+    return tmp.parent / "tokens"
 
 
 @pytest.fixture(scope="session")

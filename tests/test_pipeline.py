@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import shared_token_cache
 from pipeline.runner import execute
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -19,7 +20,7 @@ def make_cfg(overrides, tmp_path):
         cfg = compose("config", overrides=overrides)
     cfg.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg.artifacts_dir = str(tmp_path / "artifacts")
-    cfg.data.cache_dir = str(tmp_path.parent / "tokens")  # shared by the session's runs (keyed by content): one tokenization
+    cfg.data.cache_dir = str(shared_token_cache(tmp_path))
     return OmegaConf.to_container(cfg, resolve=True)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_llama
+from conftest import random_llama, shared_token_cache
 from flatquant.calibrate import CalibConfig, quantize_model
 from flatquant.methods import check_model, get_method
 from flatquant.model import check_tokenizer, load_model
@@ -32,11 +32,10 @@ def six_layer_dir(tmp_path_factory, smollm2):
 
 
 def _cmd(model_dir, out: Path, metrics: str):
-    # the session's token cache (its base folder's tokens/, as test_pipeline.make_cfg's): WikiText-2 is tokenized once
     return [sys.executable, str(ROOT / "run.py"), f"model.path={model_dir}", "model.name=six", "calib.nsamples=8",
             "calib.seqlen=32", "calib.epochs=8", "calib.batch_size=4", "eval.seqlen=128", "eval.max_windows=2",
             f"artifacts_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"+metrics_out={out}/{metrics}",
-            f"data.cache_dir={model_dir.parent / 'tokens'}"]
+            f"data.cache_dir={shared_token_cache(model_dir)}"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_llama
+from conftest import random_llama, shared_token_cache
 from pipeline.runner import execute
 from test_pipeline import FAST, make_cfg
 
@@ -107,7 +107,7 @@ def test_one_command_splits_over_workers(four_layer_dir, tmp_path):
     """`python run.py -m calib.workers=2 'calib.worker=range(2)'`: two jobs, one metrics file (the evaluating
     worker's), two MLflow runs named for their worker."""
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"model.path={four_layer_dir}", "model.name=four", *FAST,
-           "calib.workers=2", "calib.worker=range(2)", f"artifacts_dir={tmp_path / 'a'}", f"data.cache_dir={tmp_path.parent / 'tokens'}",
+           "calib.workers=2", "calib.worker=range(2)", f"artifacts_dir={tmp_path / 'a'}", f"data.cache_dir={shared_token_cache(tmp_path)}",
            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"+metrics_out={tmp_path}/m/", f"hydra.sweep.dir={tmp_path}/multirun"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
