@@ -180,7 +180,7 @@ def test_quant_linear_capture_uses_the_kept_fp8_weights(monkeypatch):
     x = torch.randn(3, 64, dtype=torch.float16, device=DEVICE)
     handed = []
     real = qlinear_mod.e4m3_linear
-    monkeypatch.setattr(qlinear_mod, "e4m3_linear", lambda *a: handed.append(a[-1]) or real(*a))
+    monkeypatch.setattr(qlinear_mod, "e4m3_linear", lambda *a, **k: handed.append(a[-1]) or real(*a, **k))
     monkeypatch.setattr(qlinear_mod, "_capturing", lambda device: True)
     y_cold = layer(x)  # a capture before any eager call: nothing kept, nothing made
     assert handed[-1] is None and not layer._w8_cache

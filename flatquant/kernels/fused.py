@@ -30,7 +30,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kron_quant import _ROUND_MAGIC, _rne_bf16  # x + M − M rounds fp32 half to even; fp32 → bf16 by hand
+    # x + M − M rounds fp32 half to even; fp32 → bf16 by hand; SwiGLU's product as kron_quant(glu=True) makes it
+    from .kron_quant import _ROUND_MAGIC, _rne_bf16, _swiglu
 
     @triton.jit
     def _div(a, b, EXACT: tl.constexpr):
@@ -69,15 +70,14 @@ if HAS_TRITON:
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, y_ptr, M, N, stride_xm, stride_ym, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, y_ptr, M, N, stride_xm, stride_ym, BLOCK: tl.constexpr, BF16_RNE: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M * N
         row, col = offs // N, offs % N
-        g = tl.load(x_ptr + row * stride_xm + col, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(x_ptr + row * stride_xm + col, mask=mask, other=0.0)
         u = tl.load(x_ptr + row * stride_xm + N + col, mask=mask, other=0.0)
-        s = (g / (1.0 + tl.exp(-g))).to(u.dtype)  # silu rounded to the input dtype, as torch's two ops do
-        tl.store(y_ptr + row * stride_ym + col, (s.to(tl.float32) * u.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + row * stride_ym + col, _swiglu(g, u, BF16_RNE).to(y_ptr.dtype.element_ty), mask=mask)
 
 
     @triton.jit
@@ -162,7 +162,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     block = 1024
     _silu_mul_kernel[(cdiv(x.shape[0] * n, block),)](x, y, x.shape[0], n, x.stride(0), y.stride(0), BLOCK=block,
-                                                          num_warps=4)
+                                                          BF16_RNE=not x.is_cuda, num_warps=4)
     return y
 
 

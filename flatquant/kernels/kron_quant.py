@@ -71,6 +71,19 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _swiglu(g, u, BF16_RNE: tl.constexpr = False):
+        """SwiGLU's product of a gate and an up tile: silu(g) rounded to u's dtype (as torch's F.silu on 16-bit
+        inputs), times u in fp32, rounded to u's dtype. fused.silu_mul and kron_quant(glu=True) both use it, so
+        that the transform of the fused product equals the transform of silu_mul's output bit for bit. BF16_RNE:
+        round to bf16 by hand (the interpreter truncates)."""
+        g = g.to(tl.float32)
+        s = g / (1.0 + tl.exp(-g))
+        if BF16_RNE and u.dtype == tl.bfloat16:
+            return _rne_bf16(_rne_bf16(s) * u.to(tl.float32)).to(u.dtype)
+        s = s.to(u.dtype)
+        return (s.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
+
+    @triton.jit
     def _kron_tile(x, lt, r, DOT_F32: tl.constexpr, R_EYE: tl.constexpr = False):
         """Lᵀ·(X_t·R) in fp32; X_t·R is rounded to x's dtype in between (fp32 operands in the interpreter).
         R_EYE: R is the identity, so X_t·R rounded is X_t itself and only Lᵀ·X_t runs (r is not read)."""
@@ -138,12 +151,12 @@ if HAS_TRITON:
         M, N1, N2, clip,
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
-        SYM: tl.constexpr, DOT_F32: tl.constexpr, E4M3: tl.constexpr, R_EYE: tl.constexpr,
+        SYM: tl.constexpr, DOT_F32: tl.constexpr, E4M3: tl.constexpr, R_EYE: tl.constexpr, GLU: tl.constexpr,
     ):
         """Persistent: ``_kron_quant_blocks`` from program_id on, num_programs apart."""
         _kron_quant_blocks(tl.program_id(0), tl.num_programs(0), x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
                            M, N1, N2, clip, stride_xm, stride_qm, BLOCK_N1, BLOCK_N2, BLOCK_J, TOKENS, SYM, DOT_F32,
-                           None, E4M3, R_EYE)
+                           None, E4M3, R_EYE, GLU)
 
     @triton.jit
     def _kron_quant_blocks(
@@ -152,7 +165,7 @@ if HAS_TRITON:
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
         SYM: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr = None, E4M3: tl.constexpr = False,
-        R_EYE: tl.constexpr = False,
+        R_EYE: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
         """Token blocks pid, pid + nprog, ... of TOKENS tokens each, stacked as
         (TOKENS·BLOCK_N1, BLOCK_N2) rows, so that X·R is one product and Lᵀ·T one product with a
@@ -160,7 +173,9 @@ if HAS_TRITON:
         L (and R, when one column chunk covers it) are loaded once per program. With BLOCK_J < BLOCK_N2
         (large factors, whose R does not fit in shared memory) Y is made in column chunks twice: once for
         max/min, once to quantize. E4M3: codes one byte each (``_quant_store``), rows of N1·N2 bytes. R_EYE: R is
-        the identity (r_ptr unread; one column chunk only): Y = Lᵀ·X_t, one product a step instead of two."""
+        the identity (r_ptr unread; one column chunk only): Y = Lᵀ·X_t, one product a step instead of two.
+        GLU: a row of x is [gate | up], 2·N1·N2 wide, and X_t is ``_swiglu(gate, up)`` (SwiGLU's product made as
+        it is loaded, so that it is never written out)."""
         NCHUNK: tl.constexpr = BLOCK_N2 // BLOCK_J
         tl.static_assert(NCHUNK == 1 or not R_EYE, "R_EYE takes one column chunk")
         PER_BYTE: tl.constexpr = 1 if E4M3 else 2
@@ -190,7 +205,12 @@ if HAS_TRITON:
             row0 = tl.cast(base, tl.int64)
             vrow = m1 & (base + tok < M)
             x_ptrs = x_ptr + (row0 + tok)[:, None] * stride_xm + (i1 * N2)[:, None] + i2[None, :]
-            x = tl.load(x_ptrs, mask=vrow[:, None] & (i2 < N2)[None, :], other=0.0)
+            xmask = vrow[:, None] & (i2 < N2)[None, :]
+            if GLU:
+                u = tl.load(x_ptrs + N1 * N2, mask=xmask, other=0.0)
+                x = _swiglu(tl.load(x_ptrs, mask=xmask, other=0.0), u, DOT_F32)  # DOT_F32 with bf16 x: the interpreter
+            else:
+                x = tl.load(x_ptrs, mask=xmask, other=0.0)
             q_row = q_ptr + (row0 + tok)[:, None] * stride_qm + (i1 * qcols)[:, None]
             if NCHUNK == 1:
                 y = _kron_tile(x, ltb, r, DOT_F32, R_EYE)
@@ -263,27 +283,31 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _check_inputs(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None) -> tuple[int, int]:
-    """(n1, n2) of x's factors; R None stands for the identity of size x's width / n1."""
+def _check_inputs(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, glu: bool = False) -> tuple[int, int]:
+    """(n1, n2) of x's factors; R None stands for the identity of size (x's width) / n1; glu: x's rows are
+    [gate | up], so the transformed width is half of x's."""
     if x.dim() != 2:
-        raise ValueError(f"x must be (tokens, n1*n2), got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be (tokens, {'2*' if glu else ''}n1*n2), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
+    if glu and x.shape[1] % 2:
+        raise ValueError(f"glu=True: x's rows are [gate | up], so its width must be even, got {x.shape[1]}")
+    width = x.shape[1] // 2 if glu else x.shape[1]
     n1 = L.shape[0]
-    if R is None and (L.dim() != 2 or x.shape[1] % n1):
-        raise ValueError(f"R=None (identity): L must be square and divide x's {x.shape[1]} columns, got "
+    if R is None and (L.dim() != 2 or width % n1):
+        raise ValueError(f"R=None (identity): L must be square and divide the {width} columns, got "
                          f"{tuple(L.shape)}")
-    n2 = x.shape[1] // n1 if R is None else R.shape[0]
+    n2 = width // n1 if R is None else R.shape[0]
     if L.shape != (n1, n1) or (R is not None and R.shape != (n2, n2)):
         raise ValueError(f"L, R must be square, got {tuple(L.shape)}, {None if R is None else tuple(R.shape)}")
-    if n1 * n2 != x.shape[1] or n2 % 2:
-        raise ValueError(f"x has {x.shape[1]} columns, need n1*n2 = {n1}*{n2} with n2 even")
+    if n1 * n2 != width or n2 % 2:
+        raise ValueError(f"{'half of ' if glu else ''}x has {width} columns, need n1*n2 = {n1}*{n2} with n2 even")
     return n1, n2
 
 
 def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float = 1.0, sym: bool = True,
                out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-               config: dict | None = None, codes: str = "int4"):
+               config: dict | None = None, codes: str = "int4", glu: bool = False):
     """Transform and quantize activations in one kernel.
 
     x: (tokens, n1*n2) fp16/bf16, last dim contiguous; L: (n1, n1); R: (n2, n2) (cast to x's dtype), or None for
@@ -295,11 +319,14 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
     column chunks, for factors whose R does not fit in shared memory (then tokens = 1).
     codes: "int4" or "e4m3" (symmetric only: one byte a code, the e4m3fn encoding of q·2^-9 that the fp8 GEMM
     reads, ``packing.pack_e4m3``).
+    glu: x is (tokens, 2*n1*n2), rows [gate | up] (the up/gate GEMM's output), and the kernel transforms SwiGLU's
+    product silu(gate)·up as it reads them (``swiglu_ref``; the same values as ``fused.silu_mul``'s), so that the
+    product is never written out: down_proj's input in one pass instead of two.
     Returns q: (tokens, n1*n2/2) uint8 packed (low nibble = even column) — e4m3: (tokens, n1*n2) uint8 —,
     scale: (tokens,) fp32, zero: (tokens,) fp32 integer-valued for asym, None for sym.
     Falls back to ``kron_quant_ref`` where Triton cannot run (no CUDA and no interpreter).
     """
-    n1, n2 = _check_inputs(x, L, R)
+    n1, n2 = _check_inputs(x, L, R, glu)
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip must be in (0, 1], got {clip}")
     if codes not in ("int4", "e4m3"):
@@ -308,7 +335,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
     if e4m3 and not sym:
         raise ValueError("codes='e4m3' holds symmetric codes only (q in [-8, 7]); asymmetric ones need 'int4'")
     if not use_triton(x):
-        return kron_quant_ref(x, L, R, clip, sym, codes=codes)
+        return kron_quant_ref(x, L, R, clip, sym, codes=codes, glu=glu)
     if x.stride(1) != 1:
         x = x.contiguous()
     M = x.shape[0]
@@ -339,7 +366,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
         M, n1, n2, float(clip),
         x.stride(0), q.stride(0),
         BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=block_j, TOKENS=tokens, SYM=sym,
-        DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3, R_EYE=r_eye,
+        DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3, R_EYE=r_eye, GLU=glu,
         num_warps=cfg["num_warps"], num_stages=num_stages, **extra,
     )
     return q, scale, zero
@@ -381,16 +408,27 @@ def kron_transform_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None,
     return (L.float().T @ t).reshape(x.shape[0], n1 * n2)
 
 
+def swiglu_ref(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product as the kernels make it (``_swiglu``): x (..., 2k) rows [gate | up] → silu(gate)·up (..., k)
+    in x's dtype, silu rounded to that dtype first (as F.silu on 16-bit inputs), the product in fp32 then rounded."""
+    g, u = x.float().chunk(2, dim=-1)
+    s = (g / (1.0 + torch.exp(-g))).to(x.dtype)
+    return (s.float() * u).to(x.dtype)
+
+
 def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float = 1.0, sym: bool = True,
                    intermediate_dtype: torch.dtype | None = "input", return_float: bool = False,
-                   codes: str = "int4"):
+                   codes: str = "int4", glu: bool = False):
     """Plain-PyTorch reference of ``kron_quant`` (same outputs).
 
     intermediate_dtype: "input" (default) rounds X_t·R to x's dtype as the kernel does; None keeps fp32.
     return_float: also return y/scale (+zero), the fp32 value that was rounded, for boundary-aware tests.
     codes: "int4" (packed two's-complement nibbles) or "e4m3" (symmetric: one e4m3fn byte a code).
+    glu: x's rows are [gate | up]; their ``swiglu_ref`` is transformed.
     """
-    _check_inputs(x, L, R)
+    _check_inputs(x, L, R, glu)
+    if glu:
+        x = swiglu_ref(x)
     inter = x.dtype if intermediate_dtype == "input" else intermediate_dtype
     y = kron_transform_ref(x, L, R, inter)
     q, scale, zero = quantize_per_token_ref(y, clip, sym)

@@ -4,7 +4,8 @@ Usage::
 
     from flatquant.kernels.qlinear import QuantLinear
     layer = QuantLinear.from_float(w_merged, L=L, R=R, act_clip=0.9, act_sym=True, bias=b)
-    y = layer(x)   # x: (..., in) fp16 → (..., out) fp16
+    y = layer(x)                # x: (..., in) fp16 → (..., out) fp16
+    y = layer(x, residual=h)    # h + x·Wᵀ, the sum rounded once (int8 paths: in the GEMM's epilogue)
 
 ``weight`` is the weight the transformed activation meets, i.e. already merged with the inverse
 transform (``merge_kron_into_weight``), so that x·(L⊗R)·Wᵀ equals the full-precision x·W_origᵀ.
@@ -14,6 +15,11 @@ On CUDA (or under TRITON_INTERPRET=1) forward runs two kernels: ``kron_quant`` t
 (``flatquant.kernels.e4m3``).
 Elsewhere, or without Triton, it runs the same math in PyTorch (fp32): the fake-quant computation
 quantize-dequantize(x·(L⊗R)) · dequant(W)ᵀ.
+
+A down_proj built with ``glu=True`` takes the up/gate linear's output, (..., 2·in) rows [gate | up], and transforms
+SwiGLU's product silu(gate)·up as kron_quant reads it (``kron_quant(glu=True)``): the product is never written out.
+A ``residual`` goes into the int8 GEMMs' epilogue (one rounding, no kernel of its own); the fp8 path adds it to
+cuBLAS's rounded output (in place, a kernel of its own, two roundings).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from torch import nn
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from .e4m3 import e4m3_linear, e4m3_scale_b, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported
-from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, use_triton
+from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, swiglu_ref, use_triton
 from .w4a4_gemm import kq_gemm, w4a4_gemm
 
 # Up to this many tokens forward runs the transform, the quantizer and the GEMM as one launch (``kq_gemm``, where
@@ -85,15 +91,19 @@ def merge_kron_into_weight(weight: torch.Tensor, L: torch.Tensor, R: torch.Tenso
 
 class QuantLinear(nn.Module):
     """W4A4 linear. Buffers: qweight (out, in/2) uint8, wscale (out,) fp32, wsum (out,) int32,
-    L (n1, n1) / R (n2, n2) fp32 (identity when the layer has no transform), bias (out,) or None."""
+    L (n1, n1) / R (n2, n2) fp32 (identity when the layer has no transform), bias (out,) or None.
+    glu: the input is (..., 2·in), rows [gate | up], and the layer computes silu(gate)·up · Wᵀ (module docstring).
+    residual_epilogue: forward's residual goes into the int8 GEMMs' epilogue (True) or is added after (False,
+    a kernel of its own: the unfused layout, kept for comparison)."""
 
     def __init__(self, in_features: int, out_features: int, act_clip: float = 1.0, act_sym: bool = True,
-                 n1: int | None = None, has_kron: bool = False, has_bias: bool = False):
+                 n1: int | None = None, has_kron: bool = False, has_bias: bool = False, glu: bool = False):
         super().__init__()
         if in_features % 2:
             raise ValueError("in_features must be even to pack two 4-bit values per byte")
         self.in_features, self.out_features = in_features, out_features
-        self.act_clip, self.act_sym, self.has_kron = float(act_clip), bool(act_sym), has_kron
+        self.act_clip, self.act_sym, self.has_kron, self.glu = float(act_clip), bool(act_sym), has_kron, bool(glu)
+        self.residual_epilogue = True
         n1, n2 = (n1, in_features // n1) if n1 else kron_dims(in_features, allow_prime=True)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("wscale", torch.ones(out_features))
@@ -112,16 +122,17 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_float(cls, weight: torch.Tensor, w_bits: int = 4, L: torch.Tensor | None = None,
                    R: torch.Tensor | None = None, act_clip: float = 1.0, act_sym: bool = True,
-                   bias: torch.Tensor | None = None) -> QuantLinear:
+                   bias: torch.Tensor | None = None, glu: bool = False) -> QuantLinear:
         """Quantize ``weight`` (out, in) RTN per channel and pack it. L (n1, n1), R (n2, n2) with
-        n1·n2 = in, both or neither; act_clip: LAC factor in (0, 1]; act_sym: symmetric activations."""
+        n1·n2 = in, both or neither; act_clip: LAC factor in (0, 1]; act_sym: symmetric activations; glu: the layer
+        takes [gate | up] (class docstring)."""
         if w_bits != 4:
             raise NotImplementedError("only 4-bit weights are packed by these kernels")
         if (L is None) != (R is None):
             raise ValueError("give both Kronecker factors or neither")
         out_features, in_features = weight.shape
         n1 = L.shape[0] if L is not None else None
-        layer = cls(in_features, out_features, act_clip, act_sym, n1, L is not None, bias is not None)
+        layer = cls(in_features, out_features, act_clip, act_sym, n1, L is not None, bias is not None, glu)
         q, scale = quantize_weight_rtn(weight)
         layer.qweight.copy_(pack_int4_twos(q))
         layer.wscale.copy_(scale)
@@ -135,15 +146,16 @@ class QuantLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_group(cls, group) -> QuantLinear:
+    def from_group(cls, group, glu: bool = False) -> QuantLinear:
         """The kernel twin of a linear group (flatquant.quant_layer.LinearGroup): its linears as one GEMM over their
         concatenated 4-bit symmetric codes, its online transform and activation quantizer fused before it. The
         group's offset-binary codes are re-packed into two's-complement nibbles. Outputs side by side, as the
-        group's (``splits``)."""
+        group's (``splits``). glu: the twin also makes the group's input, SwiGLU's product, from [gate | up]."""
         codes, scale, bias = group.kernel_codes()
         factors = group.kron_factors(codes.shape[1])
         L, R = factors if factors is not None else (torch.eye(k) for k in kron_dims(codes.shape[1], allow_prime=True))
-        layer = cls(codes.shape[1], codes.shape[0], group.act_clip(), group.aq.spec.sym, L.shape[0], True, bias is not None)
+        layer = cls(codes.shape[1], codes.shape[0], group.act_clip(), group.aq.spec.sym, L.shape[0], True, bias is not None,
+                    glu)
         layer.qweight.copy_(pack_int4_twos(codes))
         layer.wscale.copy_(scale)
         layer.wsum.copy_(codes.sum(dim=1, dtype=torch.int32))
@@ -189,32 +201,42 @@ class QuantLinear(nn.Module):
         return self._w8_cache[key]
 
     def fp8_path(self, x: torch.Tensor) -> bool:
-        """Whether forward runs x (tokens, in) on fp8 tensor cores: FP8_MIN_TOKENS tokens or more, symmetric
+        """Whether forward runs x (tokens, in or 2·in with glu) on fp8 tensor cores: FP8_MIN_TOKENS tokens or more, symmetric
         activations, 16-bit inputs, widths cuBLAS takes, a GPU ``scaled_mm_supported`` names."""
         return (0 < FP8_MIN_TOKENS <= x.shape[0] and self.act_sym and x.dtype in (torch.float16, torch.bfloat16)
                 and scaled_mm_shapes_ok(self.in_features, self.out_features) and scaled_mm_supported(x.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) fp16/bf16 → (..., out) same dtype."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., in) fp16/bf16 — (..., 2·in) with glu — → (..., out) same dtype; residual: optional (..., out),
+        added (``residual_epilogue``)."""
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features * (2 if self.glu else 1))
+        res = None if residual is None else residual.reshape(-1, self.out_features)
         if use_triton(x2):
             L, R = self._factors(x.dtype, x.device)
+            fused = res if self.residual_epilogue else None  # the int8 GEMMs add it in their epilogue
             if self.fp8_path(x2):
                 y = e4m3_linear(x2, L, R, self.act_clip, self.qweight, self.wscale, self.bias,
-                                self._e4m3_scale(x.device), self._e4m3_weight(x.device))
+                                self._e4m3_scale(x.device), self._e4m3_weight(x.device), glu=self.glu)
+                fused = None
             elif x2.shape[0] <= KQ_MAX_TOKENS:
                 y = kq_gemm(x2, L, R, self.act_clip, self.act_sym, self.qweight, self.wscale, self.wsum, self.bias,
-                            x.dtype)
+                            x.dtype, glu=self.glu, residual=fused)
             else:
-                q, s, z = kron_quant(x2, L, R, self.act_clip, self.act_sym)
-                y = w4a4_gemm(q, s, self.qweight, self.wscale, z, self.wsum, self.bias, out_dtype=x.dtype)
+                q, s, z = kron_quant(x2, L, R, self.act_clip, self.act_sym, glu=self.glu)
+                y = w4a4_gemm(q, s, self.qweight, self.wscale, z, self.wsum, self.bias, out_dtype=x.dtype,
+                              residual=fused)
+            if res is not None and fused is None:
+                y = y.add_(res)  # in place on the fresh output
         else:
-            y = self.forward_torch(x2)
+            y = self.forward_torch(x2, res)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """The fake-quant computation in fp32. x: (tokens, in) → (tokens, out) in x's dtype."""
+    def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quant computation in fp32. x: (tokens, in) — (tokens, 2·in) with glu — → (tokens, out) in x's
+        dtype, plus residual (tokens, out) before the rounding."""
+        if self.glu:
+            x = swiglu_ref(x)
         y = kron_transform_ref(x, self.L, self.R) if self.has_kron else x.float()
         q, s, z = quantize_per_token_ref(y, self.act_clip, self.act_sym)
         a = (q.float() - (0.0 if z is None else z[:, None])) * s[:, None]
@@ -222,8 +244,11 @@ class QuantLinear(nn.Module):
         out = a @ w.T
         if self.bias is not None:
             out = out + self.bias.float()
+        if residual is not None:
+            out = out + residual.float()
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, kron={tuple(self.L.shape)}x{tuple(self.R.shape)}"
-                f" ({'learned' if self.has_kron else 'none'}), act_clip={self.act_clip}, act_sym={self.act_sym}")
+                f" ({'learned' if self.has_kron else 'none'}), act_clip={self.act_clip}, act_sym={self.act_sym}"
+                + (", glu" if self.glu else ""))

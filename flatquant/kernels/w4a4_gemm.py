@@ -124,8 +124,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue(acc, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
-                  ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr):
-        """The accumulator tile → s_a · s_w · (acc − z_a · Σ_k q_w) (+ bias), stored masked to m < M, n < N."""
+                  ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, res_ptr, stride_rm,
+                  HAS_RES: tl.constexpr):
+        """The accumulator tile → s_a · s_w · (acc − z_a · Σ_k q_w) (+ bias) (+ the residual tile, HAS_RES), in fp32,
+        rounded once and stored masked to m < M, n < N."""
         sa = tl.load(sa_ptr + rm)
         sw = tl.load(sw_ptr + rn)
         accf = acc * 262144.0 if FP8 else acc.to(tl.float32)  # fp8: units of 2^-18 → integers
@@ -138,8 +140,12 @@ if HAS_TRITON:
         c = accf * sa[:, None] * sw[None, :]
         if HAS_BIAS:
             c = c + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if HAS_RES:
+            r_ptrs = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :]
+            c = c + tl.load(r_ptrs, mask=cmask, other=0.0).to(tl.float32)
         c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _w4a4_gemm_kernel(
@@ -151,7 +157,8 @@ if HAS_TRITON:
         FP8: tl.constexpr, SPLIT_K: tl.constexpr,
         x_ptr=None, l_ptr=None, r_ptr=None, N1=0, N2=0, clip=1.0, stride_xm=0,
         KQ: tl.constexpr = False, KQ_N1: tl.constexpr = 16, KQ_N2: tl.constexpr = 32, KQ_J: tl.constexpr = 32,
-        KQ_F32: tl.constexpr = False, KQ_R_EYE: tl.constexpr = False,
+        KQ_F32: tl.constexpr = False, KQ_R_EYE: tl.constexpr = False, KQ_GLU: tl.constexpr = False,
+        res_ptr=None, stride_rm=0, HAS_RES: tl.constexpr = False,
     ):
         """C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]); KH = k/2 bytes per row of A and W.
 
@@ -160,7 +167,11 @@ if HAS_TRITON:
         a_ptr (M·KH codes a program; scales at sa_ptr, zeros at za_ptr, M a program), then, after a CTA barrier
         (its threads' global stores visible to all of them), reads that slice as A. Every program computes the
         same codes as ``kron_quant`` would (the same code on the same inputs), so the output equals kron_quant
-        then w4a4_gemm; what it saves is the launch of the one and its wait before the other.
+        then w4a4_gemm; what it saves is the launch of the one and its wait before the other. KQ_GLU: x's rows are
+        [gate | up] (``kron_quant``'s glu).
+
+        HAS_RES: the epilogue adds the residual tile at res_ptr (row stride stride_rm, in any float dtype) before
+        the one rounding to C's dtype: a decoder layer's residual stream without a kernel of its own.
 
         SPLIT_K > 1 (int8 only): program (tile, s) sums k-blocks [s·kb_per_split, (s+1)·kb_per_split) ∩ the
         cdiv(KH, BLOCK_KH) blocks (possibly none: a zero partial), atomically adds its int32 tile to the workspace
@@ -190,7 +201,7 @@ if HAS_TRITON:
             sa_ptr += slot * M
             za_ptr += slot * M
             _kron_quant_blocks(0, 1, x_ptr, l_ptr, r_ptr, a_ptr, sa_ptr, za_ptr, M, N1, N2, clip, stride_xm, KH,
-                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32, 1, False, KQ_R_EYE)
+                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32, 1, False, KQ_R_EYE, KQ_GLU)
             tl.debug_barrier()
             stride_am = KH
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -247,13 +258,13 @@ if HAS_TRITON:
             # atomic; a release is cumulative over what the barrier ordered before it)
             tl.debug_barrier()
             if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
-                acc = tl.atomic_xchg(ws_ptrs, 0, mask=mask)
+                acc = tl.where(mask, tl.atomic_xchg(ws_ptrs, 0, mask=mask), 0)  # masked lanes hold no value
                 tl.atomic_xchg(cnt_ptr + pid, 0)
                 _epilogue(acc, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr, offs_m, offs_n, rm, rn, M, N,
-                          stride_cm, ASYM, HAS_BIAS, FP8)
+                          stride_cm, ASYM, HAS_BIAS, FP8, res_ptr, stride_rm, HAS_RES)
         else:
             _epilogue(acc, sa_ptr, za_ptr, sw_ptr, wsum_ptr, bias_ptr, c_ptr, offs_m, offs_n, rm, rn, M, N,
-                      stride_cm, ASYM, HAS_BIAS, FP8)
+                      stride_cm, ASYM, HAS_BIAS, FP8, res_ptr, stride_rm, HAS_RES)
 
 
 def pick_config(M: int, N: int, KH: int, cuda: bool = True, fp8: bool = False, sms: int | None = None) -> dict:
@@ -359,7 +370,8 @@ def weight_sums(qw: torch.Tensor) -> torch.Tensor:
 def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
               za: torch.Tensor | None = None, wsum: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-              out: torch.Tensor | None = None, config: dict | None = None, path: str | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, config: dict | None = None, path: str | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """Quantized linear product.
 
     qa: (tokens, k/2) uint8 packed activations, signed nibbles, or unsigned when ``za`` is given;
@@ -368,7 +380,8 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     wsum: (out,) int32 Σ_k q_w (computed if None and za is given); bias: (out,) or None;
     out: optional preallocated (tokens, out) output; config: tile sizes (``pick_config`` if None), with an
     optional "SPLIT_K" (default 1; > 1 on the int8 path only, see ``_w4a4_gemm_kernel``);
-    path: "int8", "fp8" (Hopper, or the interpreter) or None (``default_path``).
+    path: "int8", "fp8" (Hopper, or the interpreter) or None (``default_path``);
+    residual: optional (tokens, out) float tensor added in the epilogue, before the one rounding to ``out_dtype``.
     Returns (tokens, out) in ``out_dtype`` (fp16/bf16; float32 keeps the exact integer sums for unit scales).
     """
     if qa.dtype != torch.uint8 or qw.dtype != torch.uint8:
@@ -381,10 +394,11 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         raise ValueError("scales must be (tokens,) and (out,)")
     if path not in (None, "int8", "fp8"):
         raise ValueError(f"path must be 'int8', 'fp8' or None, got {path!r}")
+    _check_residual(residual, M, N)
     if za is not None and wsum is None:
         wsum = weight_sums(qw)
     if not use_triton(qa):
-        return w4a4_gemm_ref(qa, sa, qw, sw, za, bias, out_dtype)
+        return w4a4_gemm_ref(qa, sa, qw, sw, za, bias, out_dtype, residual)
     fp8 = (path or default_path(M, qa.device)) == "fp8"
     cfg = dict(config or pick_config(M, N, KH, qa.is_cuda, fp8, _sm_count(qa.device) if qa.is_cuda else None))
     split = cfg.pop("SPLIT_K", 1)
@@ -414,9 +428,22 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         M, N, KH, cdiv(kblocks, split),
         qa.stride(0), qw.stride(0), c.stride(0),
         ASYM=za is not None, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0, SPLIT_K=split,
-        **cfg,
+        **_residual_args(residual), **cfg,
     )
     return c
+
+
+def _check_residual(residual: torch.Tensor | None, M: int, N: int) -> None:
+    if residual is not None and (residual.shape != (M, N) or not residual.is_floating_point()):
+        raise ValueError(f"residual must be a ({M}, {N}) float tensor, got {tuple(residual.shape)} {residual.dtype}")
+
+
+def _residual_args(residual: torch.Tensor | None) -> dict:
+    """The kernel's residual arguments (``_w4a4_gemm_kernel``'s HAS_RES)."""
+    if residual is None:
+        return {"HAS_RES": False}
+    residual = residual if residual.stride(1) == 1 else residual.contiguous()
+    return {"res_ptr": residual, "stride_rm": residual.stride(0), "HAS_RES": True}
 
 
 def kq_fuses(M: int, n1: int, n2: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -430,29 +457,32 @@ def kq_fuses(M: int, n1: int, n2: int, dtype: torch.dtype, device: torch.device)
 
 def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float, sym: bool, qw: torch.Tensor,
             sw: torch.Tensor, wsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, config: dict | None = None, glu: bool = False,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``kron_quant(x, L, R, clip, sym)`` then ``w4a4_gemm`` on its codes, in one launch (the int8 path): each GEMM
     program transforms and quantizes the M tokens itself into its own scratch, then streams its weights
     (``_w4a4_gemm_kernel``'s KQ). For decode, where a token's transform is a few µs of one program and the launch
     between the two kernels a few more; the work grows with M in every program (``kq_fuses`` says where it fuses).
 
     x: (M, n1·n2) fp16/bf16/fp32; L, R (None: identity), clip, sym as ``kron_quant``; qw, sw, wsum, bias as ``w4a4_gemm``;
-    out_dtype: x's dtype if None; config: ``pick_config`` overrides. Returns (M, out), equal to the two calls
-    (the same kernel code on the same inputs). Runs the two where Triton cannot run or ``kq_fuses`` is false."""
+    out_dtype: x's dtype if None; config: ``pick_config`` overrides; glu: x's rows are [gate | up] (``kron_quant``'s
+    glu); residual as ``w4a4_gemm``'s. Returns (M, out), equal to the two calls (the same kernel code on the same
+    inputs). Runs the two where Triton cannot run or ``kq_fuses`` is false."""
     from .kron_quant import kron_quant
 
-    n1, n2 = _check_inputs(x, L, R)
+    n1, n2 = _check_inputs(x, L, R, glu)
     M, KH, N = x.shape[0], n1 * n2 // 2, qw.shape[0]
     if qw.dtype != torch.uint8 or qw.dim() != 2 or qw.shape[1] != KH:
         raise ValueError(f"qw must be ({N}, {KH}) uint8 for {n1 * n2} inputs, got {tuple(qw.shape)} {qw.dtype}")
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip must be in (0, 1], got {clip}")
     out_dtype = out_dtype or x.dtype
+    _check_residual(residual, M, N)
     if not sym and wsum is None:
         wsum = weight_sums(qw)
     if not use_triton(x) or not kq_fuses(M, n1, n2, x.dtype, x.device):
-        q, s, z = kron_quant(x, L, R, clip, sym)
-        return w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype)
+        q, s, z = kron_quant(x, L, R, clip, sym, glu=glu)
+        return w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype, residual=residual)
     x = x if x.stride(1) == 1 else x.contiguous()
     L = L.to(device=x.device, dtype=x.dtype).contiguous()
     r_eye = R is None
@@ -477,15 +507,15 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: floa
         ASYM=not sym, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0, UNPACK_ASM=x.is_cuda, FP8=False,
         SPLIT_K=split, x_ptr=x, l_ptr=L, r_ptr=R, N1=n1, N2=n2, clip=float(clip), stride_xm=x.stride(0), KQ=True,
         KQ_N1=b1, KQ_N2=b2, KQ_J=b2 if b1 * b2 <= 64 * 128 else 64, KQ_F32=not x.is_cuda or x.dtype == torch.float32,
-        KQ_R_EYE=r_eye, **cfg,
+        KQ_R_EYE=r_eye, KQ_GLU=glu, **_residual_args(residual), **cfg,
     )
     return c
 
 
 def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                   za: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Plain-PyTorch reference: unpack, exact integer product in float64, dequantize, cast.
+                  out_dtype: torch.dtype = torch.float16, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch reference: unpack, exact integer product in float64, dequantize, add bias and residual, cast.
 
     Same arguments as ``w4a4_gemm``; returns (tokens, out) ``out_dtype``.
     """
@@ -496,4 +526,6 @@ def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     y = (a @ w.T) * sa.double()[:, None] * sw.double()[None, :]
     if bias is not None:
         y = y + bias.double()[None, :]
+    if residual is not None:
+        y = y + residual.double()
     return y.to(out_dtype)
