@@ -12,8 +12,10 @@ Usage::
 
 Both layers get the same random weights (transformers' LlamaDecoderLayer, fp16). Ours is FlatQuant's:
 Kronecker transforms at their untrained start, merged, weights RTN 4-bit, then `use_kernels()`, so
-qkv / o / up+gate / down each run one fused transform+quantize kernel and one W4A4 GEMM; RMSNorm,
-RoPE, the K transform, K/V fake quantization and attention stay in PyTorch. Prefill: seq 2048 at
+qkv / o / up+gate / down each run one fused transform+quantize kernel and one W4A4 GEMM (down's transform kernel
+makes SwiGLU's product, the residual adds ride in the int8 GEMMs); RMSNorm, RoPE, the K transform, K/V fake
+quantization and attention stay in PyTorch. `w4a4_unfused_ms`: the same layer with `use_kernels(fuse=False)`
+(SwiGLU's product and the residual adds as kernels of their own), timed in the same run. Prefill: seq 2048 at
 batch 1, 4, 16. Decode: one token per sequence at batch 1, 16, 64 with no KV cache (both layers alike:
 the attention over a cache is not part of this comparison). Every call is replayed from a CUDA graph
 (`do_bench_cudagraph`, medians) over input sets rotated so that caches do not flatter. The profile runs the
@@ -77,9 +79,13 @@ def _out(y):
 
 def bench_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
                         out_dir: str | None = "results/bench", shapes=PREFILL + DECODE) -> dict:
+    import copy
+
     import triton.testing
 
     fp, real, fake, rotary = build_layers(hidden, intermediate, num_heads, num_kv_heads, head_dim)
+    unfused = copy.deepcopy(fake)
+    unfused.use_kernels(fuse=False)  # SwiGLU's product and the residual adds as kernels of their own: the gain of both
     rows = []
     for batch, seq in shapes:
         n_sets = 1 if batch * seq >= 8192 else 4
@@ -95,7 +101,7 @@ def bench_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_h
             # fp16 rounding into code flips, so this is the scale the kernel-vs-fake difference is judged on.
             y32 = _out(fake(xs[0].float(), position_embeddings=tuple(t.float() for t in pe))).float()
             row["rel_err_fake_fp16_vs_fp32"] = float((y_fake - y32).norm() / (y32 - xs[0].float()).norm())
-            for name, m in (("fp16_ms", fp), ("w4a4_ms", real)):
+            for name, m in (("fp16_ms", fp), ("w4a4_ms", real), ("w4a4_unfused_ms", unfused)):
                 try:
                     row[name] = triton.testing.do_bench_cudagraph(
                         lambda m=m: [m(x, position_embeddings=pe) for x in xs], rep=100, return_mode="median") / n_sets
@@ -103,6 +109,9 @@ def bench_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_h
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[-200:]}"
         if "fp16_ms" in row and "w4a4_ms" in row:
             row["speedup"] = row["fp16_ms"] / row["w4a4_ms"]
+        if "w4a4_unfused_ms" in row and "w4a4_ms" in row:
+            row["speedup_unfused"] = row["fp16_ms"] / row["w4a4_unfused_ms"]
+            row["fused_vs_unfused"] = row["w4a4_unfused_ms"] / row["w4a4_ms"]
         rows.append(row)
         print(row, flush=True)
         del xs
@@ -134,8 +143,8 @@ def table_rows(rows: list[dict], cols: tuple[str, ...]) -> list[str]:
 
 
 def markdown_table(res: dict) -> str:
-    cols = ("phase", "batch", "seq", "fp16_ms", "w4a4_ms", "speedup", "rel_err_vs_fake_quant", "rel_err_fake_fp16_vs_fp32",
-            "rel_err_vs_fp16")
+    cols = ("phase", "batch", "seq", "fp16_ms", "w4a4_ms", "speedup", "w4a4_unfused_ms", "speedup_unfused",
+            "fused_vs_unfused", "rel_err_vs_fake_quant", "rel_err_fake_fp16_vs_fp32", "rel_err_vs_fp16")
     lines = [f"# Decoder layer, W4A4 kernels vs fp16 on {res['device']} (shape {res['shape']})", "",
              *table_rows(res["rows"], cols)]
     lines += ["", "rel_err_*: norm of the difference over the norm of the fp layer's update (y − x), on the first input set."]

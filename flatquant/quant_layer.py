@@ -120,10 +120,12 @@ class LinearGroup(nn.Module):
             return kron_apply(x, self.online.dense(False), None).to(x.dtype)
         return self.online.apply(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: optional (..., Σ out), added to the output (the decoder layer's residual stream)."""
         x = self.aq(self.transform(x))
         ys = [lin(x) for lin in self.linears.values()]
-        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        return y if residual is None else residual + y
 
     # ---- what a kernel twin reads (flatquant.kernels.qlinear.QuantLinear.from_group) --------------------------
     def kernel_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -272,9 +274,9 @@ class QuantLayer(nn.Module):
         h = norm(hidden_states, self.norm1, self.eps1)
         q, k, v = self.qkv(h).split(self.qkv.splits, dim=-1)
         attn = self.attn(q, k, v, position_embeddings, attention_mask, cache, self.k_transform)
-        hidden_states = hidden_states + self.o(attn)
+        hidden_states = self.o(attn, residual=hidden_states)
         h = norm(hidden_states, self.norm2, self.eps2)
-        return hidden_states + self.down(self.act(self.upgate(h)))
+        return self.down(self.act(self.upgate(h)), residual=hidden_states)
 
     # ---- inspection --------------------------------------------------------------------------------------------
     def groups(self) -> dict[str, nn.Module]:
@@ -314,10 +316,15 @@ class QuantLayer(nn.Module):
         return ""
 
     @torch.no_grad()
-    def use_kernels(self) -> None:
+    def use_kernels(self, fuse: bool = True) -> None:
         """Swap the four linear groups for QuantLinear (one fused kernel for the online transform and per-token 4-bit
-        quantization, one W4A4 GEMM), the SwiGLU product and the K/V quantizers for their fused kernels. The groups'
-        codes are re-packed into the kernels' layout and the groups dropped (the kernels hold the only copy)."""
+        quantization, one W4A4 GEMM) and the K/V quantizers for their fused kernels. The groups' codes are re-packed
+        into the kernels' layout and the groups dropped (the kernels hold the only copy).
+
+        fuse: down_proj's transform kernel also makes SwiGLU's product as it reads [gate | up] (QuantLinear's glu),
+        and the residual adds go into the int8 GEMMs' epilogue: three kernels a layer fewer in decode, and in prefill
+        the product is never written out. False keeps them kernels of their own (``fused.silu_mul``, an add), the
+        layout before, for comparison (flatquant.bench_layer times both)."""
         from flatquant.kernels.fused import FusedSiluMul, GroupFakeQuant
         from flatquant.kernels.qlinear import QuantLinear
 
@@ -326,8 +333,10 @@ class QuantLayer(nn.Module):
         if why := self.kernel_support():
             raise ValueError(f"use_kernels: {why}")
         for group in GROUPS:
-            setattr(self, group, QuantLinear.from_group(getattr(self, group)))
-        self.act = FusedSiluMul()
+            twin = QuantLinear.from_group(getattr(self, group), glu=fuse and group == "down")
+            twin.residual_epilogue = fuse
+            setattr(self, group, twin)
+        self.act = nn.Identity() if fuse else FusedSiluMul()
         self.attn.kq, self.attn.vq = GroupFakeQuant.from_quantizer(self.attn.kq), GroupFakeQuant.from_quantizer(self.attn.vq)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
