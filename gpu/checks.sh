@@ -10,7 +10,10 @@
 # `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default model
 # calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by eight workers sharing the
 # GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
-# `layer`: the decoder layer's benchmark with the fp8 weights expanded and kept, and the bench stage's GPU test.
+# `layer`: the GPU tests of the fused SwiGLU product and residual, the decoder layer's benchmark with the fp8 weights
+# expanded and kept (each against the unfused layer in the same run), the decode GEMM per split of k at 16 and 64
+# tokens, the linears at 1, 16, 2048 and 8192 tokens (down_proj with SwiGLU's product in front), and the bench
+# stage's GPU test.
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
 #    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
@@ -33,7 +36,7 @@ layer_benches() {  # the 8B-shaped decoder layer, fp8 weights expanded per call,
   done
 }
 if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps what finished
-  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3" \
+  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3 or glu or residual" \
     > "$OUT/gpu_kernel_tests.log" 2>&1
   tail -1 "$OUT/gpu_kernel_tests.log"
   python -m flatquant.kernels.bench --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
@@ -43,8 +46,12 @@ if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps w
   touch "$OUT/ALLDONE"
   exit 0
 fi
-if [ "$PART" = layer ]; then  # the decoder layer with the fp8 weights expanded and kept, then the bench stage's test
+if [ "$PART" = layer ]; then  # the fused layer against the unfused one, fp8 weights expanded and kept; decode splits
+  python -m pytest -m gpu -q tests/test_kernels.py -k "glu or residual" > "$OUT/gpu_fusion_tests.log" 2>&1
+  tail -1 "$OUT/gpu_fusion_tests.log"
   layer_benches
+  python -m flatquant.kernels.bench --only decode-gemm --tokens 16,64 --out "$OUT/bench" > "$OUT/decode_gemm.log" 2>&1
+  python -m flatquant.kernels.bench --tokens 1,16,2048,8192 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
   python -m pytest -m gpu -q tests/test_gpu_pipeline.py -k bench_stage > "$OUT/gpu_bench_stage.log" 2>&1
   tail -1 "$OUT/gpu_bench_stage.log"
   touch "$OUT/ALLDONE"

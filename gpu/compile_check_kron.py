@@ -9,7 +9,8 @@ Usage::
 The launch settings are ``kron_quant``'s defaults for the shape (``tokens`` overrides the stacking). A case fails
 when it does not compile, spills, asks for more than 227 KB of shared memory, or has no tensor-core product (wgmma;
 mma.sync where a product has fewer than 64 rows, as o_proj's unstacked one with R = I). Last, kq_gemm's one-launch
-decode linear for o_proj, with R explicit and R = I.
+decode linear for o_proj, with R explicit and R = I, and with the residual in its epilogue (as a decoder layer runs
+it); and for SmolLM2's down_proj, whose [gate | up] input it makes SwiGLU's product of.
 """
 from __future__ import annotations
 
@@ -22,15 +23,17 @@ import sm90
 
 SMEM_MAX = 227 * 1024
 
-# (label, n1, n2, e4m3 codes, R is the identity, tokens stacked a step or None for the default)
+# (label, n1, n2, e4m3 codes, R is the identity, tokens stacked a step or None for the default, [gate | up] input)
 CASES = [
-    ("qkv/up_gate 64x64 int4", 64, 64, False, False, None),
-    ("qkv/up_gate 64x64 e4m3", 64, 64, True, False, None),
-    ("o_proj 32x128 e4m3, R explicit", 32, 128, True, False, None),
-    ("o_proj 32x128 e4m3, R = I", 32, 128, True, True, None),
-    ("o_proj 32x128 int4, R = I", 32, 128, False, True, None),
-    ("SmolLM2 o_proj 9x64 e4m3, R = I", 9, 64, True, True, None),
-    ("down 112x128 e4m3", 112, 128, True, False, None),
+    ("qkv/up_gate 64x64 int4", 64, 64, False, False, None, False),
+    ("qkv/up_gate 64x64 e4m3", 64, 64, True, False, None, False),
+    ("o_proj 32x128 e4m3, R explicit", 32, 128, True, False, None, False),
+    ("o_proj 32x128 e4m3, R = I", 32, 128, True, True, None, False),
+    ("o_proj 32x128 int4, R = I", 32, 128, False, True, None, False),
+    ("SmolLM2 o_proj 9x64 e4m3, R = I", 9, 64, True, True, None, False),
+    ("down 112x128 e4m3", 112, 128, True, False, None, False),
+    ("down 112x128 e4m3, SwiGLU fused (glu)", 112, 128, True, False, None, True),
+    ("down 112x128 int4, SwiGLU fused (glu)", 112, 128, False, False, None, True),
 ]
 
 
@@ -43,21 +46,26 @@ def launch(mod, n1: int, n2: int, r_eye: bool, tokens):
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
-def compile_kq(triton, r_eye: bool):
-    """kq_gemm's one-launch decode linear for o_proj (1 token, 32 × 128 factors, N = 4096) at pick_config's tiles."""
+def compile_kq(triton, r_eye: bool, residual: bool = False, n1: int = 32, n2: int = 128, N: int = 4096,
+               glu: bool = False):
+    """kq_gemm's one-launch decode linear (1 token) at pick_config's tiles: o_proj's 32 × 128 factors, N = 4096 by
+    default; residual: the epilogue adds one; glu: the input is [gate | up]."""
     mod = importlib.import_module("flatquant.kernels.w4a4_gemm")
-    cfg = dict(mod.pick_config(1, 4096, 2048, True, False, 132))
+    b1, b2 = importlib.import_module("flatquant.kernels.kron_quant").padded_factors(n1, n2)
+    cfg = dict(mod.pick_config(1, N, n1 * n2 // 2, True, False, 132))
     opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     sig = {"a_ptr": "*u8", "w_ptr": "*u8", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32",
            "wsum_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*fp32",
            "M": "i32", "N": "i32", "KH": "i32", "kb_per_split": "i32", "stride_am": "i32", "stride_wn": "i32",
            "stride_cm": "i32", "x_ptr": "*fp16", "l_ptr": "*fp16", "r_ptr": "*fp16", "N1": "i32", "N2": "i32",
            "clip": "fp32", "stride_xm": "i32"}
-    consts = dict(cfg, ASYM=False, HAS_BIAS=False, EVEN_K=True, UNPACK_ASM=True, FP8=False, KQ=True, KQ_N1=32,
-                  KQ_N2=128, KQ_J=128, KQ_F32=False, KQ_R_EYE=r_eye)
+    if residual:
+        sig.update(res_ptr="*fp16", stride_rm="i32")
+    consts = dict(cfg, ASYM=False, HAS_BIAS=False, EVEN_K=(n1 * n2 // 2) % cfg["BLOCK_KH"] == 0, UNPACK_ASM=True, FP8=False, KQ=True, KQ_N1=b1, KQ_N2=b2, KQ_J=b2,
+                  KQ_F32=False, KQ_R_EYE=r_eye, KQ_GLU=glu, HAS_RES=residual)
     consts.setdefault("SPLIT_K", 1)
-    div16 = [k for k in sig if k.endswith("_ptr")] + ["N", "KH", "stride_am", "stride_wn", "stride_cm", "N1", "N2",
-                                                      "stride_xm"]
+    div16 = [k for k in sig if k.endswith("_ptr")] + ["N", "KH", "stride_am", "stride_wn", "stride_cm", "stride_xm"]
+    div16 += [k for k, v in (("N1", n1), ("N2", n2)) if v % 16 == 0] + (["stride_rm"] if residual else [])
     return sm90.compile(triton, mod._w4a4_gemm_kernel, sig, consts, div16, opts)
 
 
@@ -68,9 +76,9 @@ def main(argv=None) -> int:
            "zero_ptr": "*fp32", "M": "i32", "N1": "i32", "N2": "i32", "clip": "fp32", "stride_xm": "i32",
            "stride_qm": "i32"}
     ok = True
-    for label, n1, n2, e4m3, r_eye, tokens in CASES:
+    for label, n1, n2, e4m3, r_eye, tokens, glu in CASES:
         consts, opts = launch(mod, n1, n2, r_eye, tokens)
-        consts.update(SYM=True, DOT_F32=False, E4M3=e4m3, R_EYE=r_eye)
+        consts.update(SYM=True, DOT_F32=False, E4M3=e4m3, R_EYE=r_eye, GLU=glu)
         div16 = ["x_ptr", "l_ptr", "r_ptr", "q_ptr", "scale_ptr", "zero_ptr", "stride_xm", "stride_qm"]
         div16 += [k for k, v in (("N1", n1), ("N2", n2)) if v % 16 == 0]
         got = sm90.attempt(label, lambda: sm90.compile(triton, mod._kron_quant_kernel, sig, consts, div16, opts))
@@ -90,9 +98,12 @@ def main(argv=None) -> int:
               f"    shared {shared / 1024:.1f} KB, registers {st['registers']}, spills {st['spills'] or '?'}, "
               f"wgmma {dict(wgmma)}, mma.sync {dict(mma)}, bar.sync {ptx.count('bar.sync')}\n"
               f"    global stores (vector, width): {dict((''.join(k) or '?', v) for k, v in stores.items())}")
-    for r_eye in (False, True):
-        label = f"kq_gemm o_proj 1 token, R {'= I' if r_eye else 'explicit'}"
-        got = sm90.attempt(label, lambda: compile_kq(triton, r_eye))
+    kq_cases = [(f"kq_gemm o_proj 1 token, R {'= I' if r_eye else 'explicit'}{', residual' if res else ''}",
+                 dict(r_eye=r_eye, residual=res)) for r_eye, res in ((False, False), (True, False), (True, True))]
+    kq_cases.append(("kq_gemm SmolLM2 down 1 token (1536 = 32x48), glu + residual",
+                     dict(r_eye=False, residual=True, n1=32, n2=48, N=576, glu=True)))
+    for label, kw in kq_cases:
+        got = sm90.attempt(label, lambda: compile_kq(triton, **kw))
         if got is None:
             ok = False
             continue

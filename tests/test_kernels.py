@@ -376,10 +376,12 @@ def _quantized_tiny_llama(a_sym: bool, method: str = "flatquant"):
 
 
 @needs_triton
-@pytest.mark.parametrize("a_sym,method", [(True, "flatquant"), (False, "flatquant"), (True, "rtn")])
-def test_decoder_layers_on_kernels_match_fake_quant(a_sym, method):
+@pytest.mark.parametrize("a_sym,method,fuse", [(True, "flatquant", True), (False, "flatquant", True),
+                                               (True, "rtn", True), (True, "flatquant", False)])
+def test_decoder_layers_on_kernels_match_fake_quant(a_sym, method, fuse):
     """use_kernels() swaps the four linear groups for QuantLinear: logits equal the fake-quant model's up to
-    the rare activation that rounds the other way (different summation order)."""
+    the rare activation that rounds the other way (different summation order). fuse: down_proj makes SwiGLU's
+    product itself and the residual adds ride in the GEMMs (the default); without, they are kernels of their own."""
     import copy
 
     from flatquant.adapters import adapter_for
@@ -387,8 +389,9 @@ def test_decoder_layers_on_kernels_match_fake_quant(a_sym, method):
     model = _quantized_tiny_llama(a_sym, method)
     real = copy.deepcopy(model)
     for layer in adapter_for(real).layers(real):
-        layer.use_kernels()
+        layer.use_kernels(fuse=fuse)
         assert layer.on_kernels and not any(isinstance(b, QuantWeight) for b in layer.modules())  # the kernels hold the only copy
+        assert layer.down.glu == fuse and isinstance(layer.act, torch.nn.Identity) == fuse
     # float32: in fp16 both paths round the transformed activations to fp16 at different points, and 4-bit
     # rounding turns those 1e-3 differences into code flips (about 1% of a group's output, measured)
     dtype = torch.float32
@@ -566,6 +569,97 @@ def test_kq_gemm_identity_r():
 
 
 @needs_triton
+@pytest.mark.parametrize("M,n1,n2,dtype,sym,codes,config", [
+    (5, 8, 16, torch.float16, True, "int4", None), (37, 12, 24, torch.float16, False, "int4", None),
+    (9, 24, 24, torch.bfloat16, True, "e4m3", {"tokens": 2}), (4, 32, 48, torch.float16, False, "int4",
+                                                               {"block_j": 32})])
+def test_kron_quant_glu_equals_silu_mul_then_kron_quant(M, n1, n2, dtype, sym, codes, config):
+    """kron_quant(glu=True) makes SwiGLU's product of [gate | up] as it loads the rows: the codes and scales are
+    silu_mul's then kron_quant's bit for bit (padded factors, stacked tokens, column chunks, both code forms), every
+    byte written, and the float reference's (``swiglu_ref`` then ``kron_quant_ref``)."""
+    from flatquant.kernels.bench import check_kron_quant_glu
+    from flatquant.kernels.kron_quant import kron_quant_ref
+
+    torch.manual_seed(M + n1)
+    _assert_check(check_kron_quant_glu(M, n1, n2, dtype, sym, DEVICE, codes, config))
+    x = (torch.randn(M, 2 * n1 * n2) * 2).to(device=DEVICE, dtype=dtype)
+    L, R = (torch.linalg.qr(torch.randn(n, n))[0].to(DEVICE) for n in (n1, n2))
+    got = kron_quant(x, L, R, 0.9, sym, codes=codes, glu=True)
+    want = kron_quant_ref(x.cpu(), L.cpu(), R.cpu(), 0.9, sym, codes=codes, glu=True)
+    assert (got[0].cpu() != want[0]).float().mean() < 2e-3  # the rare code on a rounding boundary (GPU sums)
+    with pytest.raises(ValueError, match="gate | up"):
+        kron_quant(x[:, 1:], L, R, 0.9, sym, glu=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,asym,config,path", [
+    (37, 48, 576, False, None, "int8"), (5, 40, 1536, True, {"SPLIT_K": 2}, "int8"),
+    (3, 64, 256, False, None, "fp8")])
+def test_w4a4_gemm_adds_the_residual_before_rounding(M, N, K, asym, config, path):
+    """residual= goes into the epilogue: the output is the fp32 product plus the residual, rounded once to fp16
+    (bit for bit: the float32 output is that product), strided residual rows included."""
+    g = torch.Generator().manual_seed(M + N)
+    lo, hi = (0, 16) if asym else (-8, 8)
+    qa = pack_int4_twos(torch.randint(lo, hi, (M, K), generator=g)).to(DEVICE)
+    qw = pack_int4_twos(torch.randint(-8, 8, (N, K), generator=g)).to(DEVICE)
+    sa, sw = (torch.rand(M, generator=g) + 0.1).to(DEVICE), (torch.rand(N, generator=g) * 1e-2).to(DEVICE)
+    za = torch.randint(0, 16, (M,), generator=g).float().to(DEVICE) if asym else None
+    res = (torch.randn(M, 2 * N, generator=g) * 4).half().to(DEVICE)[:, ::2]  # rows strided, columns too
+    full = None if config is None else {**pick_config(M, N, K // 2, DEVICE == "cuda", path == "fp8", None), **config}
+    if path == "fp8" and DEVICE == "cuda" and not fp8_supported(torch.device(DEVICE)):
+        pytest.skip("fp8 path needs Hopper")
+    y32 = w4a4_gemm(qa, sa, qw, sw, za, None, None, torch.float32, config=full, path=path)
+    y = w4a4_gemm(qa, sa, qw, sw, za, None, None, torch.float16, config=full, path=path, residual=res)
+    assert torch.equal(y.cpu(), (y32 + res.float()).half().cpu())
+    with pytest.raises(ValueError, match="residual"):
+        w4a4_gemm(qa, sa, qw, sw, za, residual=res[:, :-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("M,n1,n2,N,dtype,sym", [(1, 16, 32, 64, torch.float16, True),
+                                                 (3, 24, 40, 48, torch.bfloat16, False)])
+def test_kq_gemm_glu_and_residual_equal_the_two_kernels(M, n1, n2, N, dtype, sym):
+    """The one-launch decode linear with [gate | up] input and a residual equals kron_quant(glu=True) then
+    w4a4_gemm(residual=...), bit for bit."""
+    from flatquant.kernels.w4a4_gemm import kq_gemm, weight_sums
+
+    x, L, R, qw, sw, bias = _kq_case(M, n1, n2, N, dtype, DEVICE, seed=M + N)
+    x = torch.cat([x, x.flip(1) * 0.5], dim=1)  # [gate | up]
+    res = torch.randn(M, N, device=DEVICE).to(dtype)
+    wsum = weight_sums(qw)
+    got = kq_gemm(x, L, R, 0.9, sym, qw, sw, wsum, bias, glu=True, residual=res)
+    q, s, z = kron_quant(x, L, R, 0.9, sym, glu=True)
+    want = w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype=dtype, residual=res)
+    assert torch.equal(got.cpu(), want.cpu()), float((got.float() - want.float()).abs().max())
+
+
+@needs_triton
+@pytest.mark.parametrize("M", [1, 5])
+def test_quant_linear_glu_and_residual_match_its_torch_path(M, monkeypatch):
+    """A down_proj built with glu=True takes [gate | up] and adds forward's residual: the kernel path (one launch
+    at one token, two kernels above) matches its fp32 torch path, and equals the unfused computation
+    (silu_mul, then the layer, then the residual added after: residual_epilogue=False) up to the one rounding."""
+    from flatquant.kernels.fused import silu_mul
+
+    qmod = importlib.import_module("flatquant.kernels.qlinear")
+    monkeypatch.setattr(qmod, "KQ_MAX_TOKENS", 1)
+    torch.manual_seed(M)
+    _assert_check(check_qlinear(M, 512, 48, True, DEVICE, glu=True, residual=True))
+    L, R = (torch.linalg.qr(torch.randn(n, n))[0] for n in (16, 32))
+    w = torch.randn(48, 512) * 0.05
+    fused = QuantLinear.from_float(w, L=L, R=R, act_clip=0.9, glu=True).to(DEVICE)
+    plain = QuantLinear.from_float(w, L=L, R=R, act_clip=0.9).to(DEVICE)
+    plain.residual_epilogue = False
+    x = torch.randn(2, M, 1024, device=DEVICE).half()
+    h = torch.randn(2, M, 48, device=DEVICE).half()
+    got, want = fused(x, residual=h), plain(silu_mul(x.reshape(-1, 1024)).view(2, M, 512), residual=h)
+    assert got.shape == (2, M, 48)
+    # one rounding instead of two: within an fp16 ulp of the sum plus one of the product (larger where h cancels it)
+    ulp = 2 ** -10 * (want.float().abs() + (want.float() - h.float()).abs()) + 2 ** -24
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+
+
+@needs_triton
 def test_quant_linear_skips_an_identity_r(monkeypatch):
     """QuantLinear hands the kernels R=None when its R is the identity (and its factors otherwise), remade after an
     in-place write to R; the output is the explicit-identity computation's, bit for bit."""
@@ -642,6 +736,47 @@ def test_kron_quant_identity_r_gpu_model_shapes(dtype):
     for n1, n2 in ((32, 128), (9, 64)):
         for sym, codes in ((True, "int4"), (False, "int4"), (True, "e4m3")):
             _assert_check(check_kron_quant(1003, n1, n2, dtype, sym, "cuda", codes=codes, r_eye=True))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n1,n2", [(112, 128), (64, 64)])
+def test_kron_quant_glu_gpu_model_shapes(n1, n2):
+    """down_proj's transform kernel making SwiGLU's product (LLaMA-3-8B's 112 × 128; 64 × 64 too) equals silu_mul
+    then kron_quant bit for bit on the GPU, at one token and at 1003, both code forms, every byte written."""
+    from flatquant.kernels.bench import check_kron_quant_glu
+
+    for M in (1, 1003):
+        for sym, codes in ((True, "int4"), (False, "int4"), (True, "e4m3")):
+            _assert_check(check_kron_quant_glu(M, n1, n2, torch.float16, sym, "cuda", codes))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 64, 2048])
+def test_w4a4_gemm_residual_gpu(M):
+    """The residual in the epilogue on the GPU (down_proj's 14336 → 4096 at decode, split-K, and prefill tiles):
+    bit for bit the float32 product plus the residual, rounded once."""
+    for K, N in ((14336, 4096), (4096, 4096)):
+        g = torch.Generator().manual_seed(M + K)
+        qa = pack_int4_twos(torch.randint(-8, 8, (M, K), generator=g)).cuda()
+        qw = pack_int4_twos(torch.randint(-8, 8, (N, K), generator=g)).cuda()
+        sa, sw = (torch.rand(M, generator=g) + 0.1).cuda(), (torch.rand(N, generator=g) * 1e-3).cuda()
+        res = (torch.randn(M, N, generator=g) * 4).half().cuda()
+        y32 = w4a4_gemm(qa, sa, qw, sw, out_dtype=torch.float32)
+        out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+        y = w4a4_gemm(qa, sa, qw, sw, out_dtype=torch.float16, out=out, residual=res)
+        assert torch.equal(y, (y32 + res.float()).half()), (M, K)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 600])
+def test_quant_linear_glu_residual_gpu(M):
+    """LLaMA-3-8B's down_proj as the fused layer runs it ([gate | up] in, residual added): the kernel path (two
+    kernels at 1 and 16 tokens, the fp8 path at 600 on Hopper) against its fp32 torch path."""
+    torch.manual_seed(M)
+    _assert_check(check_qlinear(M, 14336, 4096, True, "cuda", glu=True, residual=True))
 
 
 @gpu

@@ -8,6 +8,7 @@ Usage::
     python -m flatquant.kernels.bench --only gemm --out $OUT               # GEMMs only: fp16, int8, fp8 (< 1 min)
     python -m flatquant.kernels.bench --only decode --out $OUT             # decode_attention vs fp16 SDPA
     python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
+    python -m flatquant.kernels.bench --only decode-gemm --tokens 16,64    # ... at other token counts
     python -m flatquant.kernels.bench --only decode-tiles --out $OUT       # decode_attention per tile config
     python -m flatquant.kernels.bench --only decode-writes --out $OUT      # q/K/V kernels of a decode step
     python -m flatquant.kernels.bench --only decode-kq --out $OUT          # a decode linear: 1 launch vs 2 vs fp16
@@ -20,7 +21,8 @@ on the fp8 path QuantLinear takes from FP8_MIN_TOKENS tokens (``w4a4_e4m3_ms``, 
 ``e4m3_weight_ms``, ``scaled_mm_ms``); ``w4a4_ms`` and ``speedup`` are the path QuantLinear takes (``linear_path``).
 
 ``w4a4_e4m3_kept_ms`` / ``speedup_e4m3_kept``: the fp8 path with the weights' e4m3 bytes kept (QuantLinear.fp8_weights =
-"keep"). o_proj's rows pass R=None, as the model runs its H ⊗ I (``IDENTITY_R``).
+"keep"). o_proj's rows pass R=None, as the model runs its H ⊗ I (``IDENTITY_R``). down_proj's rows also time it with
+SwiGLU's product in front, unfused and made by its transform kernel (``_glu_times``).
 
 Timing: medians of the calls replayed from a CUDA graph (``do_bench_cudagraph``), for fp16 and ours alike, so that the
 GPU's time is timed and not the host's (which exceeded it at ≤ 16 tokens and, for our several launches, at 2048).
@@ -48,7 +50,7 @@ from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from . import qlinear
 from .e4m3 import E4M3_UNIT, e4m3_linear, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
-from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref, padded_factors
+from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref, padded_factors, swiglu_ref
 from .qlinear import QuantLinear
 from .w4a4_gemm import default_path, fp8_supported, pick_config, w4a4_gemm, w4a4_gemm_ref, weight_sums
 
@@ -167,6 +169,37 @@ def _e4m3_times(r: dict, ours: list, copy_gbs: float) -> None:
     r["scaled_mm_vs_fp16"] = r["fp16_ms"] / r["scaled_mm_ms"]
 
 
+def _glu_times(r: dict, ours: list, ref: list) -> None:
+    """down_proj with SwiGLU's product in front, added to row ``r``: fp16 as transformers runs it (F.silu, the
+    product, F.linear: ``swiglu_down_fp16_ms``); ours unfused (``fused.silu_mul`` then the linear:
+    ``swiglu_down_unfused_ms``) and fused (the linear's transform kernel makes the product from [gate | up],
+    ``kron_quant(glu=True)``: ``swiglu_down_ms``), each on the path QuantLinear takes (``linear_path``; e4m3 with the
+    weights kept), and kron_quant alone with glu (``kron_quant_glu_ms``). Ratios: ``speedup_swiglu_down`` (fp16 /
+    fused) and ``glu_fused_vs_unfused``."""
+    from .fused import silu_mul
+
+    M, K = r["tokens"], r["in"]
+    e4m3 = r["linear_path"] == "e4m3"
+    gus = [torch.randn(M, 2 * K, device="cuda", dtype=torch.float16) for _ in ours]
+    sets = [(gu, L, R, qw, sw, e4m3_weight(qw) if e4m3 else None) for gu, (_, L, R, qw, sw) in zip(gus, ours)]
+
+    def linear(x, L, R, qw, sw, w8, glu):
+        if e4m3:
+            return e4m3_linear(x, L, R, 0.9, qw, sw, w8=w8, glu=glu)
+        q, s_, _ = kron_quant(x, L, R, 0.9, True, glu=glu)
+        return w4a4_gemm(q, s_, qw, sw)
+
+    rsets = [(torch.randn(M, 2 * K, device="cuda", dtype=torch.float16), w) for _, w in ref]
+    r["swiglu_down_fp16_ms"] = _time(lambda gu, w: F.linear(F.silu(gu[:, :K]) * gu[:, K:], w), rsets)
+    r["swiglu_down_unfused_ms"] = _time(lambda gu, *a: linear(silu_mul(gu), *a, False), sets)
+    r["swiglu_down_ms"] = _time(lambda *a: linear(*a, True), sets)
+    r["kron_quant_glu_ms"] = _time(lambda gu, L, R, *_: kron_quant(gu, L, R, 0.9, True, codes="e4m3" if e4m3 else
+                                                                   "int4", glu=True), sets)
+    r["speedup_swiglu_down"] = r["swiglu_down_fp16_ms"] / r["swiglu_down_ms"]
+    r["glu_fused_vs_unfused"] = r["swiglu_down_unfused_ms"] / r["swiglu_down_ms"]
+    del gus, sets, rsets
+
+
 def _gemm_times(r: dict, qsets: list) -> None:
     """Time w4a4_gemm on ``qsets`` on each path the GPU runs and add ms, TOP/s and the ratios to row ``r``
     (which holds tokens, in, out and fp16_ms)."""
@@ -212,6 +245,11 @@ def bench_one(name: str, M: int, K: int, N: int, n1: int, n2: int, l2: int, copy
         kbytes = M * K * 2 + M * K // 2 + M * 4
         r["kron_quant_GBs"] = kbytes / r["kron_quant_ms"] / 1e6
         r["kron_quant_frac_copy"] = r["kron_quant_GBs"] / copy_gbs
+        if name == "down":
+            try:
+                _glu_times(r, ours, ref)
+            except Exception as e:  # new timings must not lose the row's others
+                r["glu_error"] = f"{type(e).__name__}: {str(e)[-300:]}"
         qsets = [(*kron_quant(s[0], s[1], s[2], 0.9, True)[:2], s[3], s[4]) for s in ours]
     _gemm_times(r, qsets)
     if M > 16:
@@ -270,7 +308,8 @@ _COLS = ("linear", "tokens", "in", "out", "fp16_ms", "linear_path", "w4a4_ms", "
          "speedup_e4m3", "speedup_e4m3_kept", "kron_quant_ms", "kron_quant_GBs", "kron_quant_frac_copy", "kron_quant_e4m3_ms",
          "kron_quant_e4m3_frac_copy", "e4m3_weight_ms", "e4m3_weight_frac_copy", "scaled_mm_ms", "scaled_mm_TOPs",
          "scaled_mm_vs_fp16", "gemm_path", "gemm_ms", "gemm_TOPs", "gemm_weight_GBs", "gemm_int8_ms", "gemm_fp8_ms",
-         "fp8_vs_int8", "fp8_vs_fp16", "int8_vs_fp16", "int8_cublas_ms", "fp8_cublas_ms")
+         "fp8_vs_int8", "fp8_vs_fp16", "int8_vs_fp16", "int8_cublas_ms", "fp8_cublas_ms", "swiglu_down_fp16_ms",
+         "swiglu_down_unfused_ms", "swiglu_down_ms", "kron_quant_glu_ms", "speedup_swiglu_down", "glu_fused_vs_unfused")
 
 
 def _fmt(v) -> str:
@@ -358,15 +397,42 @@ def check_gemm(M: int, N: int, K: int, asym: bool, bias: bool, device: str = "cu
     return dict(rel=rel, all_written=not bool(y.isnan().any()), ok=rel < tol and not bool(y.isnan().any()))
 
 
-def check_qlinear(M: int, K: int, N: int, sym: bool, device: str = "cuda") -> dict:
-    """QuantLinear's kernel path against its own fp32 torch path on the same module."""
+def check_kron_quant_glu(M: int, n1: int, n2: int, dtype: torch.dtype, sym: bool, device: str = "cuda",
+                         codes: str = "int4", config: dict | None = None) -> dict:
+    """kron_quant(glu=True) on fresh [gate | up] rows against ``fused.silu_mul`` then kron_quant: the same kernel code
+    makes SwiGLU's product in both (``_swiglu``), so the outputs must be equal bit for bit. Outputs poisoned as in
+    ``check_kron_quant``."""
+    from .fused import silu_mul
+
+    x = (torch.randn(M, 2 * n1 * n2) * 2).to(device=device, dtype=dtype)
+    L, R = _rand_factor(n1, device).to(dtype), _rand_factor(n2, device).to(dtype)
+    want = kron_quant(silu_mul(x), L, R, 0.9, sym, config=config, codes=codes)
+    outs = []
+    for poison in (0, 255):
+        q = torch.full_like(want[0], poison)
+        s = torch.full((M,), float("nan"), device=device)
+        z = None if sym else torch.full((M,), float("nan"), device=device)
+        outs.append(kron_quant(x, L, R, 0.9, sym, out=(q, s, z), config=config, codes=codes, glu=True))
+    equal = all(torch.equal(q, want[0]) and torch.equal(s, want[1]) and (sym or torch.equal(z, want[2]))
+                for q, s, z in outs)
+    return dict(equal=equal, ok=equal)
+
+
+def check_qlinear(M: int, K: int, N: int, sym: bool, device: str = "cuda", glu: bool = False,
+                  residual: bool = False) -> dict:
+    """QuantLinear's kernel path against its own fp32 torch path on the same module; glu: its input is [gate | up]
+    (``QuantLinear.glu``); residual: forward adds a random (M, N) fp16 residual."""
     n1, n2 = kron_dims(K, allow_prime=True)
     w = torch.randn(N, K) * 0.02
     layer = QuantLinear.from_float(w, L=_rand_factor(n1, "cpu").float(), R=_rand_factor(n2, "cpu").float(),
-                                   act_clip=0.95, act_sym=sym, bias=torch.randn(N) * 0.1).to(device)
-    x = torch.randn(M, K, device=device, dtype=torch.float16)
-    y, yt = layer(x).double(), layer.forward_torch(x).double()
-    full = (x.double() @ torch.kron(layer.L, layer.R).double() @ w.to(device).double().T + layer.bias.double())
+                                   act_clip=0.95, act_sym=sym, bias=torch.randn(N) * 0.1, glu=glu).to(device)
+    x = torch.randn(M, 2 * K if glu else K, device=device, dtype=torch.float16)
+    res = torch.randn(M, N, device=device, dtype=torch.float16) if residual else None
+    y, yt = layer(x, residual=res).double(), layer.forward_torch(x, res).double()
+    if res is not None:  # compared without it (it would flatter the ratios)
+        y, yt = y - res.double(), yt - res.double()
+    xin = swiglu_ref(x) if glu else x
+    full = (xin.double() @ torch.kron(layer.L, layer.R).double() @ w.to(device).double().T + layer.bias.double())
     rel = float((y - yt).norm() / yt.norm())
     # The kernel rounds X_t·R to fp16, which flips ~0.1% of activation levels by one: small next to the
     # quantization error itself, which is what this ratio compares against.
@@ -398,6 +464,13 @@ def run_checks(device: str = "cuda") -> bool:
                                                                         torch.bfloat16)))
     for M, sym in ((5, True), (257, True), (257, False)):
         cases.append((f"QuantLinear M={M} K=4096 N=1024 sym={sym}", check_qlinear, (M, 4096, 1024, sym)))
+    for (n1, n2), codes in itertools.product(((112, 128), (64, 64)), ("int4", "e4m3")):
+        for M in (1, 1003):
+            cases.append((f"kron_quant {n1}x{n2} glu {codes} M={M}", check_kron_quant_glu,
+                          (M, n1, n2, torch.float16, True, device, codes)))
+    for M in (1, 16, 600):  # one launch (kq_gemm), kron_quant + int8 GEMM, the fp8 path (from FP8_MIN_TOKENS)
+        cases.append((f"QuantLinear down glu+residual M={M} K=14336 N=4096", check_qlinear,
+                      (M, 14336, 4096, True, device, True, True)))
     ok = True
     for name, fn, args in cases:
         torch.manual_seed(hash(name) % 2**31)
@@ -726,7 +799,8 @@ def main(argv=None) -> int:
                         "decode-kq: a decode linear in one launch against two and fp16 (<gpu>_decode_kq.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
-                   f"{','.join(map(str, PREFILL))} with --only gemm)")
+                   f"{','.join(map(str, PREFILL))} with --only gemm; {','.join(map(str, DECODE))} with --only "
+                   "decode-gemm or decode-kq, which take it too)")
     p.add_argument("--shape", default="4096,14336,32,8,128", help="hidden,intermediate,heads,kv_heads,head_dim")
     a = p.parse_args(argv)
     if not (HAS_TRITON and torch.cuda.is_available()):
@@ -754,7 +828,9 @@ def main(argv=None) -> int:
                    "decode-kq": (bench_decode_kq, "_decode_kq", decode_kq_table)}
     if a.only in decode_only:
         bench, suffix, table = decode_only[a.only]
-        rows = bench(shape)
+        kw = {"tokens": tuple(int(v) for v in a.tokens.split(","))} if a.tokens and a.only in (
+            "decode-gemm", "decode-kq") else {}
+        rows = bench(shape, **kw)
         res = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
                "triton": triton.__version__, "rows": rows}
         _write(a.out, suffix, res, table(rows) + "\n")
