@@ -133,14 +133,15 @@ def scaled_mm_w4a4(qa: torch.Tensor, sa: torch.Tensor, w8: torch.Tensor, sw: tor
 
 def e4m3_linear(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float, qw: torch.Tensor,
                 sw: torch.Tensor, bias: torch.Tensor | None = None, scale_b: torch.Tensor | None = None,
-                w8: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+                w8: torch.Tensor | None = None, glu: bool = False,
+                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """The W4A4 linear on the fp8 path: ``kron_quant(codes="e4m3")``, ``e4m3_weight``, ``scaled_mm_w4a4``.
 
     x: (M, n1·n2) fp16/bf16; L, R, clip as ``kron_quant`` (symmetric activations); qw: (N, K/2) packed int4;
     sw: (N,) fp32; bias: (N,) or None; scale_b: ``e4m3_scale_b(sw)`` if kept; w8: ``e4m3_weight(qw)`` if kept
-    (then the call skips the expansion); glu: x's rows are [gate | up] (``kron_quant``'s glu). Returns (M, N) in
-    x's dtype."""
-    q, s, _ = kron_quant(x, L, R, clip, True, codes="e4m3", glu=glu)
+    (then the call skips the expansion); glu, norm: ``kron_quant``'s (x's rows are [gate | up]; x is RMSNorm'd
+    first). Returns (M, N) in x's dtype."""
+    q, s, _ = kron_quant(x, L, R, clip, True, codes="e4m3", glu=glu, norm=norm)
     return scaled_mm_w4a4(q, s, e4m3_weight(qw) if w8 is None else w8, sw, bias, x.dtype, scale_b)
 
 

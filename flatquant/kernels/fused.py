@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kron_quant import HAS_TRITON, cdiv, next_pow2, use_triton
+from .kron_quant import HAS_TRITON, cdiv, next_pow2, rms_norm_ref, use_triton
 
 if HAS_TRITON:
     import triton
@@ -97,15 +97,6 @@ if HAS_TRITON:
         else:
             y = w.to(x.dtype).to(tl.float32) * h.to(x.dtype).to(tl.float32)
         tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm as transformers computes it: fp32 statistics, the row rounded to x's dtype, times the weight
-    in x's dtype. The same as flatquant.quant_layer.rms_norm with the weight cast, restated because the kernels
-    import no layer code (tests/test_packing.py::test_kernels_import_only_the_leaf)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight.to(x.dtype) * h.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

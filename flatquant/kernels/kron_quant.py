@@ -146,17 +146,31 @@ if HAS_TRITON:
             tl.store(q_ptrs, ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8), mask=qmask)
 
     @triton.jit
+    def _rms_norm_tile(x, w, eps, n, TOKENS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                       BF16_RNE: tl.constexpr):
+        """LlamaRMSNorm of each token's (ROWS, COLS) tile of x (n valid values, padding 0), as fused.rms_norm computes a
+        row: fp32 statistics, the normalised value rounded to x's dtype, times w (already in x's dtype), rounded. The
+        sum of squares runs in tile order, so a value can differ from fused.rms_norm's in its last bit."""
+        h = x.to(tl.float32)
+        ss = tl.sum(tl.reshape(h * h, (TOKENS, ROWS * COLS)), axis=1)
+        h = h * _per_row(tl.rsqrt(ss / n + eps), TOKENS, ROWS)[:, None]
+        if BF16_RNE and x.dtype == tl.bfloat16:  # the interpreter truncates fp32 → bf16
+            return _rne_bf16(w.to(tl.float32) * _rne_bf16(h)).to(x.dtype)
+        return (w.to(tl.float32) * h.to(x.dtype).to(tl.float32)).to(x.dtype)
+
+    @triton.jit
     def _kron_quant_kernel(
         x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
         M, N1, N2, clip,
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
         SYM: tl.constexpr, DOT_F32: tl.constexpr, E4M3: tl.constexpr, R_EYE: tl.constexpr, GLU: tl.constexpr,
+        nw_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
     ):
         """Persistent: ``_kron_quant_blocks`` from program_id on, num_programs apart."""
         _kron_quant_blocks(tl.program_id(0), tl.num_programs(0), x_ptr, l_ptr, r_ptr, q_ptr, scale_ptr, zero_ptr,
                            M, N1, N2, clip, stride_xm, stride_qm, BLOCK_N1, BLOCK_N2, BLOCK_J, TOKENS, SYM, DOT_F32,
-                           None, E4M3, R_EYE, GLU)
+                           None, E4M3, R_EYE, GLU, nw_ptr, norm_eps, NORM)
 
     @triton.jit
     def _kron_quant_blocks(
@@ -165,7 +179,8 @@ if HAS_TRITON:
         stride_xm, stride_qm,
         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_J: tl.constexpr, TOKENS: tl.constexpr,
         SYM: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr = None, E4M3: tl.constexpr = False,
-        R_EYE: tl.constexpr = False, GLU: tl.constexpr = False,
+        R_EYE: tl.constexpr = False, GLU: tl.constexpr = False, nw_ptr=None, norm_eps=0.0,
+        NORM: tl.constexpr = False,
     ):
         """Token blocks pid, pid + nprog, ... of TOKENS tokens each, stacked as
         (TOKENS·BLOCK_N1, BLOCK_N2) rows, so that X·R is one product and Lᵀ·T one product with a
@@ -175,7 +190,9 @@ if HAS_TRITON:
         max/min, once to quantize. E4M3: codes one byte each (``_quant_store``), rows of N1·N2 bytes. R_EYE: R is
         the identity (r_ptr unread; one column chunk only): Y = Lᵀ·X_t, one product a step instead of two.
         GLU: a row of x is [gate | up], 2·N1·N2 wide, and X_t is ``_swiglu(gate, up)`` (SwiGLU's product made as
-        it is loaded, so that it is never written out)."""
+        it is loaded, so that it is never written out). NORM: x is a decoder layer's residual stream and X_t its
+        RMSNorm with the weight at nw_ptr (N1·N2 values, any float dtype, rounded to x's) and norm_eps
+        (``_rms_norm_tile``): the norm's kernel and its output's pass through memory saved."""
         NCHUNK: tl.constexpr = BLOCK_N2 // BLOCK_J
         tl.static_assert(NCHUNK == 1 or not R_EYE, "R_EYE takes one column chunk")
         PER_BYTE: tl.constexpr = 1 if E4M3 else 2
@@ -201,6 +218,12 @@ if HAS_TRITON:
                         other=0.0)
             if DOT_F32:
                 r = r.to(tl.float32)
+        if NORM:  # the norm's weight in the tiles' layout, in x's dtype, loaded once (padding 0)
+            nw = tl.load(nw_ptr + (i1 * N2)[:, None] + i2[None, :], mask=m1[:, None] & (i2 < N2)[None, :],
+                         other=0.0).to(tl.float32)
+            if DOT_F32 and x_ptr.dtype.element_ty == tl.bfloat16:
+                nw = _rne_bf16(nw)  # the interpreter truncates fp32 → bf16
+            nw = nw.to(x_ptr.dtype.element_ty)
         for base in tl.range(pid * TOKENS, M, nprog * TOKENS, num_stages=STAGES):
             row0 = tl.cast(base, tl.int64)
             vrow = m1 & (base + tok < M)
@@ -211,6 +234,8 @@ if HAS_TRITON:
                 x = _swiglu(tl.load(x_ptrs, mask=xmask, other=0.0), u, DOT_F32)  # DOT_F32 with bf16 x: the interpreter
             else:
                 x = tl.load(x_ptrs, mask=xmask, other=0.0)
+            if NORM:
+                x = _rms_norm_tile(x, nw, norm_eps, N1 * N2, TOKENS, BLOCK_N1, BLOCK_N2, DOT_F32)
             q_row = q_ptr + (row0 + tok)[:, None] * stride_qm + (i1 * qcols)[:, None]
             if NCHUNK == 1:
                 y = _kron_tile(x, ltb, r, DOT_F32, R_EYE)
@@ -307,7 +332,8 @@ def _check_inputs(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, glu:
 
 def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float = 1.0, sym: bool = True,
                out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-               config: dict | None = None, codes: str = "int4", glu: bool = False):
+               config: dict | None = None, codes: str = "int4", glu: bool = False,
+               norm: tuple[torch.Tensor, float] | None = None):
     """Transform and quantize activations in one kernel.
 
     x: (tokens, n1*n2) fp16/bf16, last dim contiguous; L: (n1, n1); R: (n2, n2) (cast to x's dtype), or None for
@@ -322,11 +348,15 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
     glu: x is (tokens, 2*n1*n2), rows [gate | up] (the up/gate GEMM's output), and the kernel transforms SwiGLU's
     product silu(gate)·up as it reads them (``swiglu_ref``; the same values as ``fused.silu_mul``'s), so that the
     product is never written out: down_proj's input in one pass instead of two.
+    norm: (weight (n1*n2,), eps): x is the residual stream and the kernel transforms its LlamaRMSNorm
+    (``rms_norm_ref``; fused.rms_norm's values up to the last bit of a few, its sum of squares running in another
+    order), so that the norm needs no kernel of its own nor a pass through memory.
     Returns q: (tokens, n1*n2/2) uint8 packed (low nibble = even column) — e4m3: (tokens, n1*n2) uint8 —,
     scale: (tokens,) fp32, zero: (tokens,) fp32 integer-valued for asym, None for sym.
     Falls back to ``kron_quant_ref`` where Triton cannot run (no CUDA and no interpreter).
     """
     n1, n2 = _check_inputs(x, L, R, glu)
+    _check_norm(norm, n1 * n2)
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip must be in (0, 1], got {clip}")
     if codes not in ("int4", "e4m3"):
@@ -335,7 +365,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
     if e4m3 and not sym:
         raise ValueError("codes='e4m3' holds symmetric codes only (q in [-8, 7]); asymmetric ones need 'int4'")
     if not use_triton(x):
-        return kron_quant_ref(x, L, R, clip, sym, codes=codes, glu=glu)
+        return kron_quant_ref(x, L, R, clip, sym, codes=codes, glu=glu, norm=norm)
     if x.stride(1) != 1:
         x = x.contiguous()
     M = x.shape[0]
@@ -366,7 +396,7 @@ def kron_quant(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: f
         M, n1, n2, float(clip),
         x.stride(0), q.stride(0),
         BLOCK_N1=b1, BLOCK_N2=b2, BLOCK_J=block_j, TOKENS=tokens, SYM=sym,
-        DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3, R_EYE=r_eye, GLU=glu,
+        DOT_F32=not x.is_cuda or x.dtype == torch.float32, E4M3=e4m3, R_EYE=r_eye, GLU=glu, **norm_args(norm),
         num_warps=cfg["num_warps"], num_stages=num_stages, **extra,
     )
     return q, scale, zero
@@ -408,6 +438,32 @@ def kron_transform_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None,
     return (L.float().T @ t).reshape(x.shape[0], n1 * n2)
 
 
+def _check_norm(norm, width: int) -> None:
+    if norm is None:
+        return
+    weight, eps = norm
+    if weight.shape != (width,) or not weight.is_floating_point() or not eps >= 0:
+        raise ValueError(f"norm must be (weight ({width},) float, eps ≥ 0), got {tuple(weight.shape)} {weight.dtype}, "
+                         f"{eps}")
+
+
+def norm_args(norm: tuple[torch.Tensor, float] | None, flag: str = "NORM") -> dict:
+    """The kernels' arguments for an RMSNorm in front: ``_kron_quant_blocks``' NORM (flag "KQ_NORM" for the GEMM's
+    one-launch form), nw_ptr and norm_eps."""
+    if norm is None:
+        return {flag: False}
+    return {"nw_ptr": norm[0].contiguous(), "norm_eps": float(norm[1]), flag: True}
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm as transformers computes it: fp32 statistics, the row rounded to x's dtype, times the weight
+    in x's dtype. The same as flatquant.quant_layer.rms_norm with the weight cast, restated because the kernels
+    import no layer code (tests/test_packing.py::test_kernels_import_only_the_leaf)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(x.dtype) * h.to(x.dtype)
+
+
 def swiglu_ref(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's product as the kernels make it (``_swiglu``): x (..., 2k) rows [gate | up] → silu(gate)·up (..., k)
     in x's dtype, silu rounded to that dtype first (as F.silu on 16-bit inputs), the product in fp32 then rounded."""
@@ -418,17 +474,20 @@ def swiglu_ref(x: torch.Tensor) -> torch.Tensor:
 
 def kron_quant_ref(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float = 1.0, sym: bool = True,
                    intermediate_dtype: torch.dtype | None = "input", return_float: bool = False,
-                   codes: str = "int4", glu: bool = False):
+                   codes: str = "int4", glu: bool = False, norm: tuple[torch.Tensor, float] | None = None):
     """Plain-PyTorch reference of ``kron_quant`` (same outputs).
 
     intermediate_dtype: "input" (default) rounds X_t·R to x's dtype as the kernel does; None keeps fp32.
     return_float: also return y/scale (+zero), the fp32 value that was rounded, for boundary-aware tests.
     codes: "int4" (packed two's-complement nibbles) or "e4m3" (symmetric: one e4m3fn byte a code).
-    glu: x's rows are [gate | up]; their ``swiglu_ref`` is transformed.
+    glu: x's rows are [gate | up]; their ``swiglu_ref`` is transformed. norm: (weight, eps): their ``rms_norm_ref``.
     """
-    _check_inputs(x, L, R, glu)
+    n1, n2 = _check_inputs(x, L, R, glu)
+    _check_norm(norm, n1 * n2)
     if glu:
         x = swiglu_ref(x)
+    if norm is not None:
+        x = rms_norm_ref(x, *norm)
     inter = x.dtype if intermediate_dtype == "input" else intermediate_dtype
     y = kron_transform_ref(x, L, R, inter)
     q, scale, zero = quantize_per_token_ref(y, clip, sym)

@@ -6,6 +6,7 @@ Usage::
     layer = QuantLinear.from_float(w_merged, L=L, R=R, act_clip=0.9, act_sym=True, bias=b)
     y = layer(x)                # x: (..., in) fp16 → (..., out) fp16
     y = layer(x, residual=h)    # h + x·Wᵀ, the sum rounded once (int8 paths: in the GEMM's epilogue)
+    y = layer(h, norm=(g, eps)) # RMSNorm(h)·Wᵀ, the norm made by the transform kernel as it loads h
 
 ``weight`` is the weight the transformed activation meets, i.e. already merged with the inverse
 transform (``merge_kron_into_weight``), so that x·(L⊗R)·Wᵀ equals the full-precision x·W_origᵀ.
@@ -19,7 +20,8 @@ quantize-dequantize(x·(L⊗R)) · dequant(W)ᵀ.
 A down_proj built with ``glu=True`` takes the up/gate linear's output, (..., 2·in) rows [gate | up], and transforms
 SwiGLU's product silu(gate)·up as kron_quant reads it (``kron_quant(glu=True)``): the product is never written out.
 A ``residual`` goes into the int8 GEMMs' epilogue (one rounding, no kernel of its own); the fp8 path adds it to
-cuBLAS's rounded output (in place, a kernel of its own, two roundings).
+cuBLAS's rounded output (in place, a kernel of its own, two roundings). A ``norm`` (RMSNorm weight, eps) in front is
+made by the transform kernel as it loads x (``kron_quant(norm=...)``), on every path.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from torch import nn
 from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from .e4m3 import e4m3_linear, e4m3_scale_b, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported
-from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, swiglu_ref, use_triton
+from .fused import rms_norm
+from .kron_quant import kron_quant, kron_transform_ref, quantize_per_token_ref, rms_norm_ref, swiglu_ref, use_triton
 from .w4a4_gemm import kq_gemm, w4a4_gemm
 
 # Up to this many tokens forward runs the transform, the quantizer and the GEMM as one launch (``kq_gemm``, where
@@ -93,8 +96,8 @@ class QuantLinear(nn.Module):
     """W4A4 linear. Buffers: qweight (out, in/2) uint8, wscale (out,) fp32, wsum (out,) int32,
     L (n1, n1) / R (n2, n2) fp32 (identity when the layer has no transform), bias (out,) or None.
     glu: the input is (..., 2·in), rows [gate | up], and the layer computes silu(gate)·up · Wᵀ (module docstring).
-    residual_epilogue: forward's residual goes into the int8 GEMMs' epilogue (True) or is added after (False,
-    a kernel of its own: the unfused layout, kept for comparison)."""
+    fused: forward's norm and residual go into the kernels (True) or run as kernels of their own (False:
+    fused.rms_norm before, an add after; the unfused layout, kept for comparison)."""
 
     def __init__(self, in_features: int, out_features: int, act_clip: float = 1.0, act_sym: bool = True,
                  n1: int | None = None, has_kron: bool = False, has_bias: bool = False, glu: bool = False):
@@ -103,7 +106,7 @@ class QuantLinear(nn.Module):
             raise ValueError("in_features must be even to pack two 4-bit values per byte")
         self.in_features, self.out_features = in_features, out_features
         self.act_clip, self.act_sym, self.has_kron, self.glu = float(act_clip), bool(act_sym), has_kron, bool(glu)
-        self.residual_epilogue = True
+        self.fused = True
         n1, n2 = (n1, in_features // n1) if n1 else kron_dims(in_features, allow_prime=True)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("wscale", torch.ones(out_features))
@@ -206,37 +209,43 @@ class QuantLinear(nn.Module):
         return (0 < FP8_MIN_TOKENS <= x.shape[0] and self.act_sym and x.dtype in (torch.float16, torch.bfloat16)
                 and scaled_mm_shapes_ok(self.in_features, self.out_features) and scaled_mm_supported(x.device))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """x: (..., in) fp16/bf16 — (..., 2·in) with glu — → (..., out) same dtype; residual: optional (..., out),
-        added (``residual_epilogue``)."""
+        added; norm: optional (weight (in,), eps), x's RMSNorm is what the layer reads (both as ``fused`` says)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features * (2 if self.glu else 1))
         res = None if residual is None else residual.reshape(-1, self.out_features)
         if use_triton(x2):
+            if norm is not None and not self.fused:
+                x2, norm = rms_norm(x2, *norm), None
             L, R = self._factors(x.dtype, x.device)
-            fused = res if self.residual_epilogue else None  # the int8 GEMMs add it in their epilogue
+            into = res if self.fused else None  # the int8 GEMMs add it in their epilogue
             if self.fp8_path(x2):
                 y = e4m3_linear(x2, L, R, self.act_clip, self.qweight, self.wscale, self.bias,
-                                self._e4m3_scale(x.device), self._e4m3_weight(x.device), glu=self.glu)
-                fused = None
+                                self._e4m3_scale(x.device), self._e4m3_weight(x.device), glu=self.glu, norm=norm)
+                into = None
             elif x2.shape[0] <= KQ_MAX_TOKENS:
                 y = kq_gemm(x2, L, R, self.act_clip, self.act_sym, self.qweight, self.wscale, self.wsum, self.bias,
-                            x.dtype, glu=self.glu, residual=fused)
+                            x.dtype, glu=self.glu, residual=into, norm=norm)
             else:
-                q, s, z = kron_quant(x2, L, R, self.act_clip, self.act_sym, glu=self.glu)
+                q, s, z = kron_quant(x2, L, R, self.act_clip, self.act_sym, glu=self.glu, norm=norm)
                 y = w4a4_gemm(q, s, self.qweight, self.wscale, z, self.wsum, self.bias, out_dtype=x.dtype,
-                              residual=fused)
-            if res is not None and fused is None:
+                              residual=into)
+            if res is not None and into is None:
                 y = y.add_(res)  # in place on the fresh output
         else:
-            y = self.forward_torch(x2, res)
+            y = self.forward_torch(x2, res, norm)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                      norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """The fake-quant computation in fp32. x: (tokens, in) — (tokens, 2·in) with glu — → (tokens, out) in x's
-        dtype, plus residual (tokens, out) before the rounding."""
+        dtype, plus residual (tokens, out) before the rounding; norm: x's RMSNorm (``rms_norm_ref``) first."""
         if self.glu:
             x = swiglu_ref(x)
+        if norm is not None:
+            x = rms_norm_ref(x, *norm)
         y = kron_transform_ref(x, self.L, self.R) if self.has_kron else x.float()
         q, s, z = quantize_per_token_ref(y, self.act_clip, self.act_sym)
         a = (q.float() - (0.0 if z is None else z[:, None])) * s[:, None]

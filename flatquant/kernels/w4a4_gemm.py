@@ -41,7 +41,7 @@ import torch
 
 from flatquant.packing import unpack_int4_twos
 
-from .kron_quant import HAS_TRITON, _check_inputs, _sm_count, cdiv, padded_factors, use_triton
+from .kron_quant import HAS_TRITON, _check_inputs, _check_norm, _sm_count, cdiv, norm_args, padded_factors, use_triton
 
 # Products per partial sum on the fp8 path (see _w4a4_gemm_kernel): |partial| ≤ 128 · 64 = 2^13 units of 2^-18.
 FP8_PARTIAL = 128
@@ -158,6 +158,7 @@ if HAS_TRITON:
         x_ptr=None, l_ptr=None, r_ptr=None, N1=0, N2=0, clip=1.0, stride_xm=0,
         KQ: tl.constexpr = False, KQ_N1: tl.constexpr = 16, KQ_N2: tl.constexpr = 32, KQ_J: tl.constexpr = 32,
         KQ_F32: tl.constexpr = False, KQ_R_EYE: tl.constexpr = False, KQ_GLU: tl.constexpr = False,
+        nw_ptr=None, norm_eps=0.0, KQ_NORM: tl.constexpr = False,
         res_ptr=None, stride_rm=0, HAS_RES: tl.constexpr = False,
     ):
         """C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]); KH = k/2 bytes per row of A and W.
@@ -168,7 +169,8 @@ if HAS_TRITON:
         (its threads' global stores visible to all of them), reads that slice as A. Every program computes the
         same codes as ``kron_quant`` would (the same code on the same inputs), so the output equals kron_quant
         then w4a4_gemm; what it saves is the launch of the one and its wait before the other. KQ_GLU: x's rows are
-        [gate | up] (``kron_quant``'s glu).
+        [gate | up] (``kron_quant``'s glu); KQ_NORM: x is RMSNorm'd first (``kron_quant``'s norm: weight at nw_ptr,
+        norm_eps).
 
         HAS_RES: the epilogue adds the residual tile at res_ptr (row stride stride_rm, in any float dtype) before
         the one rounding to C's dtype: a decoder layer's residual stream without a kernel of its own.
@@ -201,7 +203,8 @@ if HAS_TRITON:
             sa_ptr += slot * M
             za_ptr += slot * M
             _kron_quant_blocks(0, 1, x_ptr, l_ptr, r_ptr, a_ptr, sa_ptr, za_ptr, M, N1, N2, clip, stride_xm, KH,
-                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32, 1, False, KQ_R_EYE, KQ_GLU)
+                               KQ_N1, KQ_N2, KQ_J, 1, not ASYM, KQ_F32, 1, False, KQ_R_EYE, KQ_GLU, nw_ptr,
+                               norm_eps, KQ_NORM)
             tl.debug_barrier()
             stride_am = KH
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -458,19 +461,20 @@ def kq_fuses(M: int, n1: int, n2: int, dtype: torch.dtype, device: torch.device)
 def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: float, sym: bool, qw: torch.Tensor,
             sw: torch.Tensor, wsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
             out_dtype: torch.dtype | None = None, config: dict | None = None, glu: bool = False,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+            residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``kron_quant(x, L, R, clip, sym)`` then ``w4a4_gemm`` on its codes, in one launch (the int8 path): each GEMM
     program transforms and quantizes the M tokens itself into its own scratch, then streams its weights
     (``_w4a4_gemm_kernel``'s KQ). For decode, where a token's transform is a few µs of one program and the launch
     between the two kernels a few more; the work grows with M in every program (``kq_fuses`` says where it fuses).
 
     x: (M, n1·n2) fp16/bf16/fp32; L, R (None: identity), clip, sym as ``kron_quant``; qw, sw, wsum, bias as ``w4a4_gemm``;
-    out_dtype: x's dtype if None; config: ``pick_config`` overrides; glu: x's rows are [gate | up] (``kron_quant``'s
-    glu); residual as ``w4a4_gemm``'s. Returns (M, out), equal to the two calls (the same kernel code on the same
+    out_dtype: x's dtype if None; config: ``pick_config`` overrides; glu, norm: as ``kron_quant``'s (x's rows are
+    [gate | up]; x is RMSNorm'd first); residual as ``w4a4_gemm``'s. Returns (M, out), equal to the two calls (the same kernel code on the same
     inputs). Runs the two where Triton cannot run or ``kq_fuses`` is false."""
     from .kron_quant import kron_quant
 
     n1, n2 = _check_inputs(x, L, R, glu)
+    _check_norm(norm, n1 * n2)
     M, KH, N = x.shape[0], n1 * n2 // 2, qw.shape[0]
     if qw.dtype != torch.uint8 or qw.dim() != 2 or qw.shape[1] != KH:
         raise ValueError(f"qw must be ({N}, {KH}) uint8 for {n1 * n2} inputs, got {tuple(qw.shape)} {qw.dtype}")
@@ -481,7 +485,7 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: floa
     if not sym and wsum is None:
         wsum = weight_sums(qw)
     if not use_triton(x) or not kq_fuses(M, n1, n2, x.dtype, x.device):
-        q, s, z = kron_quant(x, L, R, clip, sym, glu=glu)
+        q, s, z = kron_quant(x, L, R, clip, sym, glu=glu, norm=norm)
         return w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype, residual=residual)
     x = x if x.stride(1) == 1 else x.contiguous()
     L = L.to(device=x.device, dtype=x.dtype).contiguous()
@@ -507,7 +511,7 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: floa
         ASYM=not sym, HAS_BIAS=bias is not None, EVEN_K=KH % cfg["BLOCK_KH"] == 0, UNPACK_ASM=x.is_cuda, FP8=False,
         SPLIT_K=split, x_ptr=x, l_ptr=L, r_ptr=R, N1=n1, N2=n2, clip=float(clip), stride_xm=x.stride(0), KQ=True,
         KQ_N1=b1, KQ_N2=b2, KQ_J=b2 if b1 * b2 <= 64 * 128 else 64, KQ_F32=not x.is_cuda or x.dtype == torch.float32,
-        KQ_R_EYE=r_eye, KQ_GLU=glu, **_residual_args(residual), **cfg,
+        KQ_R_EYE=r_eye, KQ_GLU=glu, **norm_args(norm, "KQ_NORM"), **_residual_args(residual), **cfg,
     )
     return c
 
