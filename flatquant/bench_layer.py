@@ -12,10 +12,11 @@ Usage::
 
 Both layers get the same random weights (transformers' LlamaDecoderLayer, fp16). Ours is FlatQuant's:
 Kronecker transforms at their untrained start, merged, weights RTN 4-bit, then `use_kernels()`, so
-qkv / o / up+gate / down each run one fused transform+quantize kernel and one W4A4 GEMM (down's transform kernel
-makes SwiGLU's product, the residual adds ride in the int8 GEMMs); RMSNorm, RoPE, the K transform, K/V fake
-quantization and attention stay in PyTorch. `w4a4_unfused_ms`: the same layer with `use_kernels(fuse=False)`
-(SwiGLU's product and the residual adds as kernels of their own), timed in the same run. Prefill: seq 2048 at
+qkv / o / up+gate / down each run one fused transform+quantize kernel and one W4A4 GEMM (qkv's and up/gate's
+transform kernels make the RMSNorms, down's SwiGLU's product, the residual adds ride in the int8 GEMMs); RoPE, the
+K transform, K/V fake quantization and attention stay in PyTorch. `w4a4_unfused_ms`: the same layer with
+`use_kernels(fuse=False)` (the norms, SwiGLU's product and the residual adds as kernels of their own), timed in the
+same run. Prefill: seq 2048 at
 batch 1, 4, 16. Decode: one token per sequence at batch 1, 16, 64 with no KV cache (both layers alike:
 the attention over a cache is not part of this comparison). Every call is replayed from a CUDA graph
 (`do_bench_cudagraph`, medians) over input sets rotated so that caches do not flatter. The profile runs the
@@ -85,7 +86,7 @@ def bench_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_h
 
     fp, real, fake, rotary = build_layers(hidden, intermediate, num_heads, num_kv_heads, head_dim)
     unfused = copy.deepcopy(fake)
-    unfused.use_kernels(fuse=False)  # SwiGLU's product and the residual adds as kernels of their own: the gain of both
+    unfused.use_kernels(fuse=False)  # norms, SwiGLU's product, residual adds as kernels of their own: what fusing gains
     rows = []
     for batch, seq in shapes:
         n_sets = 1 if batch * seq >= 8192 else 4

@@ -34,6 +34,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def input_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A decoder layer's RMSNorm of x with its float32 weight: on a GPU one kernel (flatquant/kernels/fused.py), not
+    seven and a cast; elsewhere ``rms_norm`` with the weight in x's dtype (the same values up to a last bit)."""
+    if x.is_cuda:
+        from flatquant.kernels.fused import rms_norm as fused_rms_norm
+
+        return fused_rms_norm(x, weight, eps)
+    return rms_norm(x, weight.to(x.dtype), eps)
+
+
 def norm_eps(norm: nn.Module) -> float:
     return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
@@ -120,8 +130,12 @@ class LinearGroup(nn.Module):
             return kron_apply(x, self.online.dense(False), None).to(x.dtype)
         return self.online.apply(x)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """residual: optional (..., Σ out), added to the output (the decoder layer's residual stream)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """residual: optional (..., Σ out), added to the output (the decoder layer's residual stream); norm: optional
+        (weight, eps), the RMSNorm of x (``input_norm``) is what the group reads."""
+        if norm is not None:
+            x = input_norm(x, *norm)
         x = self.aq(self.transform(x))
         ys = [lin(x) for lin in self.linears.values()]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
@@ -265,18 +279,12 @@ class QuantLayer(nn.Module):
         """cache (past_key_values in older transformers): a transformers Cache that keeps this layer's quantized K
         (after RoPE and its transform) and V across generation steps; None evaluates the sequence on its own."""
         cache = cache if cache is not None else past_key_values
-        dtype = hidden_states.dtype
-        if hidden_states.is_cuda:  # one kernel a norm, not seven and a cast (flatquant/kernels/fused.py)
-            from flatquant.kernels.fused import rms_norm as norm
-        else:
-            def norm(x, w, eps):
-                return rms_norm(x, w.to(dtype), eps)
-        h = norm(hidden_states, self.norm1, self.eps1)
-        q, k, v = self.qkv(h).split(self.qkv.splits, dim=-1)
+        # the norms go to the groups that read them, and the residual adds to the linears that end a block: on the
+        # kernels (use_kernels) the transform kernels make the norms and the GEMMs add the residuals
+        q, k, v = self.qkv(hidden_states, norm=(self.norm1, self.eps1)).split(self.qkv.splits, dim=-1)
         attn = self.attn(q, k, v, position_embeddings, attention_mask, cache, self.k_transform)
         hidden_states = self.o(attn, residual=hidden_states)
-        h = norm(hidden_states, self.norm2, self.eps2)
-        return self.down(self.act(self.upgate(h)), residual=hidden_states)
+        return self.down(self.act(self.upgate(hidden_states, norm=(self.norm2, self.eps2))), residual=hidden_states)
 
     # ---- inspection --------------------------------------------------------------------------------------------
     def groups(self) -> dict[str, nn.Module]:
@@ -321,10 +329,11 @@ class QuantLayer(nn.Module):
         quantization, one W4A4 GEMM) and the K/V quantizers for their fused kernels. The groups' codes are re-packed
         into the kernels' layout and the groups dropped (the kernels hold the only copy).
 
-        fuse: down_proj's transform kernel also makes SwiGLU's product as it reads [gate | up] (QuantLinear's glu),
-        and the residual adds go into the int8 GEMMs' epilogue: three kernels a layer fewer in decode, and in prefill
-        the product is never written out. False keeps them kernels of their own (``fused.silu_mul``, an add), the
-        layout before, for comparison (flatquant.bench_layer times both)."""
+        fuse: qkv's and up/gate's transform kernels also make the RMSNorm in front of them, down_proj's makes SwiGLU's
+        product as it reads [gate | up] (QuantLinear's glu), and the residual adds go into the int8 GEMMs' epilogue:
+        five kernels a layer fewer in decode, and in prefill neither the norms' outputs nor the product are written
+        out. False keeps them kernels of their own (``fused.rms_norm``, ``fused.silu_mul``, an add), the layout
+        before, for comparison (flatquant.bench_layer times both)."""
         from flatquant.kernels.fused import FusedSiluMul, GroupFakeQuant
         from flatquant.kernels.qlinear import QuantLinear
 
@@ -334,7 +343,7 @@ class QuantLayer(nn.Module):
             raise ValueError(f"use_kernels: {why}")
         for group in GROUPS:
             twin = QuantLinear.from_group(getattr(self, group), glu=fuse and group == "down")
-            twin.residual_epilogue = fuse
+            twin.fused = fuse
             setattr(self, group, twin)
         self.act = nn.Identity() if fuse else FusedSiluMul()
         self.attn.kq, self.attn.vq = GroupFakeQuant.from_quantizer(self.attn.kq), GroupFakeQuant.from_quantizer(self.attn.vq)
