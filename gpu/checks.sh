@@ -10,7 +10,7 @@
 # `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default model
 # calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by eight workers sharing the
 # GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
-# `layer`: the GPU tests of the fused SwiGLU product and residual, the decoder layer's benchmark with the fp8 weights
+# `layer`: the GPU tests of the fused norms, SwiGLU product and residual, the decoder layer's benchmark with the fp8 weights
 # expanded and kept (each against the unfused layer in the same run), the decode GEMM per split of k at 16 and 64
 # tokens, the linears at 1, 16, 2048 and 8192 tokens (down_proj with SwiGLU's product in front), and the bench
 # stage's GPU test.
@@ -36,7 +36,7 @@ layer_benches() {  # the 8B-shaped decoder layer, fp8 weights expanded per call,
   done
 }
 if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps what finished
-  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3 or glu or residual" \
+  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3 or glu or residual or norm" \
     > "$OUT/gpu_kernel_tests.log" 2>&1
   tail -1 "$OUT/gpu_kernel_tests.log"
   python -m flatquant.kernels.bench --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
@@ -47,7 +47,7 @@ if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps w
   exit 0
 fi
 if [ "$PART" = layer ]; then  # the fused layer against the unfused one, fp8 weights expanded and kept; decode splits
-  python -m pytest -m gpu -q tests/test_kernels.py -k "glu or residual" > "$OUT/gpu_fusion_tests.log" 2>&1
+  python -m pytest -m gpu -q tests/test_kernels.py -k "glu or residual or norm" > "$OUT/gpu_fusion_tests.log" 2>&1
   tail -1 "$OUT/gpu_fusion_tests.log"
   layer_benches
   python -m flatquant.kernels.bench --only decode-gemm --tokens 16,64 --out "$OUT/bench" > "$OUT/decode_gemm.log" 2>&1

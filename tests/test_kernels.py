@@ -577,11 +577,11 @@ def test_kron_quant_glu_equals_silu_mul_then_kron_quant(M, n1, n2, dtype, sym, c
     """kron_quant(glu=True) makes SwiGLU's product of [gate | up] as it loads the rows: the codes and scales are
     silu_mul's then kron_quant's bit for bit (padded factors, stacked tokens, column chunks, both code forms), every
     byte written, and the float reference's (``swiglu_ref`` then ``kron_quant_ref``)."""
-    from flatquant.kernels.bench import check_kron_quant_glu
+    from flatquant.kernels.bench import check_kron_quant_fused
     from flatquant.kernels.kron_quant import kron_quant_ref
 
     torch.manual_seed(M + n1)
-    _assert_check(check_kron_quant_glu(M, n1, n2, dtype, sym, DEVICE, codes, config))
+    _assert_check(check_kron_quant_fused(M, n1, n2, dtype, sym, DEVICE, codes, config))
     x = (torch.randn(M, 2 * n1 * n2) * 2).to(device=DEVICE, dtype=dtype)
     L, R = (torch.linalg.qr(torch.randn(n, n))[0].to(DEVICE) for n in (n1, n2))
     got = kron_quant(x, L, R, 0.9, sym, codes=codes, glu=True)
@@ -589,6 +589,34 @@ def test_kron_quant_glu_equals_silu_mul_then_kron_quant(M, n1, n2, dtype, sym, c
     assert (got[0].cpu() != want[0]).float().mean() < 2e-3  # the rare code on a rounding boundary (GPU sums)
     with pytest.raises(ValueError, match="gate | up"):
         kron_quant(x[:, 1:], L, R, 0.9, sym, glu=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,n1,n2,dtype,sym,codes,config", [
+    (5, 8, 16, torch.float16, True, "int4", None), (37, 12, 24, torch.bfloat16, False, "int4", None),
+    (9, 24, 24, torch.float16, True, "e4m3", {"tokens": 2}), (4, 32, 48, torch.float32, False, "int4",
+                                                              {"block_j": 32})])
+def test_kron_quant_norm_matches_rms_norm_then_kron_quant(M, n1, n2, dtype, sym, codes, config):
+    """kron_quant(norm=(w, eps)) makes the residual stream's RMSNorm as it loads a token: its codes are rms_norm's
+    then kron_quant's but for a rare code on a rounding boundary (the sums of squares run in another order; in the
+    interpreter none differ), every byte written, and the float reference's (``rms_norm_ref`` then
+    ``kron_quant_ref``); a weight of the wrong width is refused."""
+    from flatquant.kernels.bench import check_kron_quant_fused
+    from flatquant.kernels.kron_quant import kron_quant_ref
+
+    torch.manual_seed(M + n2)
+    r = check_kron_quant_fused(M, n1, n2, dtype, sym, DEVICE, codes, config, fused="norm")
+    _assert_check(r)
+    if DEVICE == "cpu" and dtype != torch.float32:
+        assert r["equal"], r  # the same sums in the same order: bit for bit (fp32 scales differ in the last bits)
+    x = (torch.randn(M, n1 * n2) * 3).to(device=DEVICE, dtype=dtype)
+    w = torch.rand(n1 * n2, device=DEVICE) + 0.5
+    L, R = (torch.linalg.qr(torch.randn(n, n))[0].to(DEVICE) for n in (n1, n2))
+    got = kron_quant(x, L, R, 0.9, sym, codes=codes, norm=(w, 1e-5))
+    want = kron_quant_ref(x.cpu(), L.cpu(), R.cpu(), 0.9, sym, codes=codes, norm=(w.cpu(), 1e-5))
+    assert (got[0].cpu() != want[0]).float().mean() < 2e-3
+    with pytest.raises(ValueError, match="norm"):
+        kron_quant(x, L, R, 0.9, sym, norm=(w[1:], 1e-5))
 
 
 @needs_triton
@@ -616,21 +644,31 @@ def test_w4a4_gemm_adds_the_residual_before_rounding(M, N, K, asym, config, path
 
 
 @needs_triton
-@pytest.mark.parametrize("M,n1,n2,N,dtype,sym", [(1, 16, 32, 64, torch.float16, True),
-                                                 (3, 24, 40, 48, torch.bfloat16, False)])
-def test_kq_gemm_glu_and_residual_equal_the_two_kernels(M, n1, n2, N, dtype, sym):
-    """The one-launch decode linear with [gate | up] input and a residual equals kron_quant(glu=True) then
-    w4a4_gemm(residual=...), bit for bit."""
+@pytest.mark.parametrize("M,n1,n2,N,dtype,sym,fused", [(1, 16, 32, 64, torch.float16, True, "glu"),
+                                                       (3, 24, 40, 48, torch.bfloat16, False, "glu"),
+                                                       (1, 16, 32, 64, torch.float16, True, "norm"),
+                                                       (2, 24, 40, 48, torch.bfloat16, False, "norm")])
+def test_kq_gemm_glu_norm_and_residual_equal_the_two_kernels(M, n1, n2, N, dtype, sym, fused):
+    """The one-launch decode linear with [gate | up] input (glu) or an RMSNorm in front (norm), and a residual,
+    equals kron_quant with the same then w4a4_gemm(residual=...): bit for bit with glu (and in the interpreter);
+    with a norm on the GPU the sums of squares may run in another order, so a rare code flips."""
     from flatquant.kernels.w4a4_gemm import kq_gemm, weight_sums
 
     x, L, R, qw, sw, bias = _kq_case(M, n1, n2, N, dtype, DEVICE, seed=M + N)
-    x = torch.cat([x, x.flip(1) * 0.5], dim=1)  # [gate | up]
+    if fused == "glu":
+        kw = {"glu": True}
+        x = torch.cat([x, x.flip(1) * 0.5], dim=1)  # [gate | up]
+    else:
+        kw = {"norm": (torch.rand(n1 * n2, device=DEVICE) + 0.5, 1e-6)}
     res = torch.randn(M, N, device=DEVICE).to(dtype)
     wsum = weight_sums(qw)
-    got = kq_gemm(x, L, R, 0.9, sym, qw, sw, wsum, bias, glu=True, residual=res)
-    q, s, z = kron_quant(x, L, R, 0.9, sym, glu=True)
+    got = kq_gemm(x, L, R, 0.9, sym, qw, sw, wsum, bias, residual=res, **kw)
+    q, s, z = kron_quant(x, L, R, 0.9, sym, **kw)
     want = w4a4_gemm(q, s, qw, sw, z, wsum, bias, out_dtype=dtype, residual=res)
-    assert torch.equal(got.cpu(), want.cpu()), float((got.float() - want.float()).abs().max())
+    if fused == "glu" or DEVICE == "cpu":
+        assert torch.equal(got.cpu(), want.cpu()), float((got.float() - want.float()).abs().max())
+    else:
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
 
 
 @needs_triton
@@ -638,18 +676,19 @@ def test_kq_gemm_glu_and_residual_equal_the_two_kernels(M, n1, n2, N, dtype, sym
 def test_quant_linear_glu_and_residual_match_its_torch_path(M, monkeypatch):
     """A down_proj built with glu=True takes [gate | up] and adds forward's residual: the kernel path (one launch
     at one token, two kernels above) matches its fp32 torch path, and equals the unfused computation
-    (silu_mul, then the layer, then the residual added after: residual_epilogue=False) up to the one rounding."""
+    (silu_mul, then the layer, then the residual added after: fused=False) up to the one rounding."""
     from flatquant.kernels.fused import silu_mul
 
     qmod = importlib.import_module("flatquant.kernels.qlinear")
     monkeypatch.setattr(qmod, "KQ_MAX_TOKENS", 1)
     torch.manual_seed(M)
     _assert_check(check_qlinear(M, 512, 48, True, DEVICE, glu=True, residual=True))
+    _assert_check(check_qlinear(M, 512, 48, False, DEVICE, residual=True, norm=True))
     L, R = (torch.linalg.qr(torch.randn(n, n))[0] for n in (16, 32))
     w = torch.randn(48, 512) * 0.05
     fused = QuantLinear.from_float(w, L=L, R=R, act_clip=0.9, glu=True).to(DEVICE)
     plain = QuantLinear.from_float(w, L=L, R=R, act_clip=0.9).to(DEVICE)
-    plain.residual_epilogue = False
+    plain.fused = False
     x = torch.randn(2, M, 1024, device=DEVICE).half()
     h = torch.randn(2, M, 48, device=DEVICE).half()
     got, want = fused(x, residual=h), plain(silu_mul(x.reshape(-1, 1024)).view(2, M, 512), residual=h)
@@ -744,11 +783,25 @@ def test_kron_quant_identity_r_gpu_model_shapes(dtype):
 def test_kron_quant_glu_gpu_model_shapes(n1, n2):
     """down_proj's transform kernel making SwiGLU's product (LLaMA-3-8B's 112 × 128; 64 × 64 too) equals silu_mul
     then kron_quant bit for bit on the GPU, at one token and at 1003, both code forms, every byte written."""
-    from flatquant.kernels.bench import check_kron_quant_glu
+    from flatquant.kernels.bench import check_kron_quant_fused
 
     for M in (1, 1003):
         for sym, codes in ((True, "int4"), (False, "int4"), (True, "e4m3")):
-            _assert_check(check_kron_quant_glu(M, n1, n2, torch.float16, sym, "cuda", codes))
+            _assert_check(check_kron_quant_fused(M, n1, n2, torch.float16, sym, "cuda", codes))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kron_quant_norm_gpu_model_shapes(dtype):
+    """qkv's and up/gate's transform kernel making the RMSNorm in front (LLaMA-3-8B's 64 × 64; SmolLM2's 24 × 24)
+    against fused.rms_norm then kron_quant on the GPU: a code flip in at most 1e-3, every byte written."""
+    from flatquant.kernels.bench import check_kron_quant_fused
+
+    for n1, n2 in ((64, 64), (24, 24)):
+        for M in (1, 1003):
+            for sym, codes in ((True, "int4"), (False, "int4"), (True, "e4m3")):
+                _assert_check(check_kron_quant_fused(M, n1, n2, dtype, sym, "cuda", codes, fused="norm"))
 
 
 @gpu
@@ -777,6 +830,7 @@ def test_quant_linear_glu_residual_gpu(M):
     kernels at 1 and 16 tokens, the fp8 path at 600 on Hopper) against its fp32 torch path."""
     torch.manual_seed(M)
     _assert_check(check_qlinear(M, 14336, 4096, True, "cuda", glu=True, residual=True))
+    _assert_check(check_qlinear(M, 4096, 6144, True, "cuda", norm=True))  # qkv with its norm, one launch at 1
 
 
 @gpu

@@ -50,7 +50,7 @@ from flatquant.packing import kron_dims, pack_int4_twos, unpack_int4_twos
 
 from . import qlinear
 from .e4m3 import E4M3_UNIT, e4m3_linear, e4m3_weight, scaled_mm_shapes_ok, scaled_mm_supported, scaled_mm_w4a4
-from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref, padded_factors, swiglu_ref
+from .kron_quant import HAS_TRITON, kron_quant, kron_quant_ref, padded_factors, rms_norm_ref, swiglu_ref
 from .qlinear import QuantLinear
 from .w4a4_gemm import default_path, fp8_supported, pick_config, w4a4_gemm, w4a4_gemm_ref, weight_sums
 
@@ -397,41 +397,64 @@ def check_gemm(M: int, N: int, K: int, asym: bool, bias: bool, device: str = "cu
     return dict(rel=rel, all_written=not bool(y.isnan().any()), ok=rel < tol and not bool(y.isnan().any()))
 
 
-def check_kron_quant_glu(M: int, n1: int, n2: int, dtype: torch.dtype, sym: bool, device: str = "cuda",
-                         codes: str = "int4", config: dict | None = None) -> dict:
-    """kron_quant(glu=True) on fresh [gate | up] rows against ``fused.silu_mul`` then kron_quant: the same kernel code
-    makes SwiGLU's product in both (``_swiglu``), so the outputs must be equal bit for bit. Outputs poisoned as in
-    ``check_kron_quant``."""
-    from .fused import silu_mul
+def check_kron_quant_fused(M: int, n1: int, n2: int, dtype: torch.dtype, sym: bool, device: str = "cuda",
+                           codes: str = "int4", config: dict | None = None, fused: str = "glu") -> dict:
+    """kron_quant with what it fuses in front against the kernel that ran before it, then kron_quant, on fresh data.
+    fused="glu": [gate | up] rows against ``fused.silu_mul``; the same kernel code makes SwiGLU's product in both
+    (``_swiglu``), so the outputs must be equal bit for bit. fused="norm": a residual stream against
+    ``fused.rms_norm``; the sums of squares run in another order, so a normalised value may differ in its last bit
+    and a code on a rounding boundary take its neighbour: at most 1e-3 of the codes, one level apart, scales within
+    1e-3. Outputs poisoned as in ``check_kron_quant``: both runs equal proves every byte was written."""
+    from .fused import rms_norm, silu_mul
 
-    x = (torch.randn(M, 2 * n1 * n2) * 2).to(device=device, dtype=dtype)
+    if fused not in ("glu", "norm"):
+        raise ValueError(f"fused must be 'glu' or 'norm', got {fused!r}")
+    glu = fused == "glu"
+    K = n1 * n2
+    x = (torch.randn(M, 2 * K if glu else K) * 2).to(device=device, dtype=dtype)
+    w = (torch.rand(K) + 0.5).to(device)
     L, R = _rand_factor(n1, device).to(dtype), _rand_factor(n2, device).to(dtype)
-    want = kron_quant(silu_mul(x), L, R, 0.9, sym, config=config, codes=codes)
+    kw = {"glu": True} if glu else {"norm": (w, 1e-5)}
+    want = kron_quant(silu_mul(x) if glu else rms_norm(x, w, 1e-5), L, R, 0.9, sym, config=config, codes=codes)
     outs = []
     for poison in (0, 255):
         q = torch.full_like(want[0], poison)
         s = torch.full((M,), float("nan"), device=device)
         z = None if sym else torch.full((M,), float("nan"), device=device)
-        outs.append(kron_quant(x, L, R, 0.9, sym, out=(q, s, z), config=config, codes=codes, glu=True))
-    equal = all(torch.equal(q, want[0]) and torch.equal(s, want[1]) and (sym or torch.equal(z, want[2]))
-                for q, s, z in outs)
-    return dict(equal=equal, ok=equal)
+        outs.append(kron_quant(x, L, R, 0.9, sym, out=(q, s, z), config=config, codes=codes, **kw))
+    (q, s, z), (q2, _, _) = outs
+    written = bool(torch.equal(q, q2)) and not bool(s.isnan().any())
+    if codes == "e4m3":  # the integers the bytes encode
+        ints = [(t.view(torch.float8_e4m3fn).float() / E4M3_UNIT).to(torch.int32) for t in (q, want[0])]
+    else:
+        ints = [unpack_int4_twos(t.cpu(), sym).to(torch.int32) for t in (q, want[0])]
+    diff = (ints[0].cpu() - ints[1].cpu()).abs()
+    c = dict(equal=all(torch.equal(a, b) for a, b in zip((q, s), want[:2])) and (sym or torch.equal(z, want[2])),
+             all_written=written, code_flips=float((diff > 0).float().mean()), max_level_diff=int(diff.max()),
+             scale_rel=float(((s - want[1]).abs() / want[1]).max()))
+    if glu:
+        c["ok"] = c["equal"] and written
+    else:
+        c["ok"] = written and c["code_flips"] <= 1e-3 and c["max_level_diff"] <= 1 and c["scale_rel"] < 1e-3
+    return c
 
 
 def check_qlinear(M: int, K: int, N: int, sym: bool, device: str = "cuda", glu: bool = False,
-                  residual: bool = False) -> dict:
+                  residual: bool = False, norm: bool = False) -> dict:
     """QuantLinear's kernel path against its own fp32 torch path on the same module; glu: its input is [gate | up]
-    (``QuantLinear.glu``); residual: forward adds a random (M, N) fp16 residual."""
+    (``QuantLinear.glu``); residual: forward adds a random (M, N) fp16 residual; norm: forward RMSNorms x first."""
     n1, n2 = kron_dims(K, allow_prime=True)
     w = torch.randn(N, K) * 0.02
     layer = QuantLinear.from_float(w, L=_rand_factor(n1, "cpu").float(), R=_rand_factor(n2, "cpu").float(),
                                    act_clip=0.95, act_sym=sym, bias=torch.randn(N) * 0.1, glu=glu).to(device)
     x = torch.randn(M, 2 * K if glu else K, device=device, dtype=torch.float16)
     res = torch.randn(M, N, device=device, dtype=torch.float16) if residual else None
-    y, yt = layer(x, residual=res).double(), layer.forward_torch(x, res).double()
+    nrm = ((torch.rand(K, device=device) + 0.5), 1e-5) if norm else None
+    y, yt = layer(x, residual=res, norm=nrm).double(), layer.forward_torch(x, res, nrm).double()
     if res is not None:  # compared without it (it would flatter the ratios)
         y, yt = y - res.double(), yt - res.double()
     xin = swiglu_ref(x) if glu else x
+    xin = rms_norm_ref(xin, *nrm) if norm else xin
     full = (xin.double() @ torch.kron(layer.L, layer.R).double() @ w.to(device).double().T + layer.bias.double())
     rel = float((y - yt).norm() / yt.norm())
     # The kernel rounds X_t·R to fp16, which flips ~0.1% of activation levels by one: small next to the
@@ -466,11 +489,16 @@ def run_checks(device: str = "cuda") -> bool:
         cases.append((f"QuantLinear M={M} K=4096 N=1024 sym={sym}", check_qlinear, (M, 4096, 1024, sym)))
     for (n1, n2), codes in itertools.product(((112, 128), (64, 64)), ("int4", "e4m3")):
         for M in (1, 1003):
-            cases.append((f"kron_quant {n1}x{n2} glu {codes} M={M}", check_kron_quant_glu,
+            cases.append((f"kron_quant {n1}x{n2} glu {codes} M={M}", check_kron_quant_fused,
                           (M, n1, n2, torch.float16, True, device, codes)))
+    for codes, M in itertools.product(("int4", "e4m3"), (1, 1003)):
+        cases.append((f"kron_quant 64x64 RMSNorm {codes} M={M}", check_kron_quant_fused,
+                      (M, 64, 64, torch.float16, True, device, codes, None, "norm")))
     for M in (1, 16, 600):  # one launch (kq_gemm), kron_quant + int8 GEMM, the fp8 path (from FP8_MIN_TOKENS)
         cases.append((f"QuantLinear down glu+residual M={M} K=14336 N=4096", check_qlinear,
                       (M, 14336, 4096, True, device, True, True)))
+        cases.append((f"QuantLinear qkv RMSNorm M={M} K=4096 N=6144", check_qlinear,
+                      (M, 4096, 6144, True, device, False, False, True)))
     ok = True
     for name, fn, args in cases:
         torch.manual_seed(hash(name) % 2**31)
