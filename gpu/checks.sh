@@ -13,7 +13,7 @@
 # GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
 # `layer`: the GPU tests of the fused norms, SwiGLU product and residual, the decoder layer's benchmark with the fp8 weights
 # expanded and kept (each against the unfused layer in the same run), the decode GEMM per split of k at 16 and 64
-# tokens, the linears at 1, 16, 2048 and 8192 tokens (down_proj with SwiGLU's product in front), and the bench
+# tokens, the CUDA-core decode GEMV against it at 1, 4 and 8 tokens, the linears at 1, 16, 2048 and 8192 tokens (down_proj with SwiGLU's product in front), and the bench
 # stage's GPU test.
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
 #    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
@@ -37,7 +37,7 @@ layer_benches() {  # the 8B-shaped decoder layer, fp8 weights expanded per call,
   done
 }
 if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps what finished
-  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3 or glu or residual or norm" \
+  python -m pytest -m gpu -q tests/test_kernels.py tests/test_e4m3.py -k "kron or kq or identity or e4m3 or glu or residual or norm or gemv" \
     > "$OUT/gpu_kernel_tests.log" 2>&1
   tail -1 "$OUT/gpu_kernel_tests.log"
   python -m flatquant.kernels.bench --tokens 2048,8192,16384 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
@@ -50,10 +50,11 @@ if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps w
   exit 0
 fi
 if [ "$PART" = layer ]; then  # the fused layer against the unfused one, fp8 weights expanded and kept; decode splits
-  python -m pytest -m gpu -q tests/test_kernels.py -k "glu or residual or norm" > "$OUT/gpu_fusion_tests.log" 2>&1
+  python -m pytest -m gpu -q tests/test_kernels.py -k "glu or residual or norm or gemv" > "$OUT/gpu_fusion_tests.log" 2>&1
   tail -1 "$OUT/gpu_fusion_tests.log"
   layer_benches
   python -m flatquant.kernels.bench --only decode-gemm --tokens 16,64 --out "$OUT/bench" > "$OUT/decode_gemm.log" 2>&1
+  python -m flatquant.kernels.bench --only decode-gemv --out "$OUT/bench" > "$OUT/decode_gemv.log" 2>&1
   python -m flatquant.kernels.bench --tokens 1,16,2048,8192 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
   python -m pytest -m gpu -q tests/test_gpu_pipeline.py -k bench_stage > "$OUT/gpu_bench_stage.log" 2>&1
   tail -1 "$OUT/gpu_bench_stage.log"

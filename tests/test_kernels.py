@@ -698,6 +698,41 @@ def test_quant_linear_glu_and_residual_match_its_torch_path(M, monkeypatch):
     assert ((got.float() - want.float()).abs() <= ulp).all()
 
 
+def _gemv_case(M, N, K, asym, bias, residual, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (0, 16) if asym else (-8, 8)
+    qa = pack_int4_twos(torch.randint(lo, hi, (M, K), generator=g)).to(device)
+    qw = pack_int4_twos(torch.randint(-8, 8, (N, K), generator=g)).to(device)
+    qw[0] = 0x88  # a row of −8s: the extreme products
+    sa, sw = (torch.rand(M, generator=g) + 0.1).to(device), (torch.rand(N, generator=g) * 1e-3).to(device)
+    za = torch.randint(0, 16, (M,), generator=g).float().to(device) if asym else None
+    b = torch.randn(N, generator=g).to(device) if bias else None
+    res = torch.randn(M, N, generator=g).half().to(device) if residual else None
+    return qa, sa, qw, sw, za, b, res
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,asym,bias,residual,config", [
+    (1, 48, 576, False, False, False, None), (3, 40, 1536, True, True, True, None),
+    (8, 33, 512, False, True, False, {"BLOCK_KW": 32}), (5, 64, 1600, True, False, True, {"BLOCK_N": 32})])
+def test_w4a4_gemv_equals_the_tensor_core_gemm(M, N, K, asym, bias, residual, config):
+    """The CUDA-core decode GEMV (dp4a on the nibbles' lanes; in the interpreter nibble by nibble) equals w4a4_gemm
+    bit for bit (exact integer sums through one epilogue): signed and asymmetric activations, bias, residual, N not
+    a multiple of the block (masked stores), k not a multiple of the step (1600: masked words), 1–8 tokens; every
+    element written; what it refuses."""
+    from flatquant.kernels.gemv import w4a4_gemv
+
+    qa, sa, qw, sw, za, b, res = _gemv_case(M, N, K, asym, bias, residual, M + N, DEVICE)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16, device=DEVICE)
+    got = w4a4_gemv(qa, sa, qw, sw, za, None, b, torch.float16, residual=res, config=config, out=out)
+    want = w4a4_gemm(qa, sa, qw, sw, za, None, b, torch.float16, residual=res)
+    assert not got.isnan().any() and torch.equal(got.cpu(), want.cpu())
+    with pytest.raises(ValueError, match="tokens"):
+        w4a4_gemv(torch.cat([qa] * 9), torch.cat([sa] * 9), qw, sw)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        w4a4_gemv(qa[:, :-2], sa, qw[:, :-2], sw)
+
+
 @needs_triton
 def test_quant_linear_skips_an_identity_r(monkeypatch):
     """QuantLinear hands the kernels R=None when its R is the identity (and its factors otherwise), remade after an
@@ -802,6 +837,23 @@ def test_kron_quant_norm_gpu_model_shapes(dtype):
         for M in (1, 1003):
             for sym, codes in ((True, "int4"), (False, "int4"), (True, "e4m3")):
                 _assert_check(check_kron_quant_fused(M, n1, n2, dtype, sym, "cuda", codes, fused="norm"))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 4, 8])
+def test_w4a4_gemv_gpu_model_shapes(M):
+    """The CUDA-core decode GEMV (PTX lanes and dp4a) at LLaMA-3-8B's decode shapes equals w4a4_gemm bit for bit,
+    every element written (output poisoned with NaN), signed and asymmetric activations, with a residual."""
+    from flatquant.kernels.gemv import w4a4_gemv
+
+    for N, K in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        for asym in (False, True):
+            qa, sa, qw, sw, za, b, res = _gemv_case(M, N, K, asym, True, True, M + N + asym, "cuda")
+            out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+            got = w4a4_gemv(qa, sa, qw, sw, za, None, b, torch.float16, residual=res, out=out)
+            assert not got.isnan().any(), (M, N, K, asym)
+            assert torch.equal(got, w4a4_gemm(qa, sa, qw, sw, za, None, b, torch.float16, residual=res)), (M, N, K)
 
 
 @gpu

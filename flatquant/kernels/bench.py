@@ -9,6 +9,7 @@ Usage::
     python -m flatquant.kernels.bench --only decode --out $OUT             # decode_attention vs fp16 SDPA
     python -m flatquant.kernels.bench --only decode-gemm --out $OUT        # decode GEMM per split of k vs fp16
     python -m flatquant.kernels.bench --only decode-gemm --tokens 16,64    # ... at other token counts
+    python -m flatquant.kernels.bench --only decode-gemv --out $OUT        # CUDA-core GEMV vs the decode GEMM
     python -m flatquant.kernels.bench --only decode-tiles --out $OUT       # decode_attention per tile config
     python -m flatquant.kernels.bench --only decode-writes --out $OUT      # q/K/V kernels of a decode step
     python -m flatquant.kernels.bench --only decode-kq --out $OUT          # a decode linear: 1 launch vs 2 vs fp16
@@ -31,7 +32,7 @@ The GEMM is timed on both paths (``gemm_int8_ms``, ``gemm_fp8_ms`` where the GPU
 default path's) with the ratios fp8_vs_int8 and fp8_vs_fp16 (fp16 F.linear time / ours).
 Writes <out>/<gpu-name>.json and <gpu-name>.md (``--only gemm``: <gpu-name>_gemm.json and .md; ``--only decode``:
 _decode_attention; ``--only decode-gemm``: _decode_gemm; ``--only decode-tiles``: _decode_attention_tiles;
-``--only decode-writes``: _decode_writes; ``--only decode-kq``: _decode_kq).
+``--only decode-writes``: _decode_writes; ``--only decode-kq``: _decode_kq; ``--only decode-gemv``: _decode_gemv).
 """
 from __future__ import annotations
 
@@ -745,6 +746,61 @@ def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
     return out
 
 
+GEMV_SWEEP = [dict(BLOCK_N=bn, BLOCK_KW=kw) for bn in (8, 16, 32) for kw in (64, 128, 256)]
+
+
+def bench_decode_gemv(shape, tokens=(1, 4, 8), configs=GEMV_SWEEP) -> list[dict]:
+    """The CUDA-core decode GEMV (``gemv.w4a4_gemv``) on each launch setting of ``configs`` (``default``: the
+    wrapper's own, ``gemv_config``) against the tensor-core decode GEMM as QuantLinear runs it (``w4a4_gemm``,
+    pick_config's split) and fp16 F.linear, all replayed from CUDA graphs over rotating weights (3× L2). ``equal``:
+    the GEMV's output is ``w4a4_gemm``'s bit for bit (both are exact integer sums through one epilogue)."""
+    from .gemv import gemv_config, w4a4_gemv
+
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    out = []
+    for name, (K, N, _) in layer_linears(*shape).items():
+        for M in tokens:
+            ref_sets = [(torch.randn(M, K, device="cuda", dtype=torch.float16),
+                         torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02)
+                        for _ in range(_n_sets(N * K * 2, l2))]
+            fp16_ms = _time(lambda x, w: F.linear(x, w), ref_sets)
+            del ref_sets
+            qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
+                      torch.rand(M, device="cuda") + 0.5,
+                      torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8),
+                      torch.rand(N, device="cuda") * 1e-2 + 1e-3) for _ in range(_n_sets(N * K // 2, l2))]
+            mma_ms = _time(lambda qa, sa, qw, sw: w4a4_gemm(qa, sa, qw, sw), qsets)
+            want = w4a4_gemm(*qsets[0])
+            default = {k: v for k, v in gemv_config(M, N, K // 2).items() if k in ("BLOCK_N", "BLOCK_KW")}
+            for cfg in [c for c in configs if c != default] + [default]:
+                row = {"linear": name, "tokens": M, "in": K, "out": N, "cfg": cfg, "default": cfg == default,
+                       "mma_us": 1e3 * mma_ms, "fp16_us": 1e3 * fp16_ms}
+                try:
+                    ms = _time(lambda qa, sa, qw, sw, cfg=cfg: w4a4_gemv(qa, sa, qw, sw, config=cfg), qsets)
+                    row.update(us=1e3 * ms, weight_GBps=N * K / 2 / ms / 1e6, vs_mma=mma_ms / ms, vs_fp16=fp16_ms / ms,
+                               equal=bool(torch.equal(w4a4_gemv(*qsets[0], config=cfg), want)))
+                except Exception as e:  # a setting that fails must not stop the others
+                    row["error"] = f"{type(e).__name__}: {str(e)[-200:]}"
+                out.append(row)
+                _log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+            del qsets
+    return out
+
+
+def decode_gemv_table(rows: list[dict]) -> str:
+    lines = ["| linear | tokens | BLOCK_N × BLOCK_KW | GEMV µs | weight GB/s | tensor-core GEMM µs | fp16 µs | vs GEMM | "
+             "vs fp16 | equal |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        cfg = f"{r['cfg']['BLOCK_N']} × {r['cfg']['BLOCK_KW']}{' (default)' if r['default'] else ''}"
+        if "error" in r:
+            lines.append(f"| {r['linear']} | {r['tokens']} | {cfg} | ERROR {r['error']} |")
+            continue
+        lines.append(f"| {r['linear']} | {r['tokens']} | {cfg} | {r['us']:.1f} | {r['weight_GBps']:.0f} | "
+                     f"{r['mma_us']:.1f} | {r['fp16_us']:.1f} | {r['vs_mma']:.2f}× | {r['vs_fp16']:.2f}× | "
+                     f"{r['equal']} |")
+    return "\n".join(lines)
+
+
 def bench_decode_kq(shape, tokens=DECODE) -> list[dict]:
     """A whole W4A4 linear at decode sizes, as QuantLinear runs it: kron_quant then w4a4_gemm (two launches) against
     ``kq_gemm`` (one launch where ``kq_fuses``) and fp16 F.linear, all replayed from CUDA graphs over rotating
@@ -816,19 +872,21 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-kernels", default="gemm,kron")
     p.add_argument("--sweep-codes", default="int4", help="kron_quant code forms to sweep: int4, e4m3 or both")
     p.add_argument("--sweep-tokens", default="1,8192")
-    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-tiles", "decode-writes",
-                                      "decode-kq"),
+    p.add_argument("--only", choices=("all", "gemm", "decode", "decode-gemm", "decode-gemv", "decode-tiles",
+                                      "decode-writes", "decode-kq"),
                    default="all",
                    help="gemm: time only the GEMMs (fp16 F.linear, ours int8 and fp8, cuBLAS), prefill tokens by "
                         "default; decode: only decode_attention against fp16 SDPA (<gpu>_decode_attention.json); "
                         "decode-gemm: the decode GEMM on each split of k against fp16 (<gpu>_decode_gemm.json); "
+                        "decode-gemv: the CUDA-core decode GEMV per launch setting against the decode GEMM and fp16 "
+                        "(<gpu>_decode_gemv.json); "
                         "decode-tiles: decode_attention per tile config, checked (<gpu>_decode_attention_tiles.json); "
                         "decode-writes: a decode step's q/K/V kernels at the cache (<gpu>_decode_writes.json); "
                         "decode-kq: a decode linear in one launch against two and fp16 (<gpu>_decode_kq.json)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tokens", default=None, help=f"comma-separated (default {','.join(map(str, DECODE + PREFILL))}; "
                    f"{','.join(map(str, PREFILL))} with --only gemm; {','.join(map(str, DECODE))} with --only "
-                   "decode-gemm or decode-kq, which take it too)")
+                   "decode-gemm or decode-kq, 1,4,8 with decode-gemv, which take it too)")
     p.add_argument("--shape", default="4096,14336,32,8,128", help="hidden,intermediate,heads,kv_heads,head_dim")
     a = p.parse_args(argv)
     if not (HAS_TRITON and torch.cuda.is_available()):
@@ -851,13 +909,14 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
     decode_only = {"decode": (bench_decode, "_decode_attention", decode_table),
                    "decode-gemm": (bench_decode_gemm, "_decode_gemm", decode_gemm_table),
+                   "decode-gemv": (bench_decode_gemv, "_decode_gemv", decode_gemv_table),
                    "decode-tiles": (bench_decode_tiles, "_decode_attention_tiles", decode_tiles_table),
                    "decode-writes": (bench_decode_writes, "_decode_writes", decode_writes_table),
                    "decode-kq": (bench_decode_kq, "_decode_kq", decode_kq_table)}
     if a.only in decode_only:
         bench, suffix, table = decode_only[a.only]
         kw = {"tokens": tuple(int(v) for v in a.tokens.split(","))} if a.tokens and a.only in (
-            "decode-gemm", "decode-kq") else {}
+            "decode-gemm", "decode-gemv", "decode-kq") else {}
         rows = bench(shape, **kw)
         res = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
                "triton": triton.__version__, "rows": rows}
