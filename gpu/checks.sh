@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU round: what "done" means for code that runs on a GPU, in one command on a CUDA machine.
 #
-#     bash gpu/checks.sh OUT [full|bench|tests|pipeline|kernels|layer|suite|accuracy]
+#     bash gpu/checks.sh OUT [full|bench|tests|pipeline|kernels|layer|decode|suite|accuracy]
 #
 # A device call is limited to 10 minutes: `bench`, `tests` and `pipeline` run steps 1, 2 without the pipeline file,
 # and the pipeline file alone, one a call. `kernels`: the GPU tests of kron_quant, kq_gemm and the fp8 path, the
@@ -11,10 +11,10 @@
 # `suite`: every GPU test, the pipeline file as two invocations beside the rest. `accuracy`: the default model
 # calibrated at the reference schedule (experiment=paper, WikiText-2 perplexity only) by eight workers sharing the
 # GPU, then the same store evaluated on the kernels: fake quantization against the kernels (issue 14's bound).
-# `layer`: the GPU tests of the fused norms, SwiGLU product and residual, the decoder layer's benchmark with the fp8 weights
-# expanded and kept (each against the unfused layer in the same run), the decode GEMM per split of k at 16 and 64
-# tokens, the CUDA-core decode GEMV against it at 1, 4 and 8 tokens, the linears at 1, 16, 2048 and 8192 tokens (down_proj with SwiGLU's product in front), and the bench
-# stage's GPU test.
+# `layer`: the decoder layer's benchmark with the fp8 weights expanded and kept (each against the unfused layer in the
+# same run), the GPU tests of the fused norms, SwiGLU product, residual and the decode GEMV, and the bench stage's GPU
+# test. `decode`: the decode GEMM per split of k at 16 and 64 tokens, the CUDA-core decode GEMV against it at 1, 4
+# and 8 tokens, the linears at 1, 16, 2048 and 8192 tokens (down_proj with SwiGLU's product in front).
 # 1. the decode-attention, decode-writes and decode-kq benchmarks and the whole-model benchmark at LLaMA-3-8B's
 #    shapes (random weights), alone on the GPU so that their timings are clean (OUT/bench, OUT/res/bench);
 # 2. then side by side: `pytest -m gpu` without the pipeline file, tests/test_gpu_pipeline.py (every stage of
@@ -49,13 +49,17 @@ if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps w
   touch "$OUT/ALLDONE"
   exit 0
 fi
-if [ "$PART" = layer ]; then  # the fused layer against the unfused one, fp8 weights expanded and kept; decode splits
-  python -m pytest -m gpu -q tests/test_kernels.py -k "glu or residual or norm or gemv" > "$OUT/gpu_fusion_tests.log" 2>&1
-  tail -1 "$OUT/gpu_fusion_tests.log"
-  layer_benches
+if [ "$PART" = decode ]; then  # the decode GEMM's splits at 16 and 64 tokens, the CUDA-core GEMV, the linears
   python -m flatquant.kernels.bench --only decode-gemm --tokens 16,64 --out "$OUT/bench" > "$OUT/decode_gemm.log" 2>&1
   python -m flatquant.kernels.bench --only decode-gemv --out "$OUT/bench" > "$OUT/decode_gemv.log" 2>&1
   python -m flatquant.kernels.bench --tokens 1,16,2048,8192 --out "$OUT/bench" > "$OUT/bench_linears.log" 2>&1
+  touch "$OUT/ALLDONE"
+  exit 0
+fi
+if [ "$PART" = layer ]; then  # the fused layer against the unfused one, fp8 weights expanded and kept, then the tests
+  layer_benches
+  python -m pytest -m gpu -q tests/test_kernels.py -k "glu or residual or norm or gemv" > "$OUT/gpu_fusion_tests.log" 2>&1
+  tail -1 "$OUT/gpu_fusion_tests.log"
   python -m pytest -m gpu -q tests/test_gpu_pipeline.py -k bench_stage > "$OUT/gpu_bench_stage.log" 2>&1
   tail -1 "$OUT/gpu_bench_stage.log"
   touch "$OUT/ALLDONE"
