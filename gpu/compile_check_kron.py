@@ -68,8 +68,9 @@ def compile_kq(triton, r_eye: bool, residual: bool = False, n1: int = 32, n2: in
         sig.update(res_ptr="*fp16", stride_rm="i32")
     if norm:
         sig.update(nw_ptr="*fp32", norm_eps="fp32")
-    consts = dict(cfg, ASYM=False, HAS_BIAS=False, EVEN_K=(n1 * n2 // 2) % cfg["BLOCK_KH"] == 0, UNPACK_ASM=True, FP8=False, KQ=True, KQ_N1=b1, KQ_N2=b2, KQ_J=b2,
-                  KQ_F32=False, KQ_R_EYE=r_eye, KQ_GLU=glu, HAS_RES=residual, KQ_NORM=norm)
+    consts = dict(cfg, ASYM=False, HAS_BIAS=False, EVEN_K=(n1 * n2 // 2) % cfg["BLOCK_KH"] == 0, UNPACK_ASM=True,
+                  FP8=False, KQ=True, KQ_N1=b1, KQ_N2=b2, KQ_J=b2, KQ_F32=False, KQ_R_EYE=r_eye, KQ_GLU=glu,
+                  HAS_RES=residual, KQ_NORM=norm)
     consts.setdefault("SPLIT_K", 1)
     div16 = [k for k in sig if k.endswith("_ptr")] + ["N", "KH", "stride_am", "stride_wn", "stride_cm", "stride_xm"]
     div16 += [k for k, v in (("N1", n1), ("N2", n2)) if v % 16 == 0] + (["stride_rm"] if residual else [])

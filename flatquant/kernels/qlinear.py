@@ -157,8 +157,8 @@ class QuantLinear(nn.Module):
         codes, scale, bias = group.kernel_codes()
         factors = group.kron_factors(codes.shape[1])
         L, R = factors if factors is not None else (torch.eye(k) for k in kron_dims(codes.shape[1], allow_prime=True))
-        layer = cls(codes.shape[1], codes.shape[0], group.act_clip(), group.aq.spec.sym, L.shape[0], True, bias is not None,
-                    glu)
+        layer = cls(codes.shape[1], codes.shape[0], group.act_clip(), group.aq.spec.sym, L.shape[0], True,
+                    bias is not None, glu)
         layer.qweight.copy_(pack_int4_twos(codes))
         layer.wscale.copy_(scale)
         layer.wsum.copy_(codes.sum(dim=1, dtype=torch.int32))
@@ -204,8 +204,8 @@ class QuantLinear(nn.Module):
         return self._w8_cache[key]
 
     def fp8_path(self, x: torch.Tensor) -> bool:
-        """Whether forward runs x (tokens, in or 2·in with glu) on fp8 tensor cores: FP8_MIN_TOKENS tokens or more, symmetric
-        activations, 16-bit inputs, widths cuBLAS takes, a GPU ``scaled_mm_supported`` names."""
+        """Whether forward runs x (tokens, in or 2·in with glu) on fp8 tensor cores: FP8_MIN_TOKENS tokens or more,
+        symmetric activations, 16-bit inputs, widths cuBLAS takes, a GPU ``scaled_mm_supported`` names."""
         return (0 < FP8_MIN_TOKENS <= x.shape[0] and self.act_sym and x.dtype in (torch.float16, torch.bfloat16)
                 and scaled_mm_shapes_ok(self.in_features, self.out_features) and scaled_mm_supported(x.device))
 

@@ -469,8 +469,8 @@ def kq_gemm(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None, clip: floa
 
     x: (M, n1·n2) fp16/bf16/fp32; L, R (None: identity), clip, sym as ``kron_quant``; qw, sw, wsum, bias as ``w4a4_gemm``;
     out_dtype: x's dtype if None; config: ``pick_config`` overrides; glu, norm: as ``kron_quant``'s (x's rows are
-    [gate | up]; x is RMSNorm'd first); residual as ``w4a4_gemm``'s. Returns (M, out), equal to the two calls (the same kernel code on the same
-    inputs). Runs the two where Triton cannot run or ``kq_fuses`` is false."""
+    [gate | up]; x is RMSNorm'd first); residual as ``w4a4_gemm``'s. Returns (M, out), equal to the two calls (the
+    same kernel code on the same inputs). Runs the two where Triton cannot run or ``kq_fuses`` is false."""
     from .kron_quant import kron_quant
 
     n1, n2 = _check_inputs(x, L, R, glu)
