@@ -156,8 +156,9 @@ PROFILE_SHAPES = ((4, 2048), (16, 1))
 
 
 def top_kernels(fn, steps: int = 20, top: int = 14) -> dict:
-    """GPU time of `fn()` per kernel name under torch.profiler: {"gpu_ms_total", "top": [{kernel, ms, calls}]},
-    ms and calls per call of `fn`, over `steps` calls after 3 warm-up calls; the `top` largest, largest first."""
+    """GPU time of `fn()` per kernel name under torch.profiler: {"gpu_ms_total", "launches", "top": [{kernel, ms,
+    calls}]}, ms and calls per call of `fn` (launches: every kernel's), over `steps` calls after 3 warm-up calls; the
+    `top` largest, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -169,25 +170,31 @@ def top_kernels(fn, steps: int = 20, top: int = 14) -> dict:
         torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / steps / 1000.0, e.count // steps) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
-    return {"gpu_ms_total": sum(r[1] for r in rows),
+    return {"gpu_ms_total": sum(r[1] for r in rows), "launches": sum(r[2] for r in rows),
             "top": [{"kernel": name[:90], "ms": ms, "calls": calls} for name, ms, calls in rows[:top]]}
 
 
 def profile_decoder_layer(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
                           out_dir: str | None = "results/bench", shapes=PROFILE_SHAPES, steps: int = 20,
                           top: int = 14) -> dict:
-    """Where the fp16 layer's and ours (W4A4 kernels) GPU time goes, per (batch, seq) of `shapes`: top_kernels of
-    eager calls (x: (batch, seq, hidden) fp16). Returns {"device", "torch", "shape", "steps", "runs"}, runs keyed
-    "<fp16|w4a4>_b<batch>_s<seq>"; writes <out_dir>/<gpu>_profile.json."""
-    fp, real, _, rotary = build_layers(hidden, intermediate, num_heads, num_kv_heads, head_dim)
+    """Where the fp16 layer's and ours (W4A4 kernels, fused and ``use_kernels(fuse=False)``) GPU time goes, per
+    (batch, seq) of `shapes`: top_kernels of eager calls (x: (batch, seq, hidden) fp16), with the kernel launches a
+    call (``launches``). Returns {"device", "torch", "shape", "steps", "runs"}, runs keyed
+    "<fp16|w4a4|w4a4_unfused>_b<batch>_s<seq>"; writes <out_dir>/<gpu>_profile.json."""
+    import copy
+
+    fp, real, fake, rotary = build_layers(hidden, intermediate, num_heads, num_kv_heads, head_dim)
+    unfused = copy.deepcopy(fake)
+    unfused.use_kernels(fuse=False)
+    del fake
     runs = {}
     for batch, seq in shapes:
         x = torch.randn(batch, seq, hidden, device="cuda", dtype=torch.float16)
         pe = tuple(t.half() for t in rotary(x, torch.arange(seq, device="cuda").unsqueeze(0)))
         with torch.no_grad():
-            for name, m in (("fp16", fp), ("w4a4", real)):
+            for name, m in (("fp16", fp), ("w4a4", real), ("w4a4_unfused", unfused)):
                 runs[f"{name}_b{batch}_s{seq}"] = r = top_kernels(lambda m=m: m(x, position_embeddings=pe), steps, top)
-                print(name, batch, seq, f"{r['gpu_ms_total']:.4f} ms", flush=True)
+                print(name, batch, seq, f"{r['gpu_ms_total']:.4f} ms, {r['launches']} launches", flush=True)
         del x
         torch.cuda.empty_cache()
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -29,11 +29,13 @@ PART=${2:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/smi.txt" 2>&1
-layer_benches() {  # the 8B-shaped decoder layer, fp8 weights expanded per call, then kept (OUT/layer_{expand,keep})
+layer_benches() {  # the 8B-shaped decoder layer, fp8 weights expanded per call, then kept (OUT/layer_{expand,keep});
+  # the first also profiles a prefill and a decode step by kernel, fused and unfused (launches per step)
   for W in expand keep; do
     FLATQUANT_FP8_WEIGHTS=$W python run.py stage=bench model=llama3_8b bench.linears=false bench.layer=true \
-      bench.model=false bench.calibration=false device=cuda results_dir="$OUT/layer_$W" \
-      artifacts_dir="$OUT/art_bench" tracking.enabled=false > "$OUT/layer_$W.log" 2>&1
+      bench.model=false bench.calibration=false bench.profile=$([ $W = expand ] && echo true || echo false) \
+      device=cuda results_dir="$OUT/layer_$W" artifacts_dir="$OUT/art_bench" tracking.enabled=false \
+      > "$OUT/layer_$W.log" 2>&1
   done
 }
 if [ "$PART" = kernels ]; then  # most needed first: a short device call keeps what finished
