@@ -35,14 +35,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .w4a4_gemm import _ASM_HI_S, _ASM_HI_U, _ASM_LO_S, _ASM_LO_U, _epilogue
-
-    @triton.jit
-    def _lanes(p, LO: tl.constexpr, HI: tl.constexpr):
-        """int32 words of eight nibbles → (even-k lanes, odd-k lanes), four int8 lanes a word (PTX, GPU only)."""
-        lo = tl.inline_asm_elementwise(LO, "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
-        hi = tl.inline_asm_elementwise(HI, "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
-        return lo, hi
+    from .w4a4_gemm import _ASM_HI_S, _ASM_HI_U, _ASM_LO_S, _ASM_LO_U, _asm_nibbles, _epilogue
 
     @triton.jit
     def _dp4a(w, a, acc, UNSIGNED_A: tl.constexpr):
@@ -57,12 +50,12 @@ if HAS_TRITON:
     def _dot_words(w, a, acc, ASYM: tl.constexpr, ASM: tl.constexpr):
         """acc (BM, BN, BKW) + the products of weight words w (BN, BKW) and activation words a (BM, BKW), eight codes
         a word. ASM: lanes and dp4a in PTX (GPU); else nibble by nibble (the interpreter)."""
-        if ASM:
-            wlo, whi = _lanes(w, _ASM_LO_S, _ASM_HI_S)
+        if ASM:  # int32 words of eight nibbles → (even-k lanes, odd-k lanes), four int8 lanes a word
+            wlo, whi = _asm_nibbles(w, _ASM_LO_S, _ASM_HI_S, True)
             if ASYM:
-                alo, ahi = _lanes(a, _ASM_LO_U, _ASM_HI_U)
+                alo, ahi = _asm_nibbles(a, _ASM_LO_U, _ASM_HI_U, True)
             else:
-                alo, ahi = _lanes(a, _ASM_LO_S, _ASM_HI_S)
+                alo, ahi = _asm_nibbles(a, _ASM_LO_S, _ASM_HI_S, True)
             acc = _dp4a(wlo[None, :, :], alo[:, None, :], acc, ASYM)
             acc = _dp4a(whi[None, :, :], ahi[:, None, :], acc, ASYM)
         else:

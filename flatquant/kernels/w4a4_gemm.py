@@ -65,10 +65,15 @@ if HAS_TRITON:
     _ASM_HI_U = tl.constexpr("{ .reg .b32 u; shr.b32 u, $1, 4; and.b32 $0, u, 0x0F0F0F0F; }")
 
     @triton.jit
-    def _asm_nibbles(p, LO: tl.constexpr, HI: tl.constexpr):
-        """uint8 tile → (LO(p), HI(p)) as uint8: two 32-bit PTX snippets, each on four bytes at once."""
-        lo = tl.inline_asm_elementwise(LO, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
-        hi = tl.inline_asm_elementwise(HI, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+    def _asm_nibbles(p, LO: tl.constexpr, HI: tl.constexpr, WORDS: tl.constexpr = False):
+        """uint8 tile → (LO(p), HI(p)) as uint8: two 32-bit PTX snippets, each on four bytes at once. WORDS: p is
+        int32 words (four bytes each, as gemv.py reads them) and so is the output."""
+        if WORDS:
+            lo = tl.inline_asm_elementwise(LO, "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
+            hi = tl.inline_asm_elementwise(HI, "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            lo = tl.inline_asm_elementwise(LO, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
+            hi = tl.inline_asm_elementwise(HI, "=r,r", [p], dtype=tl.uint8, is_pure=True, pack=4)
         return lo, hi
 
     @triton.jit
