@@ -709,6 +709,20 @@ def decode_writes_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _decode_sets(M: int, K: int, N: int, l2: int) -> tuple[float, list]:
+    """fp16 F.linear's time (ms) at M tokens of K → N over weights rotating past 3× the L2 cache, and as many
+    rotating sets of random packed codes (qa, sa, qw, sw) for the decode GEMMs."""
+    ref_sets = [(torch.randn(M, K, device="cuda", dtype=torch.float16),
+                 torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02) for _ in range(_n_sets(N * K * 2, l2))]
+    fp16_ms = _time(lambda x, w: F.linear(x, w), ref_sets)
+    del ref_sets
+    qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
+              torch.rand(M, device="cuda") + 0.5,
+              torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8),
+              torch.rand(N, device="cuda") * 1e-2 + 1e-3) for _ in range(_n_sets(N * K // 2, l2))]
+    return fp16_ms, qsets
+
+
 def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
     """w4a4_gemm at decode sizes on every split of k in ``splits`` and pick_config's default, against fp16
     F.linear, both replayed from CUDA graphs over rotating weights (3× L2, so the weights come from HBM); weight
@@ -721,15 +735,7 @@ def bench_decode_gemm(shape, tokens=DECODE, splits=(1, 2, 4, 8)) -> list[dict]:
     out = []
     for name, (K, N, _) in layer_linears(*shape).items():
         for M in tokens:
-            ref_sets = [(torch.randn(M, K, device="cuda", dtype=torch.float16),
-                         torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02)
-                        for _ in range(_n_sets(N * K * 2, l2))]
-            fp16_ms = _time(lambda x, w: F.linear(x, w), ref_sets, True)
-            del ref_sets
-            qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
-                      torch.rand(M, device="cuda") + 0.5,
-                      torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8),
-                      torch.rand(N, device="cuda") * 1e-2 + 1e-3) for _ in range(_n_sets(N * K // 2, l2))]
+            fp16_ms, qsets = _decode_sets(M, K, N, l2)
             ref = w4a4_gemm_ref(*(t.cpu() for t in qsets[0]), out_dtype=torch.float32)
             default = pick_config(M, N, K // 2, True, False, sms)
             default_split = default.get("SPLIT_K", 1)
@@ -760,15 +766,7 @@ def bench_decode_gemv(shape, tokens=(1, 4, 8), configs=GEMV_SWEEP) -> list[dict]
     out = []
     for name, (K, N, _) in layer_linears(*shape).items():
         for M in tokens:
-            ref_sets = [(torch.randn(M, K, device="cuda", dtype=torch.float16),
-                         torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02)
-                        for _ in range(_n_sets(N * K * 2, l2))]
-            fp16_ms = _time(lambda x, w: F.linear(x, w), ref_sets)
-            del ref_sets
-            qsets = [(torch.randint(0, 256, (M, K // 2), device="cuda", dtype=torch.uint8),
-                      torch.rand(M, device="cuda") + 0.5,
-                      torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8),
-                      torch.rand(N, device="cuda") * 1e-2 + 1e-3) for _ in range(_n_sets(N * K // 2, l2))]
+            fp16_ms, qsets = _decode_sets(M, K, N, l2)
             mma_ms = _time(lambda qa, sa, qw, sw: w4a4_gemm(qa, sa, qw, sw), qsets)
             want = w4a4_gemm(*qsets[0])
             default = {k: v for k, v in gemv_config(M, N, K // 2).items() if k in ("BLOCK_N", "BLOCK_KW")}
