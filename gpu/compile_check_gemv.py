@@ -12,9 +12,7 @@ A case fails when it does not compile, spills, has no dp4a, or loads the weights
 from __future__ import annotations
 
 import importlib
-import re
 import sys
-from collections import Counter
 
 import sm90
 
@@ -54,15 +52,15 @@ def main(argv=None) -> int:
             continue
         compiled, st = got
         ptx = compiled.asm["ptx"]
-        loads = Counter(re.findall(r"ld\.global(?:\.\w+)*?\.(v\d\.)?(b8|b16|b32|b64|u8|u16|u32)", ptx))
+        loads = sm90.global_widths(ptx, "ld")
         dp4a = ptx.count("dp4a")
-        wide = any(k[0] == "v4." for k in loads)
+        wide = any(k.startswith("v4.") for k in loads)
         good = st["spills"] in (None, ("0", "0")) and dp4a > 0 and wide
         ok &= good
         print(f"{'PASS' if good else 'FAIL'} {label}: {consts} {opts}\n"
               f"    shared {compiled.metadata.shared / 1024:.1f} KB, registers {st['registers']}, spills "
               f"{st['spills'] or '?'}, dp4a {dp4a}, bar.sync {ptx.count('bar.sync')}\n"
-              f"    global loads (vector, width): {dict((''.join(k) or '?', v) for k, v in loads.items())}")
+              f"    global loads (vector, width): {loads}")
     return 0 if ok else 1
 
 

@@ -100,14 +100,13 @@ def main(argv=None) -> int:
         wgmma = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
         # tensor cores either way: wgmma needs 64 rows, so an unstacked narrow L (R = I) takes mma.sync
         mma = Counter(re.findall(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
-        stores = Counter(re.findall(r"st\.global(?:\.\w+)*?\.(v\d\.)?(b8|b16|b32|b64|u8|u16|u32)", ptx))
         shared = compiled.metadata.shared
         good = shared <= SMEM_MAX and bool(wgmma or mma) and st["spills"] in (None, ("0", "0"))
         ok &= good
         print(f"{'PASS' if good else 'FAIL'} {label}: {consts} {opts}\n"
               f"    shared {shared / 1024:.1f} KB, registers {st['registers']}, spills {st['spills'] or '?'}, "
               f"wgmma {dict(wgmma)}, mma.sync {dict(mma)}, bar.sync {ptx.count('bar.sync')}\n"
-              f"    global stores (vector, width): {dict((''.join(k) or '?', v) for k, v in stores.items())}")
+              f"    global stores (vector, width): {sm90.global_widths(ptx, 'st')}")
     kq_cases = [(f"kq_gemm o_proj 1 token, R {'= I' if r_eye else 'explicit'}{', residual' if res else ''}",
                  dict(r_eye=r_eye, residual=res)) for r_eye, res in ((False, False), (True, False), (True, True))]
     kq_cases.append(("kq_gemm SmolLM2 down 1 token (1536 = 32x48), glu + residual",

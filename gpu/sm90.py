@@ -3,6 +3,7 @@
     triton = sm90.load(argv, description)           # --triton folder (pip install --target … triton==3.6.0)
     compiled, stats = sm90.compile(triton, fn, sig, consts, div16, options)
     got = sm90.attempt(label, lambda: ...)          # its value, or None after printing FAIL label: error
+    sm90.global_widths(ptx, "st")                   # {"v4.b32": 2, "b32": 1, ...}: global stores (or "ld" loads)
 
 ``compile`` runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` with the divisibility-by-16
 attributes the launcher gives the named arguments (flatquant/kernels/NOTES.md: without them shared-memory sizes
@@ -54,6 +55,16 @@ def compile(triton, fn, sig: dict, consts: dict, div16, options: dict):
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return compiled, {"registers": regs.group(1) if regs else "?", "spills": spill.groups() if spill else None,
                       "log": text}
+
+
+def global_widths(ptx: str, op: str) -> dict[str, int]:
+    """How many global accesses of each vector width and type the PTX has: op "ld" (loads) or "st" (stores) →
+    {"v4.b32": n, "b32": m, ...}."""
+    found = re.findall(op + r"\.global(?:\.\w+)*?\.(v\d\.)?(b8|b16|b32|b64|u8|u16|u32)", ptx)
+    widths: dict[str, int] = {}
+    for vec, width in found:
+        widths[vec + width] = widths.get(vec + width, 0) + 1
+    return widths
 
 
 def attempt(label: str, build):
